@@ -354,11 +354,13 @@ class ClientTransaction(Transaction):
 class ServerTransaction(Transaction):
     """Sections 17.2.1 (INVITE) and 17.2.2 (non-INVITE), RFC 6026 section 7.1 (Accepted)."""
 
-    __slots__ = ("_interval", "last_response", "last_wire", "request", "to_tag")
+    __slots__ = ("_interval", "last_response", "last_wire", "request", "request_flow", "to_tag")
 
     def __init__(self, layer: TransactionLayer, key: ServerKey, request: Request, flow: Flow):
         super().__init__(layer, key, response_flow(flow, request.via), request.method == "INVITE")
         self.request: Final = request
+        self.request_flow: Final = flow  # where the request came from (``flow`` is where
+        # responses go, section 18.2.2)
         self.last_response: Response | None = None
         self.last_wire: bytes | None = None
         self.to_tag: str | None = None  # tag of the final response, for RFC 2543 ACK matching

@@ -1,0 +1,1206 @@
+"""A stateful, record-routing SIP proxy core (RFC 3261 section 16), pure and sans-I/O.
+
+The proxy sits on a :class:`~freecall.sip.transaction.TransactionLayer`: the daemon feeds the
+layer's events to :meth:`Proxy.handle_event` and pulls the layer's messages.  The proxy adds what
+section 16 asks of a stateful proxy: request validation (16.3), route pre-processing (16.4),
+target determination through the registrar's location service or a :class:`TargetResolver`
+(16.5), parallel forking with Record-Route, Max-Forwards and loop detection (16.6), response
+aggregation and the choice of the best final response (16.7), Timer C (16.8), transport errors
+(16.9) and CANCEL (16.10).  It also answers requests addressed to the proxy itself (OPTIONS)
+and tracks calls for the logs and for a clean shutdown.
+
+Policy (never an open relay): a request from the softphone side must be authenticated with
+digest (unless its source is configured as trusted); a request that neither comes from an
+authenticated local user nor targets a local user is refused with 403; in-dialog requests are
+proxied only when they carry our Record-Route with a valid token (an HMAC over the dialog's
+Call-ID and a tag), so a crafted Route cannot turn the proxy into a relay.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import hashlib
+import heapq
+import hmac
+import ipaddress
+import itertools
+import logging
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .auth import AuthStatus, DigestServer, parse_credentials
+from .flow import Flow
+from .headers import Address, CSeq, Via
+from .message import Header, Request, Response, make_response
+from .transaction import (
+    AckReceived,
+    ClientTransaction,
+    Event,
+    RequestReceived,
+    ResponseReceived,
+    ServerTransaction,
+    StrayResponse,
+    TransactionLayer,
+    TransactionTerminated,
+    TransactionTimedOut,
+    TransportFailed,
+)
+from .uri import SipUri, TelUri, Uri
+
+log = logging.getLogger("freecall.proxy")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+LOOPBACK: tuple[Network, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
+ALLOW = (
+    "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, MESSAGE, INFO, UPDATE, PRACK, REFER, NOTIFY, "
+    "SUBSCRIBE"
+)
+SUPPORTED: frozenset[str] = frozenset({"path", "outbound", "gruu", "replaces", "timer", "100rel"})
+"""Option tags we let through a Require as a proxy or answer as a UAS (RFC 3261 section 8.2.2.3).
+As a proxy only Proxy-Require matters; these are what softphones put in Require of a REGISTER."""
+
+
+class Side(enum.Enum):
+    """Which listener a flow belongs to."""
+
+    SOFTPHONE = "softphone"  # the loopback listener local softphones register with
+    PUBLIC = "public"  # the node-to-node listener (other freecall nodes, other SIP servers)
+
+
+# -- the interfaces the proxy needs from the rest of the daemon ---------------------------------
+
+
+class Binding(Protocol):
+    """A registered contact (the registrar's location service provides these)."""
+
+    @property
+    def contact(self) -> Address: ...
+    @property
+    def flow(self) -> Flow: ...
+    @property
+    def q(self) -> float: ...
+
+
+class Location(Protocol):
+    def lookup(self, aor: str, now: float) -> Sequence[Binding]: ...
+    def exists(self, user: str) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where one branch goes: the Request-URI to use and the flows to try, in order (the later
+    ones are RFC 3263 failover alternatives)."""
+
+    uri: Uri
+    flows: tuple[Flow, ...]
+    route: str = "local"  # how it was found: local, static, hostcache, dns, enum
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """What a resolver found for a Request-URI: targets, or the status to answer."""
+
+    targets: tuple[Target, ...] = ()
+    status: int = 0
+    reason: str | None = None
+
+
+class TargetResolver(Protocol):
+    """Routing for Request-URIs this node does not serve (static routes, host cache, DNS).
+
+    Returns a resolution at once, or None when the answer will come later through
+    :meth:`Proxy.resolved` (a DNS lookup in progress).
+    """
+
+    def resolve(self, uri: Uri, request: Request, ticket: int) -> Resolution | None: ...
+
+
+class NoRoutes:
+    """The resolver of a node without routing: every other domain is unknown (404)."""
+
+    def resolve(self, uri: Uri, request: Request, ticket: int) -> Resolution | None:
+        return Resolution(status=404, reason="Not Found")
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """A local SIP listener: what Via and Record-Route name, and which side it serves."""
+
+    transport: str
+    host: str
+    port: int
+    side: Side = Side.SOFTPHONE
+
+    @property
+    def sent_by(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    domains: frozenset[str]
+    listeners: tuple[Listener, ...]
+    secret: bytes  # keys the Record-Route tokens
+    realm: str
+    timer_c: float = 180.0
+    require_auth: bool = True
+    trusted: tuple[Network, ...] = ()
+    allow_register_from: tuple[Network, ...] = LOOPBACK
+    server_name: str = "freecall"
+    wall_offset: float = 0.0  # wall clock = now + offset, for digest nonces across restarts
+    local_hosts: frozenset[str] = frozenset()  # extra names/addresses that mean "this node"
+
+
+# -- events for the daemon ----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Call:
+    """One INVITE dialog the proxy carried (what the call log and the control API show)."""
+
+    id: str
+    call_id: str
+    caller: str
+    callee: str
+    from_tag: str
+    started: float
+    direction: str  # "internal", "out" (to another node), "in" (from another node)
+    route: str = "local"
+    to_tag: str | None = None
+    answered: float | None = None
+    ended: float | None = None
+    outcome: str = "trying"
+    # what is needed to end the call with BYE from the middle (shutdown, hang-up via API)
+    caller_contact: Uri | None = None
+    caller_flow: Flow | None = None
+    callee_contact: Uri | None = None
+    callee_flow: Flow | None = None
+    cseq_from_caller: int = 0
+    cseq_from_callee: int = 0
+    caller_from: Address | None = None
+    callee_to: Address | None = None
+
+    @property
+    def duration(self) -> float:
+        if self.answered is None:
+            return 0.0
+        return (self.ended if self.ended is not None else self.answered) - self.answered
+
+
+@dataclass(slots=True)
+class CallStarted:
+    call: Call
+
+
+@dataclass(slots=True)
+class CallAnswered:
+    call: Call
+
+
+@dataclass(slots=True)
+class CallEnded:
+    call: Call
+
+
+@dataclass(slots=True)
+class Registered:
+    """A REGISTER for one of our domains that passed authentication (the registrar decides)."""
+
+    transaction: ServerTransaction
+    request: Request
+    user: str
+
+
+@dataclass(slots=True)
+class Refused:
+    """A request refused by policy or validation (for the logs and rate limiting)."""
+
+    request: Request
+    flow: Flow
+    status: int
+    why: str
+
+
+ProxyEvent = CallStarted | CallAnswered | CallEnded | Registered | Refused
+
+
+# -- internal state -----------------------------------------------------------------------------
+
+
+class BranchState(enum.Enum):
+    PENDING = "pending"  # waiting for a flow to be tried
+    TRYING = "trying"
+    PROCEEDING = "proceeding"  # a provisional arrived: CANCEL is now allowed (section 9.1)
+    DONE = "done"
+
+
+@dataclass(slots=True, eq=False)
+class Branch:
+    context: Context
+    target: Target
+    request: Request  # as forwarded
+    flow_index: int = 0
+    txn: ClientTransaction | None = None
+    state: BranchState = BranchState.PENDING
+    response: Response | None = None
+    cancel_wanted: bool = False
+    timer_c: float | None = None
+
+
+@dataclass(slots=True, eq=False)
+class Context:
+    """A response context (section 16.7): one server transaction and its branches."""
+
+    id: int
+    server: ServerTransaction
+    request: Request  # as received (after route pre-processing)
+    side: Side
+    user: str | None  # authenticated local user, if any
+    branches: list[Branch] = field(default_factory=list)
+    final_sent: bool = False
+    cancelled: bool = False
+    loop_hash: str = ""
+    call: Call | None = None
+    pending_resolutions: int = 0
+
+
+class Proxy:
+    """The proxy core of one node (see the module docstring)."""
+
+    def __init__(
+        self,
+        layer: TransactionLayer,
+        settings: ProxySettings,
+        location: Location,
+        *,
+        resolver: TargetResolver | None = None,
+        digest: DigestServer | None = None,
+        password_of: Callable[[str], str | None] = lambda user: None,
+        side_of: Callable[[Flow], Side] = lambda flow: Side.SOFTPHONE,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.layer = layer
+        self.settings = settings
+        self.location = location
+        self.resolver: TargetResolver = resolver or NoRoutes()
+        self.digest = digest or DigestServer(settings.realm, settings.secret)
+        self.password_of = password_of
+        self.side_of = side_of
+        self.rng = rng or random.Random()
+        self._contexts: dict[int, Context] = {}
+        self._ids = itertools.count(1)
+        self._timers: list[tuple[float, int, Branch]] = []
+        self._seq = itertools.count()
+        self._events: list[ProxyEvent] = []
+        self.calls: dict[tuple[str, str], Call] = {}  # (Call-ID, caller's From tag)
+        self.ended_calls: list[Call] = []
+        self._local_names = {d.lower() for d in settings.domains} | {
+            name.lower() for name in settings.local_hosts
+        }
+        for listener in settings.listeners:
+            self._local_names.add(listener.host.lower())
+            self._local_names.add(listener.sent_by.lower())
+
+    # -- plumbing -------------------------------------------------------------------------
+    def next_event(self) -> ProxyEvent | None:
+        return self._events.pop(0) if self._events else None
+
+    def get_timer(self) -> float | None:
+        heap = self._timers
+        while heap:
+            deadline, _, branch = heap[0]
+            if branch.timer_c == deadline and branch.state is not BranchState.DONE:
+                return deadline
+            heapq.heappop(heap)
+        return None
+
+    def handle_timer(self, now: float) -> None:
+        """Timer C (section 16.8): a branch without a final response for too long."""
+        heap = self._timers
+        while heap and heap[0][0] <= now:
+            deadline, _, branch = heapq.heappop(heap)
+            if branch.timer_c != deadline or branch.state is BranchState.DONE:
+                continue
+            branch.timer_c = None
+            if branch.state is BranchState.PROCEEDING:
+                self._cancel_branch(branch, now)
+            else:
+                self._branch_final(branch, self._synthetic(branch, 408), now)
+
+    def handle_event(self, event: Event, now: float) -> None:
+        """One event of the transaction layer."""
+        if isinstance(event, RequestReceived):
+            self._on_request(event.transaction, event.request, now)
+        elif isinstance(event, ResponseReceived):
+            branch = event.transaction.user_data
+            if isinstance(branch, Branch):
+                self._on_response(branch, event.response, now)
+        elif isinstance(event, AckReceived):
+            self._on_ack(event.request, event.flow, now)
+        elif isinstance(event, TransactionTimedOut | TransportFailed):
+            txn = event.transaction
+            branch = txn.user_data
+            if isinstance(txn, ClientTransaction) and isinstance(branch, Branch):
+                if isinstance(event, TransportFailed) and self._try_next_flow(branch, now):
+                    return
+                status = 503 if isinstance(event, TransportFailed) else 408
+                self._branch_final(branch, self._synthetic(branch, status), now)
+        elif isinstance(event, TransactionTerminated):
+            txn = event.transaction
+            if isinstance(txn, ServerTransaction):
+                context = txn.user_data
+                if isinstance(context, Context):
+                    self._contexts.pop(context.id, None)
+        elif isinstance(event, StrayResponse):
+            log.debug("stray %s response dropped (RFC 6026 section 7.5)", event.response.status)
+
+    # -- requests -------------------------------------------------------------------------
+    def _respond(
+        self,
+        txn: ServerTransaction,
+        request: Request,
+        status: int,
+        now: float,
+        reason: str | None = None,
+        headers: Iterable[tuple[str, object]] = (),
+    ) -> None:
+        response = make_response(
+            request,
+            status,
+            reason,
+            to_tag=self._to_tag(request) if status > 100 else None,
+            headers=[*headers, ("Server", self.settings.server_name)],
+        )
+        txn.respond(response, now)
+
+    def _refuse(
+        self,
+        txn: ServerTransaction,
+        request: Request,
+        status: int,
+        why: str,
+        now: float,
+        headers: Iterable[tuple[str, object]] = (),
+    ) -> None:
+        self._events.append(Refused(request, txn.request_flow, status, why))
+        self._respond(txn, request, status, now, headers=headers)
+
+    def _to_tag(self, request: Request) -> str:
+        """A To tag stable across retransmissions of the same request (section 8.2.6.2)."""
+        seed = f"{request.call_id}\x00{request.from_.tag}\x00{request.via.branch}"
+        return hashlib.blake2s(
+            seed.encode("utf-8", "surrogateescape") + self.settings.secret, digest_size=6
+        ).hexdigest()
+
+    def _on_request(self, txn: ServerTransaction, request: Request, now: float) -> None:
+        flow = txn.request_flow
+        side = self.side_of(flow)
+        method = request.method
+        uri = request.uri
+        # 16.3 step 2: a scheme we cannot route (RFC 4475 sections 3.3.2 and 3.3.3)
+        if not isinstance(uri, SipUri | TelUri):
+            self._refuse(txn, request, 416, f"unsupported URI scheme {uri.scheme}", now)
+            return
+        if method == "CANCEL":
+            self._on_cancel(txn, request, now)
+            return
+        # 16.3 step 3: Max-Forwards (RFC 4475 section 3.3.11)
+        max_forwards = request.max_forwards
+        to_us = self._addressed_to_us(request)
+        if max_forwards == 0 and not (to_us and method in ("OPTIONS", "REGISTER")):
+            self._refuse(txn, request, 483, "Max-Forwards reached zero", now)
+            return
+        # 16.3 step 5: Proxy-Require (RFC 4475 section 3.3.5)
+        unsupported = [t for t in request.get_list("Proxy-Require") if t.lower() not in SUPPORTED]
+        if unsupported:
+            self._refuse(
+                txn,
+                request,
+                420,
+                "unsupported Proxy-Require",
+                now,
+                [("Unsupported", ", ".join(unsupported))],
+            )
+            return
+        # 16.4: route information: loose routing removes our own Route
+        in_dialog = request.to.tag is not None
+        own_route = self._pop_own_route(request)
+        if own_route is not None and not self._route_token_ok(own_route, request):
+            self._refuse(txn, request, 403, "Record-Route token does not match the dialog", now)
+            return
+        if in_dialog:
+            self._in_dialog(txn, request, side, own_route is not None, now)
+            return
+        # 16.3 step 4: loop detection
+        loop_hash = self._loop_hash(request)
+        if self._looped(request, loop_hash):
+            self._refuse(txn, request, 482, "loop detected", now)
+            return
+        if method == "REGISTER" and to_us:
+            self._on_register(txn, request, flow, side, now)
+            return
+        user = None
+        local_target = self._local_user(uri)
+        if side is Side.SOFTPHONE and not self._trusted(flow):
+            # 16.3 step 6 (Proxy-Authorization): every softphone request is authenticated,
+            # before anything reveals whether a user exists (no enumeration).
+            if method == "ACK":
+                return
+            user = self._authenticate(txn, request, now, proxy=True)
+            if user is None:
+                return
+        if to_us and local_target is None:
+            self._as_uas(txn, request, now)
+            return
+        if (
+            local_target is None
+            and user is None
+            and not (side is Side.SOFTPHONE and self._trusted(flow))
+        ):
+            # neither from an authenticated local user nor to a local user: not an open relay
+            self._refuse(txn, request, 403, "relaying denied", now)
+            return
+        context = Context(next(self._ids), txn, request, side, user, loop_hash=loop_hash)
+        txn.user_data = context
+        self._contexts[context.id] = context
+        if method == "INVITE":
+            context.call = self._start_call(context, now)
+        if local_target is not None:
+            self._fork_local(context, local_target, now)
+        else:
+            resolution = self.resolver.resolve(uri, request, context.id)
+            if resolution is None:
+                context.pending_resolutions += 1
+            else:
+                self._apply_resolution(context, resolution, now)
+
+    def resolved(self, ticket: int, resolution: Resolution, now: float) -> None:
+        """An asynchronous resolution finished (see :class:`TargetResolver`)."""
+        context = self._contexts.get(ticket)
+        if context is None or context.final_sent:
+            return
+        context.pending_resolutions -= 1
+        self._apply_resolution(context, resolution, now)
+
+    def _apply_resolution(self, context: Context, resolution: Resolution, now: float) -> None:
+        if not resolution.targets:
+            self._final_from_proxy(context, resolution.status or 404, now, resolution.reason)
+            return
+        if context.call is not None:
+            context.call.route = resolution.targets[0].route
+        for target in resolution.targets:
+            self._add_branch(context, target, now)
+
+    def _fork_local(self, context: Context, user: str, now: float) -> None:
+        """16.5: a local user's registered contacts, all in parallel (highest q first)."""
+        aor = f"{user}@{self._canonical_domain()}"
+        bindings = self.location.lookup(aor, now)
+        if not bindings:
+            # Known-but-offline and unknown users answer alike (480), so a caller cannot tell
+            # which users exist (sipvicious svwar sees one answer).
+            self._final_from_proxy(context, 480, now)
+            return
+        for binding in sorted(bindings, key=lambda b: -b.q):
+            self._add_branch(context, Target(binding.contact.uri, (binding.flow,)), now)
+
+    def _canonical_domain(self) -> str:
+        return min(self.settings.domains) if self.settings.domains else "localhost"
+
+    def _add_branch(self, context: Context, target: Target, now: float) -> None:
+        request = self._prepare_forward(context.request, target.uri, context)
+        branch = Branch(context, target, request)
+        context.branches.append(branch)
+        self._send_branch(branch, now)
+
+    def _prepare_forward(self, original: Request, uri: Uri, context: Context) -> Request:
+        """16.6 steps 1-5: copy, new Request-URI, Max-Forwards, Record-Route."""
+        request = Request(original.method, uri, list(original.headers), original.body)
+        mf = original.max_forwards
+        request.set("Max-Forwards", 70 if mf is None else mf - 1)
+        if original.method in ("INVITE", "SUBSCRIBE", "REFER", "NOTIFY") or (
+            original.method == "UPDATE" and original.to.tag is None
+        ):
+            request.prepend("Record-Route", self._record_route(original, context.side))
+        return request
+
+    def _send_branch(self, branch: Branch, now: float) -> None:
+        """16.6 steps 6-10: the Via (with loop-detection branch) and a client transaction."""
+        flow = self._with_local(branch.target.flows[branch.flow_index])
+        request = branch.request
+        via = Via(
+            flow.via_transport,
+            *self._sent_by(flow),
+            {"branch": self._branch_id(branch.context.loop_hash), "rport": None},
+        )
+        forwarded = Request(
+            request.method, request.uri, [Header("via", "Via", via), *request.headers], request.body
+        )
+        branch.state = BranchState.TRYING
+        txn = self.layer.request(forwarded, flow, now)
+        txn.user_data = branch
+        branch.txn = txn
+        if request.method == "INVITE":
+            self._arm_timer_c(branch, now)
+
+    def _branch_id(self, loop_hash: str) -> str:
+        """Magic cookie, the loop-detection hash, and randomness for uniqueness (16.6 step 8)."""
+        return f"{Via.MAGIC_COOKIE}{loop_hash}.{self.rng.getrandbits(48):012x}"
+
+    def _try_next_flow(self, branch: Branch, now: float) -> bool:
+        """RFC 3263 section 4.3: on a transport failure try the next address, if any."""
+        if branch.flow_index + 1 >= len(branch.target.flows) or branch.context.final_sent:
+            return False
+        branch.flow_index += 1
+        self._send_branch(branch, now)
+        return True
+
+    def _arm_timer_c(self, branch: Branch, now: float) -> None:
+        deadline = now + self.settings.timer_c
+        branch.timer_c = deadline
+        heapq.heappush(self._timers, (deadline, next(self._seq), branch))
+
+    # -- responses ------------------------------------------------------------------------
+    def _on_response(self, branch: Branch, response: Response, now: float) -> None:
+        context = branch.context
+        response.pop_first("via")  # 16.7 step 3: our own Via
+        if not response.vias:
+            return  # it was for us (a CANCEL we sent): absorbed
+        status = response.status
+        if status < 200:
+            if branch.state is BranchState.TRYING:
+                branch.state = BranchState.PROCEEDING
+                if branch.cancel_wanted:
+                    self._cancel_branch(branch, now)
+            if context.request.method == "INVITE" and status > 100:
+                self._arm_timer_c(branch, now)  # 16.7 step 2: provisional restarts Timer C
+            if status > 100 and not context.final_sent:
+                self._forward_response(context, response, now)
+            return
+        if 200 <= status < 300 and branch.state is BranchState.DONE:
+            # RFC 6026: a retransmitted or forked 2xx after the first still goes upstream
+            self._forward_response(context, response, now)
+            return
+        self._branch_final(branch, response, now)
+
+    def _branch_final(self, branch: Branch, response: Response, now: float) -> None:
+        if branch.state is BranchState.DONE:
+            return
+        context = branch.context
+        branch.state = BranchState.DONE
+        branch.timer_c = None
+        branch.response = response
+        status = response.status
+        if 200 <= status < 300:
+            # 16.7 step 5: 2xx forwarded at once; then the other branches are cancelled
+            self._forward_response(context, response, now)
+            context.final_sent = True
+            self._cancel_all(context, now)
+            self._call_answered(context, response, now)
+        elif status >= 600 and not context.final_sent:
+            self._cancel_all(context, now)  # 16.7 step 5: a 6xx ends the search
+        self._maybe_finish(context, now)
+
+    def _maybe_finish(self, context: Context, now: float) -> None:
+        """16.7 step 6: when every branch is done, send the best final response upstream."""
+        if context.final_sent or context.pending_resolutions:
+            return
+        if any(b.state is not BranchState.DONE for b in context.branches):
+            return
+        responses = [b.response for b in context.branches if b.response is not None]
+        best = choose_best(responses)
+        if best is None:
+            self._final_from_proxy(context, 408, now)
+            return
+        if best.status == 503:
+            # 16.7 step 6: a 503 from downstream means "try another proxy", not "this one"
+            best = self._rebuild(context, best, 500, "Server Internal Error")
+        if best.status in (401, 407):
+            self._aggregate_challenges(best, responses)
+        context.final_sent = True
+        self._forward_response(context, best, now)
+        self._call_failed(context, best.status, now)
+
+    def _rebuild(self, context: Context, response: Response, status: int, reason: str) -> Response:
+        rebuilt = make_response(context.request, status, reason, to_tag=response.to.tag)
+        rebuilt.append("Server", self.settings.server_name)
+        return rebuilt
+
+    def _aggregate_challenges(self, best: Response, responses: list[Response]) -> None:
+        """16.7 step 7: every challenge of every 401/407 goes into the one forwarded."""
+        for other in responses:
+            if other is best or other.status not in (401, 407):
+                continue
+            for name in ("WWW-Authenticate", "Proxy-Authenticate"):
+                for value in other.get_all(name):
+                    best.append(name, value)
+
+    def _forward_response(self, context: Context, response: Response, now: float) -> None:
+        context.server.respond(response, now)
+
+    def _final_from_proxy(
+        self, context: Context, status: int, now: float, reason: str | None = None
+    ) -> None:
+        if context.final_sent:
+            return
+        context.final_sent = True
+        self._respond(context.server, context.request, status, now, reason)
+        self._call_failed(context, status, now)
+
+    def _synthetic(self, branch: Branch, status: int) -> Response:
+        """A response the proxy makes up for a branch (16.8 Timer C, 16.9 transport errors)."""
+        response = make_response(branch.context.request, status)
+        response.append("Server", self.settings.server_name)
+        return response
+
+    # -- CANCEL (16.10 and 9.1) -----------------------------------------------------------
+    def _on_cancel(self, txn: ServerTransaction, cancel: Request, now: float) -> None:
+        invite_txn = self.layer.find_invite(cancel)
+        context = invite_txn.user_data if invite_txn is not None else None
+        if not isinstance(context, Context):
+            self._respond(txn, cancel, 481, now)
+            return
+        self._respond(txn, cancel, 200, now)
+        context.cancelled = True
+        self._cancel_all(context, now)
+        if not context.final_sent and not context.branches:
+            self._final_from_proxy(context, 487, now)
+
+    def _cancel_all(self, context: Context, now: float) -> None:
+        for branch in context.branches:
+            if branch.state is BranchState.PROCEEDING:
+                self._cancel_branch(branch, now)
+            elif branch.state is BranchState.TRYING:
+                branch.cancel_wanted = True  # 9.1: wait for a provisional before cancelling
+
+    def _cancel_branch(self, branch: Branch, now: float) -> None:
+        if branch.txn is None or branch.state is BranchState.DONE:
+            return
+        invite = branch.txn.request
+        cancel = Request("CANCEL", invite.uri)
+        cancel.headers.append(Header("via", "Via", invite.via))
+        for h in invite.headers:
+            if h.key == "route":
+                cancel.headers.append(h)
+        cancel.append("Max-Forwards", 70)
+        cancel.append("From", invite.from_)
+        cancel.append("To", invite.to)
+        cancel.append("Call-ID", invite.call_id)
+        cancel.append("CSeq", CSeq(invite.cseq.number, "CANCEL"))
+        self.layer.request(cancel, branch.txn.flow, now)
+        branch.cancel_wanted = False
+
+    # -- ACK for 2xx and in-dialog requests -----------------------------------------------
+    def _on_ack(self, ack: Request, flow: Flow, now: float) -> None:
+        """An ACK for a 2xx is forwarded statelessly along the dialog's route (16.11)."""
+        stamp = ack.via.branch or ""
+        own = self._pop_own_route(ack)
+        if own is None or not self._route_token_ok(own, ack):
+            return  # not a dialog we carry: drop silently (ACKs are never answered)
+        next_flow = self._next_hop_flow(ack)
+        if next_flow is None:
+            return
+        mf = ack.max_forwards
+        ack.set("Max-Forwards", 70 if mf is None else max(mf - 1, 0))
+        next_flow = self._with_local(next_flow)
+        digest = hashlib.blake2s(stamp.encode(), digest_size=8).hexdigest()
+        via = Via(
+            next_flow.via_transport,
+            *self._sent_by(next_flow),
+            {"branch": f"{Via.MAGIC_COOKIE}{digest}", "rport": None},
+        )
+        ack.prepend("Via", via)
+        self.layer.send_stateless(ack, next_flow)
+        self._track_in_dialog(ack, now)
+
+    def _in_dialog(
+        self, txn: ServerTransaction, request: Request, side: Side, ours: bool, now: float
+    ) -> None:
+        if not ours:
+            # An in-dialog request for a dialog we did not record-route (or addressed to us
+            # as a UA): we hold no dialogs of our own, so there is nothing to match it to.
+            status = 403 if side is Side.PUBLIC or not self._addressed_to_us(request) else 481
+            self._refuse(txn, request, status, "in-dialog request outside our dialogs", now)
+            return
+        next_flow = self._next_hop_flow(request)
+        if next_flow is None:
+            self._refuse(txn, request, 404, "no next hop for in-dialog request", now)
+            return
+        context = Context(next(self._ids), txn, request, side, None)
+        txn.user_data = context
+        self._contexts[context.id] = context
+        self._track_in_dialog(request, now)
+        self._add_branch(context, Target(request.uri, (next_flow,), "dialog"), now)
+
+    def _next_hop_flow(self, request: Request) -> Flow | None:
+        """16.6 step 7 for in-dialog requests: the top Route if any, else the Request-URI.
+
+        A URI naming a local user resolves through the location service; an IP literal is
+        used as written (RFC 3263 section 4.2).
+        """
+        routes = request.routes
+        uri = routes[0].uri if routes else request.uri
+        if not isinstance(uri, SipUri):
+            return None
+        user = self._local_user(uri)
+        if user is not None:
+            bindings = self.location.lookup(f"{user}@{self._canonical_domain()}", 0.0)
+            return bindings[0].flow if bindings else None
+        return flow_for_uri(uri)
+
+    # -- requests to the proxy itself -----------------------------------------------------
+    def _as_uas(self, txn: ServerTransaction, request: Request, now: float) -> None:
+        method = request.method
+        if method == "OPTIONS":
+            # RFC 3261 section 11.2; RFC 4475 section 3.3.15: we only take application/sdp
+            accept = request.get_list("Accept")
+            if accept and not any(
+                a.split(";")[0].strip().lower() in ("application/sdp", "*/*") for a in accept
+            ):
+                self._respond(
+                    txn,
+                    request,
+                    406,
+                    now,
+                    headers=[
+                        ("Accept", "application/sdp"),
+                        ("Warning", '399 - "only application/sdp is accepted"'),
+                    ],
+                )
+                return
+            self._respond(
+                txn,
+                request,
+                200,
+                now,
+                headers=[
+                    ("Allow", ALLOW),
+                    ("Accept", "application/sdp"),
+                    ("Supported", ", ".join(sorted(SUPPORTED))),
+                ],
+            )
+        elif method == "ACK":
+            return
+        elif method in (
+            "INVITE",
+            "MESSAGE",
+            "SUBSCRIBE",
+            "PUBLISH",
+            "REFER",
+            "INFO",
+            "UPDATE",
+            "PRACK",
+            "NOTIFY",
+            "BYE",
+        ):
+            self._respond(
+                txn,
+                request,
+                405 if method != "BYE" else 481,
+                now,
+                headers=[("Allow", "OPTIONS, REGISTER")],
+            )
+        else:
+            self._respond(txn, request, 501, now, headers=[("Allow", ALLOW)])
+
+    # -- REGISTER -------------------------------------------------------------------------
+    def _on_register(
+        self, txn: ServerTransaction, request: Request, flow: Flow, side: Side, now: float
+    ) -> None:
+        # RFC 4475 section 3.3.4: the To of a REGISTER must be a SIP or SIPS AOR
+        if not isinstance(request.to.uri, SipUri):
+            self._refuse(txn, request, 400, "To of a REGISTER is not a SIP URI", now)
+            return
+        if side is not Side.SOFTPHONE or not _in_networks(
+            flow.remote[0], self.settings.allow_register_from
+        ):
+            self._refuse(txn, request, 403, "registration from this source is not allowed", now)
+            return
+        user = self._authenticate(txn, request, now, proxy=False)
+        if user is None:
+            return
+        self._events.append(Registered(txn, request, user))
+
+    def _authenticate(
+        self, txn: ServerTransaction, request: Request, now: float, *, proxy: bool
+    ) -> str | None:
+        """Digest (RFC 3261 section 22): the user, or None after answering 401/407/400."""
+        header = "Proxy-Authorization" if proxy else "Authorization"
+        wall = now + self.settings.wall_offset
+        for value in request.get_all(header):
+            try:
+                credentials = parse_credentials(str(value))
+            except ValueError:
+                continue
+            if not credentials.is_digest or (credentials.realm or "") != self.settings.realm:
+                continue
+            result = self.digest.verify(
+                credentials,
+                request.method,
+                wall,
+                self.password_of,
+                request_uri=str(request.uri),
+                body=request.body,
+            )
+            if result.status is AuthStatus.OK and result.user is not None:
+                return result.user
+            if result.status is AuthStatus.MALFORMED:
+                self._refuse(txn, request, 400, f"malformed credentials: {result.reason}", now)
+                return None
+            stale = result.status in (AuthStatus.STALE, AuthStatus.REPLAYED)
+            self._challenge(txn, request, now, proxy=proxy, stale=stale, failed=not stale)
+            return None
+        self._challenge(txn, request, now, proxy=proxy, stale=False, failed=False)
+        return None
+
+    def _challenge(
+        self,
+        txn: ServerTransaction,
+        request: Request,
+        now: float,
+        *,
+        proxy: bool,
+        stale: bool,
+        failed: bool,
+    ) -> None:
+        status = 407 if proxy else 401
+        name = "Proxy-Authenticate" if proxy else "WWW-Authenticate"
+        values = self.digest.challenge(now + self.settings.wall_offset, stale=stale)
+        if failed:
+            self._events.append(Refused(request, txn.request_flow, status, "wrong credentials"))
+        self._respond(txn, request, status, now, headers=[(name, v) for v in values])
+
+    # -- identity and routing helpers -----------------------------------------------------
+    def _addressed_to_us(self, request: Request) -> bool:
+        uri = request.uri
+        if not isinstance(uri, SipUri):
+            return False
+        if uri.user is None:
+            return self._is_local_host(uri)
+        return False
+
+    def _is_local_host(self, uri: SipUri) -> bool:
+        host = uri.host.lower()
+        return host in self._local_names or uri.host_port.lower() in self._local_names
+
+    def _local_user(self, uri: Uri) -> str | None:
+        """The local user a Request-URI names, if it is one of ours (user@our-domain)."""
+        if not isinstance(uri, SipUri) or uri.user is None:
+            return None
+        if not self._is_local_host(uri):
+            return None
+        return uri.aor.split("@", 1)[0]
+
+    def _trusted(self, flow: Flow) -> bool:
+        return bool(self.settings.trusted) and _in_networks(flow.remote[0], self.settings.trusted)
+
+    def _listener_for(self, flow: Flow) -> Listener:
+        """The listener to send from: same transport and address family; loopback peers are
+        reached from a loopback listener, others from a public one (what Via and
+        Record-Route then name must be reachable by the peer)."""
+        wanted = flow.transport
+        remote = flow.remote[0]
+        v6 = ":" in remote
+        loopback_peer = _in_networks(remote, LOOPBACK)
+        candidates = [
+            lst for lst in self.settings.listeners
+            if lst.transport == wanted and (":" in lst.host) == v6
+        ]
+        for listener in candidates:
+            if flow.local is not None and (listener.host, listener.port) == flow.local:
+                return listener
+        for listener in candidates:
+            if _in_networks(listener.host, LOOPBACK) == loopback_peer:
+                return listener
+        if candidates:
+            return candidates[0]
+        return next(
+            (lst for lst in self.settings.listeners if lst.transport == wanted),
+            self.settings.listeners[0],
+        )
+
+    def _with_local(self, flow: Flow) -> Flow:
+        if flow.local is not None:
+            return flow
+        listener = self._listener_for(flow)
+        return Flow(flow.transport, flow.remote, (listener.host, listener.port), flow.conn)
+
+    def _sent_by(self, flow: Flow) -> tuple[str, int]:
+        listener = self._listener_for(flow)
+        host = f"[{listener.host}]" if ":" in listener.host else listener.host
+        return host, listener.port
+
+    def _record_route(self, request: Request, side: Side) -> Address:
+        """Our Record-Route (16.6 step 4) with lr and a token binding it to this dialog."""
+        listener = next(
+            (lst for lst in self.settings.listeners if lst.side is side), self.settings.listeners[0]
+        )
+        host = f"[{listener.host}]" if ":" in listener.host else listener.host
+        params: dict[str, str | None] = {"lr": None}
+        if listener.transport != "udp":
+            params["transport"] = listener.transport
+        params["fc"] = self._token(request.call_id, request.from_.tag or "")
+        uri = SipUri(host, None, "sip", None, listener.port, params)
+        return Address(uri)
+
+    def _token(self, call_id: str, tag: str) -> str:
+        mac = hmac.new(
+            self.settings.secret,
+            f"{call_id}\x00{tag}".encode("utf-8", "surrogateescape"),
+            hashlib.sha256,
+        ).digest()
+        return base64.b32encode(mac[:10]).decode().lower()
+
+    def _route_token_ok(self, route: Address, request: Request) -> bool:
+        uri = route.sip_uri
+        token = uri.params.get("fc") if uri is not None else None
+        if not token:
+            return False
+        for tag in (request.from_.tag, request.to.tag):
+            if tag is not None and hmac.compare_digest(token, self._token(request.call_id, tag)):
+                return True
+        return False
+
+    def _pop_own_route(self, request: Request) -> Address | None:
+        """16.4: a top Route naming this proxy is removed; returned for the token check."""
+        routes = request.routes
+        if not routes:
+            return None
+        top = routes[0].sip_uri
+        if top is None or not self._is_local_host(top):
+            return None
+        if top.port is not None and not any(
+            lst.port == top.port for lst in self.settings.listeners
+        ):
+            return None
+        request.pop_first("route")
+        return routes[0]
+
+    def _loop_hash(self, request: Request) -> str:
+        """16.6 step 8: what the branch must encode for loop detection (section 16.3 step 4)."""
+        parts = [
+            str(request.uri),
+            request.to.tag or "",
+            request.from_.tag or "",
+            request.call_id,
+            str(request.cseq.number),
+            ",".join(map(str, request.get_all("Proxy-Require"))),
+            ",".join(map(str, request.get_all("Proxy-Authorization"))),
+            str(request.routes[0]) if request.routes else "",
+        ]
+        return hashlib.blake2s(
+            "\x00".join(parts).encode("utf-8", "surrogateescape"), digest_size=6
+        ).hexdigest()
+
+    def _looped(self, request: Request, loop_hash: str) -> bool:
+        mine = {lst.sent_by.lower() for lst in self.settings.listeners}
+        for via in request.vias:
+            if via.sent_by.lower() in mine:
+                branch = via.branch or ""
+                if branch.startswith(f"{Via.MAGIC_COOKIE}{loop_hash}."):
+                    return True  # the same request came back unchanged: a loop, not a spiral
+        return False
+
+    # -- calls ----------------------------------------------------------------------------
+    def _start_call(self, context: Context, now: float) -> Call:
+        request = context.request
+        from_tag = request.from_.tag or ""
+        key = (request.call_id, from_tag)
+        direction = "internal"
+        if context.side is Side.PUBLIC:
+            direction = "in"
+        elif self._local_user(request.uri) is None:
+            direction = "out"
+        call = Call(
+            id=self._call_id(request.call_id, from_tag),
+            call_id=request.call_id,
+            caller=_aor(request.from_.uri),
+            callee=_aor(request.uri),
+            from_tag=from_tag,
+            started=now,
+            direction=direction,
+            caller_contact=request.contacts[0].uri if request.contacts else None,
+            caller_flow=context.server.request_flow,
+            cseq_from_caller=request.cseq.number,
+            caller_from=request.from_,
+        )
+        self.calls[key] = call
+        self._events.append(CallStarted(call))
+        return call
+
+    def _call_id(self, call_id: str, tag: str) -> str:
+        return hashlib.blake2s(
+            f"{call_id}\x00{tag}".encode("utf-8", "surrogateescape"), digest_size=6
+        ).hexdigest()
+
+    def _call_answered(self, context: Context, response: Response, now: float) -> None:
+        call = context.call
+        if call is None or call.answered is not None:
+            return
+        call.answered = now
+        call.outcome = "answered"
+        call.to_tag = response.to.tag
+        call.callee_to = response.to
+        call.callee_contact = response.contacts[0].uri if response.contacts else None
+        for branch in context.branches:
+            if branch.response is response and branch.txn is not None:
+                call.callee_flow = branch.txn.flow
+        self._events.append(CallAnswered(call))
+
+    def _call_failed(self, context: Context, status: int, now: float) -> None:
+        call = context.call
+        if call is None or call.ended is not None or call.answered is not None:
+            return
+        call.ended = now
+        call.outcome = "cancelled" if context.cancelled else f"failed {status}"
+        self._finish_call(call)
+
+    def _finish_call(self, call: Call) -> None:
+        self.calls.pop((call.call_id, call.from_tag), None)
+        self.ended_calls.append(call)
+        del self.ended_calls[:-200]
+        self._events.append(CallEnded(call))
+
+    def _track_in_dialog(self, request: Request, now: float) -> None:
+        """Follow BYE (the end of a call) and CSeq numbers (for BYEs sent from the middle)."""
+        from_tag = request.from_.tag or ""
+        to_tag = request.to.tag or ""
+        call = self.calls.get((request.call_id, from_tag))
+        from_caller = True
+        if call is None:
+            call = self.calls.get((request.call_id, to_tag))
+            from_caller = False
+        if call is None:
+            return
+        if from_caller:
+            call.cseq_from_caller = max(call.cseq_from_caller, request.cseq.number)
+        else:
+            call.cseq_from_callee = max(call.cseq_from_callee, request.cseq.number)
+        if request.method == "BYE" and call.ended is None:
+            call.ended = now
+            call.outcome = "hung up by caller" if from_caller else "hung up by callee"
+            self._finish_call(call)
+
+    def hang_up(self, call: Call, now: float, reason: str = "hung up by the node") -> bool:
+        """End an answered call from the middle: a BYE to each party (shutdown, API)."""
+        if call.answered is None or call.ended is not None:
+            return False
+        for to_caller in (True, False):
+            bye = self._bye(call, to_caller)
+            flow = call.caller_flow if to_caller else call.callee_flow
+            if bye is None or flow is None:
+                continue
+            bye.prepend(
+                "Via",
+                Via(
+                    flow.via_transport,
+                    *self._sent_by(flow),
+                    {"branch": f"{Via.MAGIC_COOKIE}{self.rng.getrandbits(64):016x}", "rport": None},
+                ),
+            )
+            self.layer.request(bye, self._with_local(flow), now)
+        call.ended = now
+        call.outcome = reason
+        self._finish_call(call)
+        return True
+
+    def _bye(self, call: Call, to_caller: bool) -> Request | None:
+        if call.caller_from is None or call.callee_to is None:
+            return None
+        target = call.caller_contact if to_caller else call.callee_contact
+        if target is None:
+            return None
+        bye = Request("BYE", target)
+        bye.append("Max-Forwards", 70)
+        if to_caller:
+            # as if from the callee: From = callee's To (with its tag), To = caller's From
+            bye.append("From", call.callee_to)
+            bye.append("To", call.caller_from)
+            call.cseq_from_callee += 1
+            bye.append("CSeq", CSeq(call.cseq_from_callee, "BYE"))
+        else:
+            bye.append("From", call.caller_from)
+            bye.append("To", call.callee_to)
+            call.cseq_from_caller += 1
+            bye.append("CSeq", CSeq(call.cseq_from_caller, "BYE"))
+        bye.append("Call-ID", call.call_id)
+        bye.append("Reason", 'SIP;cause=200;text="Call ended by the freecall node"')
+        return bye
+
+    def hang_up_all(self, now: float) -> int:
+        return sum(self.hang_up(call, now, "node shut down") for call in list(self.calls.values()))
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _in_networks(host: str, networks: Sequence[Network]) -> bool:
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return any(address in net for net in networks)
+
+
+def _aor(uri: Uri) -> str:
+    if isinstance(uri, SipUri):
+        return f"{uri.scheme}:{uri.aor}"
+    return str(uri)
+
+
+def flow_for_uri(uri: SipUri) -> Flow | None:
+    """A flow for a URI whose host is an IP literal (RFC 3263 section 4.2: no lookup needed)."""
+    host = uri.maddr or uri.bare_host
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    transport = uri.transport or ("tls" if uri.secure else "udp")
+    port = uri.port or (5061 if transport == "tls" else 5060)
+    return Flow(transport, (host, port))
+
+
+# RFC 3261 section 16.7 step 6: which final response is "best"
+_PREFERRED_4XX = (401, 407, 415, 420, 484)
+
+
+def choose_best(responses: Sequence[Response]) -> Response | None:
+    """6xx first; then the lowest class; among 4xx, those that let the caller retry."""
+    finals = [r for r in responses if r.status >= 200]
+    if not finals:
+        return None
+    six = [r for r in finals if r.status >= 600]
+    if six:
+        return six[0]
+
+    def rank(response: Response) -> tuple[int, int, int]:
+        status = response.status
+        preferred = 0 if status in _PREFERRED_4XX else 1
+        return (status // 100, preferred, status)
+
+    return min(finals, key=rank)
+
+
+__all__ = [
+    "Call",
+    "CallAnswered",
+    "CallEnded",
+    "CallStarted",
+    "Listener",
+    "Location",
+    "NoRoutes",
+    "Proxy",
+    "ProxySettings",
+    "Refused",
+    "Registered",
+    "Resolution",
+    "Side",
+    "Target",
+    "TargetResolver",
+    "choose_best",
+    "flow_for_uri",
+]

@@ -1,0 +1,483 @@
+"""The proxy core (RFC 3261 section 16) on virtual time, with an in-memory location service."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import pytest
+
+from freecall.sip.auth import DigestClient, DigestServer, parse_challenge
+from freecall.sip.flow import Flow
+from freecall.sip.headers import Address
+from freecall.sip.message import Request, Response, parse_message
+from freecall.sip.proxy import (
+    CallAnswered,
+    CallEnded,
+    CallStarted,
+    Listener,
+    Proxy,
+    ProxyEvent,
+    ProxySettings,
+    Registered,
+    Resolution,
+    Side,
+    Target,
+    choose_best,
+)
+from freecall.sip.transaction import TransactionLayer
+from freecall.sip.uri import Uri, parse_uri
+
+SOFT = Listener("udp", "127.0.0.1", 5060, Side.SOFTPHONE)
+PUBLIC = Listener("udp", "192.0.2.10", 5062, Side.PUBLIC)
+ALICE = Flow("udp", ("127.0.0.1", 5081), ("127.0.0.1", 5060))
+BOB1 = Flow("udp", ("127.0.0.1", 5083), ("127.0.0.1", 5060))
+BOB2 = Flow("udp", ("127.0.0.1", 5085), ("127.0.0.1", 5060))
+REMOTE = Flow("udp", ("198.51.100.7", 5062), ("192.0.2.10", 5062))
+PASSWORDS = {"alice": "alicepw", "bob": "bobpw"}
+
+
+@dataclass
+class Binding:
+    contact: Address
+    flow: Flow
+    q: float = 1.0
+
+
+@dataclass
+class Location:
+    bindings: dict[str, list[Binding]] = field(default_factory=dict)
+
+    def lookup(self, aor: str, now: float) -> list[Binding]:
+        return self.bindings.get(aor, [])
+
+    def exists(self, user: str) -> bool:
+        return user in PASSWORDS
+
+
+class Resolver:
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, int]] = []
+        self.answer: Resolution | None = Resolution(status=404, reason="Not Found")
+
+    def resolve(self, uri: Uri, request: Request, ticket: int) -> Resolution | None:
+        self.asked.append((str(uri), ticket))
+        return self.answer
+
+
+class Node:
+    """A transaction layer and a proxy, pumped like the daemon pumps them."""
+
+    def __init__(self, *, trusted: bool = False) -> None:
+        import ipaddress
+
+        self.layer = TransactionLayer()
+        self.location = Location()
+        self.resolver = Resolver()
+        settings = ProxySettings(
+            domains=frozenset({"a.test"}),
+            listeners=(SOFT, PUBLIC),
+            secret=b"k" * 32,
+            realm="a.test",
+            trusted=(ipaddress.ip_network("127.0.0.0/8"),) if trusted else (),
+        )
+        self.proxy = Proxy(
+            self.layer,
+            settings,
+            self.location,
+            resolver=self.resolver,
+            digest=DigestServer("a.test", b"s" * 32, algorithms=("MD5",)),
+            password_of=PASSWORDS.get,
+            side_of=lambda flow: (
+                Side.PUBLIC if flow.local == ("192.0.2.10", 5062) else Side.SOFTPHONE
+            ),
+            rng=random.Random(1),
+        )
+        self.events: list[ProxyEvent] = []
+        self.now = 0.0
+
+    def feed(
+        self, msg: Request | Response | bytes, flow: Flow
+    ) -> list[tuple[Request | Response, Flow]]:
+        if isinstance(msg, bytes):
+            parsed = parse_message(msg)
+        else:
+            parsed = parse_message(msg.to_bytes())
+        self.layer.receive(parsed, flow, self.now)
+        return self.pump()
+
+    def pump(self) -> list[tuple[Request | Response, Flow]]:
+        while (event := self.layer.next_event()) is not None:
+            self.proxy.handle_event(event, self.now)
+        while (pevent := self.proxy.next_event()) is not None:
+            self.events.append(pevent)
+        return [(parse_message(data), flow) for data, flow in self.layer.messages_to_send()]
+
+    def advance(self, to: float) -> list[tuple[Request | Response, Flow]]:
+        out = []
+        while True:
+            deadlines = [
+                d for d in (self.layer.get_timer(), self.proxy.get_timer()) if d is not None
+            ]
+            if not deadlines or min(deadlines) > to:
+                break
+            self.now = min(deadlines)
+            self.layer.handle_timer(self.now)
+            self.proxy.handle_timer(self.now)
+            out.extend(self.pump())
+        self.now = to
+        return out
+
+
+def invite(
+    to: str = "sip:bob@a.test",
+    *,
+    branch: str = "z9hG4bKalice1",
+    frm: str = "<sip:alice@a.test>;tag=al1",
+    cseq: int = 1,
+    extra: str = "",
+    method: str = "INVITE",
+    via_host: str = "127.0.0.1:5081",
+) -> Request:
+    data = (
+        f"{method} {to} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {via_host};branch={branch};rport\r\n"
+        "Max-Forwards: 70\r\n"
+        f"From: {frm}\r\n"
+        f"To: <{to}>\r\n"
+        "Call-ID: call-1@127.0.0.1\r\n"
+        f"CSeq: {cseq} {method}\r\n"
+        f"Contact: <sip:alice@127.0.0.1:5081>\r\n{extra}"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+    msg = parse_message(data)
+    assert isinstance(msg, Request)
+    return msg
+
+
+def authorize(node: Node, request: Request, challenge: Response, user: str = "alice") -> Request:
+    header = "Proxy-Authenticate" if challenge.status == 407 else "WWW-Authenticate"
+    value = DigestClient(urandom=lambda n: b"\x01" * n).authorization(
+        parse_challenge(str(challenge.get(header))),
+        request.method,
+        str(request.uri),
+        user,
+        PASSWORDS[user],
+    )
+    request.append("Proxy-Authorization" if challenge.status == 407 else "Authorization", value)
+    via = request.via
+    request.replace_first("via", via.with_params(branch=(via.branch or "") + "x"))
+    request.set("CSeq", f"{request.cseq.number + 1} {request.method}")
+    return parse_message(request.to_bytes())  # type: ignore[return-value]
+
+
+def responses(sent: list[tuple[Request | Response, Flow]]) -> list[int]:
+    return [m.status for m, _ in sent if isinstance(m, Response)]
+
+
+def requests(sent: list[tuple[Request | Response, Flow]]) -> list[tuple[Request, Flow]]:
+    return [(m, f) for m, f in sent if isinstance(m, Request)]
+
+
+def reply(
+    req: Request, status: int, tag: str | None = "bob-tag", contact: str | None = None
+) -> Response:
+    from freecall.sip.message import make_response
+
+    response = make_response(req, status, to_tag=tag if status > 100 else None)
+    if contact:
+        response.append("Contact", Address.parse(f"<{contact}>"))
+    return response
+
+
+def authenticated_invite(
+    node: Node, **kwargs: object
+) -> tuple[Request, list[tuple[Request | Response, Flow]]]:
+    first = invite(**kwargs)  # type: ignore[arg-type]
+    challenge = node.feed(first, ALICE)
+    assert responses(challenge) == [100, 407]  # the INVITE transaction's 100, then the challenge
+    second = authorize(node, first, challenge[-1][0])  # type: ignore[arg-type]
+    return second, node.feed(second, ALICE)
+
+
+def register_bob(node: Node) -> None:
+    node.location.bindings["bob@a.test"] = [
+        Binding(Address.parse("<sip:bob@127.0.0.1:5083>"), BOB1, 1.0),
+        Binding(Address.parse("<sip:bob@127.0.0.1:5085>"), BOB2, 0.5),
+    ]
+
+
+def test_register_is_challenged_then_accepted() -> None:
+    node = Node()
+    reg = invite("sip:a.test", method="REGISTER", frm="<sip:alice@a.test>;tag=r1")
+    reg.set("To", Address.parse("<sip:alice@a.test>"))
+    out = node.feed(reg, ALICE)
+    assert responses(out) == [401]
+    challenge = out[0][0]
+    assert isinstance(challenge, Response) and challenge.get("WWW-Authenticate")
+    node.feed(authorize(node, reg, challenge), ALICE)
+    registered = [e for e in node.events if isinstance(e, Registered)]
+    assert len(registered) == 1 and registered[0].user == "alice"
+
+
+def test_register_from_a_non_loopback_source_is_refused() -> None:
+    node = Node()
+    reg = invite("sip:a.test", method="REGISTER")
+    out = node.feed(reg, Flow("udp", ("10.1.2.3", 5060), ("127.0.0.1", 5060)))
+    assert responses(out) == [403]
+
+
+def test_call_forks_to_every_device_with_record_route() -> None:
+    node = Node()
+    register_bob(node)
+    request, out = authenticated_invite(node)
+    assert responses(out) == [100]
+    forwarded = requests(out)
+    assert [f for _, f in forwarded] == [BOB1, BOB2]
+    for fwd, _ in forwarded:
+        assert fwd.max_forwards == 69
+        rr = fwd.record_routes[0].sip_uri
+        assert rr is not None and rr.lr and rr.host_port == "127.0.0.1:5060" and rr.params["fc"]
+        assert fwd.via.sent_by == "127.0.0.1:5060" and fwd.vias[1].branch == request.via.branch
+    assert str(forwarded[0][0].uri) == "sip:bob@127.0.0.1:5083"
+    assert any(isinstance(e, CallStarted) for e in node.events)
+
+
+def test_first_2xx_wins_other_branch_is_cancelled() -> None:
+    node = Node()
+    register_bob(node)
+    _, out = authenticated_invite(node)
+    (fwd1, _), (fwd2, _) = requests(out)
+    up = node.feed(reply(fwd1, 180, "d1"), BOB1)
+    assert responses(up) == [180]
+    assert up[0][1] == ALICE and len(up[0][0].vias) == 1  # our Via removed
+    ok = reply(fwd2, 200, "d2", contact="sip:bob@127.0.0.1:5085")
+    up = node.feed(ok, BOB2)
+    assert responses(up) == [200]
+    cancels = [r for r, f in requests(up) if r.method == "CANCEL"]
+    assert len(cancels) == 1 and cancels[0].via.branch == fwd1.via.branch
+    answered = [e for e in node.events if isinstance(e, CallAnswered)]
+    assert answered and answered[0].call.to_tag == "d2"
+    # the cancelled branch answers 487: absorbed, nothing more goes upstream
+    up = node.feed(reply(fwd1, 487, "d1"), BOB1)
+    assert responses(up) == []
+
+
+def test_all_busy_gives_one_best_final() -> None:
+    node = Node()
+    register_bob(node)
+    _, out = authenticated_invite(node)
+    (fwd1, _), (fwd2, _) = requests(out)
+    assert responses(node.feed(reply(fwd1, 486, "d1"), BOB1)) == []
+    up = node.feed(reply(fwd2, 480, "d2"), BOB2)
+    assert responses(up) == [480]  # 4xx ranked by code: 480 < 486
+    ended = [e for e in node.events if isinstance(e, CallEnded)]
+    assert ended and ended[0].call.outcome == "failed 480"
+
+
+def test_cancel_before_answer() -> None:
+    node = Node()
+    register_bob(node)
+    request, out = authenticated_invite(node)
+    (fwd1, _), (fwd2, _) = requests(out)
+    node.feed(reply(fwd1, 180, "d1"), BOB1)
+    cancel = invite(branch=request.via.branch or "", method="CANCEL", cseq=request.cseq.number)
+    out = node.feed(cancel, ALICE)
+    assert responses(out) == [200]
+    assert [r.via.branch for r, _ in requests(out)] == [fwd1.via.branch]
+    # the branch that has not answered yet is cancelled once it sends a provisional
+    out = node.feed(reply(fwd2, 180, "d2"), BOB2)
+    assert [r.method for r, _ in requests(out)] == ["CANCEL"]
+    node.feed(reply(fwd1, 487, "d1"), BOB1)
+    up = node.feed(reply(fwd2, 487, "d2"), BOB2)
+    assert 487 in responses(up)
+    ended = [e for e in node.events if isinstance(e, CallEnded)]
+    assert ended[0].call.outcome == "cancelled"
+
+
+def test_timer_c_cancels_a_ringing_branch() -> None:
+    node = Node()
+    node.location.bindings["bob@a.test"] = [
+        Binding(Address.parse("<sip:bob@127.0.0.1:5083>"), BOB1)
+    ]
+    _, out = authenticated_invite(node)
+    ((fwd, _),) = requests(out)
+    node.feed(reply(fwd, 180, "d1"), BOB1)
+    sent = node.advance(179.0)
+    assert not [r for r, _ in requests(sent) if r.method == "CANCEL"]
+    sent = node.advance(181.0)
+    cancels = requests(sent)  # the CANCEL, and its UDP retransmission at T1
+    assert {r.method for r, _ in cancels} == {"CANCEL"}
+    assert {r.via.branch for r, _ in cancels} == {fwd.via.branch}
+
+
+def test_in_dialog_bye_needs_our_route_token() -> None:
+    node = Node()
+    register_bob(node)
+    _request, out = authenticated_invite(node)
+    (fwd1, _), _ = requests(out)
+    rr = fwd1.record_routes[0]
+    node.feed(reply(fwd1, 200, "d1", contact="sip:bob@127.0.0.1:5083"), BOB1)
+    bye = invite("sip:bob@127.0.0.1:5083", method="BYE", branch="z9hG4bKbye1", cseq=3)
+    bye.set("To", Address.parse("<sip:bob@a.test>;tag=d1"))
+    bye.append("Route", rr)
+    out = node.feed(bye, ALICE)
+    fwd = requests(out)
+    assert len(fwd) == 1 and fwd[0][1].remote == ("127.0.0.1", 5083) and not fwd[0][0].routes
+    ended = [e for e in node.events if isinstance(e, CallEnded)]
+    assert ended and ended[0].call.outcome == "hung up by caller"
+    forged = invite("sip:victim@203.0.113.5", method="BYE", branch="z9hG4bKbye2", cseq=4)
+    forged.set("To", Address.parse("<sip:bob@a.test>;tag=d1"))
+    forged.append("Route", Address.parse("<sip:127.0.0.1:5060;lr;fc=aaaaaaaaaaaaaaaa>"))
+    assert responses(node.feed(forged, ALICE)) == [403]
+
+
+def test_ack_for_2xx_is_forwarded_along_the_route() -> None:
+    node = Node()
+    register_bob(node)
+    _, out = authenticated_invite(node)
+    (fwd1, _), _ = requests(out)
+    node.feed(reply(fwd1, 200, "d1", contact="sip:bob@127.0.0.1:5083"), BOB1)
+    ack = invite("sip:bob@127.0.0.1:5083", method="ACK", branch="z9hG4bKack1", cseq=2)
+    ack.set("To", Address.parse("<sip:bob@a.test>;tag=d1"))
+    ack.append("Route", fwd1.record_routes[0])
+    out = node.feed(ack, ALICE)
+    ((fwd_ack, flow),) = requests(out)
+    assert fwd_ack.method == "ACK" and flow.remote == ("127.0.0.1", 5083)
+    assert len(fwd_ack.vias) == 2
+
+
+def test_not_an_open_relay() -> None:
+    node = Node()
+    # from another node to a foreign domain: refused
+    out = node.feed(invite("sip:carol@elsewhere.test", via_host="198.51.100.7:5062"), REMOTE)
+    assert responses(out)[-1] == 403
+    # from another node to a local user: allowed without digest (480: bob is offline)
+    out = node.feed(
+        invite("sip:bob@a.test", branch="z9hG4bKr2", via_host="198.51.100.7:5062"), REMOTE
+    )
+    assert responses(out) == [100, 480]
+    # an authenticated local user may call out: the resolver is asked (and answers 404 here)
+    _, out = authenticated_invite(node, to="sip:carol@elsewhere.test", branch="z9hG4bKout")
+    assert responses(out) == [100, 404]
+    assert node.resolver.asked and node.resolver.asked[0][0] == "sip:carol@elsewhere.test"
+
+
+def test_unknown_and_offline_users_get_the_same_answer() -> None:
+    node = Node()
+    _, out1 = authenticated_invite(node, to="sip:nobody@a.test", branch="z9hG4bKe1")
+    _, out2 = authenticated_invite(node, to="sip:bob@a.test", branch="z9hG4bKe2")
+    assert responses(out1) == responses(out2) == [100, 480]
+
+
+def test_asynchronous_resolution_forwards_later() -> None:
+    node = Node()
+    node.resolver.answer = None
+    _, out = authenticated_invite(node, to="sip:carol@b.test", branch="z9hG4bKasync")
+    assert responses(out) == [100] and not requests(out)
+    ticket = node.resolver.asked[0][1]
+    carol = Flow("udp", ("198.51.100.9", 5062))
+    node.proxy.resolved(
+        ticket, Resolution((Target(parse_uri("sip:carol@b.test"), (carol,), "dns"),)), node.now
+    )
+    ((fwd, flow),) = requests(node.pump())
+    assert flow.remote == carol.remote and flow.local == ("192.0.2.10", 5062)
+    assert fwd.via.sent_by == "192.0.2.10:5062"
+
+
+def test_transport_failure_fails_over_to_the_next_flow() -> None:
+    node = Node()
+    node.resolver.answer = Resolution(
+        (
+            Target(
+                parse_uri("sip:carol@b.test"),
+                (Flow("tcp", ("198.51.100.8", 5062)), Flow("udp", ("198.51.100.9", 5062))),
+                "dns",
+            ),
+        )
+    )
+    _, out = authenticated_invite(node, to="sip:carol@b.test", branch="z9hG4bKfo")
+    ((_first, flow),) = requests(out)
+    node.layer.transport_failed(flow)
+    ((_second, flow2),) = requests(node.pump())
+    assert flow2.remote == ("198.51.100.9", 5062)
+
+
+@pytest.mark.parametrize(
+    ("request_text", "status"),
+    [
+        (b"OPTIONS sip:a.test SIP/2.0\r\nMax-Forwards: 70\r\n", 200),
+        (b"OPTIONS sip:bob@elsewhere.test SIP/2.0\r\nMax-Forwards: 0\r\n", 483),
+        (b"OPTIONS sip:bob@a.test SIP/2.0\r\nProxy-Require: foo\r\nMax-Forwards: 70\r\n", 420),
+        (b"OPTIONS nobody:opaque SIP/2.0\r\nMax-Forwards: 70\r\n", 416),
+        (b"OPTIONS sip:a.test SIP/2.0\r\nAccept: text/nonsense\r\nMax-Forwards: 70\r\n", 406),
+    ],
+)
+def test_validation_before_anything_else(request_text: bytes, status: int) -> None:
+    node = Node(trusted=True)
+    data = request_text + (
+        b"Via: SIP/2.0/UDP 127.0.0.1:5081;branch=z9hG4bKv1\r\nFrom: <sip:alice@a.test>;tag=1\r\n"
+        b"To: <sip:x@a.test>\r\nCall-ID: v1\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+    )
+    out = node.feed(data, ALICE)
+    assert responses(out) == [status]
+    if status == 420:
+        assert out[0][0].get("Unsupported") == "foo"
+
+
+def test_loop_is_detected() -> None:
+    node = Node(trusted=True)
+    register_bob(node)
+    node.location.bindings["bob@a.test"] = [
+        Binding(Address.parse("<sip:bob@a.test>"), Flow("udp", ("127.0.0.1", 5060)))
+    ]
+    out = node.feed(invite(branch="z9hG4bKloop"), ALICE)
+    ((fwd, _),) = requests(out)
+    # the forwarded request comes back to us unchanged: 482
+    out = node.feed(fwd, Flow("udp", ("127.0.0.1", 5060), ("127.0.0.1", 5060)))
+    assert 482 in responses(out)
+
+
+def test_hang_up_sends_bye_both_ways() -> None:
+    node = Node()
+    register_bob(node)
+    _, out = authenticated_invite(node)
+    (fwd1, _), _ = requests(out)
+    node.feed(reply(fwd1, 200, "d1", contact="sip:bob@127.0.0.1:5083"), BOB1)
+    assert node.proxy.hang_up_all(node.now) == 1
+    byes = [(r, f) for r, f in requests(node.pump()) if r.method == "BYE"]
+    assert {f.remote for _, f in byes} == {("127.0.0.1", 5081), ("127.0.0.1", 5083)}
+    to_alice = next(r for r, f in byes if f.remote == ("127.0.0.1", 5081))
+    assert to_alice.from_.tag == "d1" and to_alice.to.tag == "al1"
+
+
+def test_choose_best() -> None:
+    def resp(status: int) -> Response:
+        return Response(status)
+
+    assert choose_best([resp(486), resp(603), resp(200)]).status == 603  # type: ignore[union-attr]
+    assert choose_best([resp(486), resp(404), resp(302)]).status == 302  # type: ignore[union-attr]
+    assert choose_best([resp(486), resp(407), resp(404)]).status == 407  # type: ignore[union-attr]
+    assert choose_best([resp(503), resp(504)]).status == 503  # type: ignore[union-attr]
+    assert choose_best([]) is None
+
+
+def test_503_becomes_500_and_challenges_are_aggregated() -> None:
+    node = Node(trusted=True)
+    register_bob(node)
+    out = node.feed(invite(branch="z9hG4bKagg"), ALICE)
+    (fwd1, _), (fwd2, _) = requests(out)
+    node.feed(reply(fwd1, 503, "d1"), BOB1)
+    up = node.feed(reply(fwd2, 503, "d2"), BOB2)
+    assert responses(up) == [500]
+    out = node.feed(invite(branch="z9hG4bKagg2", frm="<sip:alice@a.test>;tag=al9"), ALICE)
+    (g1, _), (g2, _) = requests(out)
+    c1 = reply(g1, 401, "d1")
+    c1.append("WWW-Authenticate", 'Digest realm="one", nonce="1"')
+    c2 = reply(g2, 407, "d2")
+    c2.append("Proxy-Authenticate", 'Digest realm="two", nonce="2"')
+    node.feed(c1, BOB1)
+    up = node.feed(c2, BOB2)
+    best = up[-1][0]
+    assert isinstance(best, Response) and best.status == 401
+    assert best.get("Proxy-Authenticate") and best.get("WWW-Authenticate")
