@@ -43,6 +43,14 @@ class Binding:
     flow: Flow
     q: float = 1.0
 
+    @property
+    def next_hop(self) -> Flow:
+        return self.flow
+
+    @property
+    def target_uri(self) -> Uri:
+        return self.contact.uri
+
 
 @dataclass
 class Location:

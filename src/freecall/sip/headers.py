@@ -36,6 +36,11 @@ def parse_params(text: str, what: str) -> Params:
 def params_from_valid_tail(text: str, what: str) -> Params:
     """Parameters from a tail already matched by PARAMS_TAIL: split fast when it holds no
     quoted string or white space (the usual case), by the grammar's pattern otherwise."""
+    if '"' in text or " " in text or "\t" in text:
+        pass
+    elif text.count(";") == 1:  # the usual ";tag=..." or ";branch=..."
+        name, _, value = text[1:].partition("=")
+        return {name.lower(): value or None}
     params: dict[str, str | None] = {}
     if '"' in text or " " in text or "\t" in text:
         pairs = _param_findall(text)
@@ -195,19 +200,43 @@ class Via:
 class Address:
     """A name-addr or addr-spec with header parameters (From, To, Contact, Route, ...)."""
 
-    __slots__ = ("_raw", "display", "params", "uri")
+    __slots__ = ("_raw", "_uri", "_uri_parts", "display", "params")
 
     def __init__(
         self,
-        uri: Uri,
+        uri: Uri | None,
         display: str | None = None,
         params: Params | None = None,
         _raw: str | None = None,
+        _uri_parts: tuple[str, str | None, str, str | None, int | None, str, str | None, str]
+        | None = None,
     ) -> None:
-        self.uri: Final = uri
+        # The URI of a parsed SIP name-addr is built on first use: its syntax was checked by the
+        # same pattern that matched the header, and From/To are mostly read for their tags.
+        self._uri = uri
+        self._uri_parts: Final = _uri_parts
         self.display: Final = display
         self.params: Final[Params] = params if params is not None else {}
         self._raw: str | None = _raw
+
+    @property
+    def uri(self) -> Uri:
+        uri = self._uri
+        if uri is None:
+            parts = self._uri_parts
+            assert parts is not None
+            host, user, scheme, password, port, uparams, uheaders, text = parts
+            uri = self._uri = SipUri(
+                host,
+                user,
+                scheme.lower(),
+                password,
+                port,
+                parse_uri_params(uparams) if uparams else {},
+                uheaders,
+                text,
+            )
+        return uri
 
     @classmethod
     def parse(cls, text: str, what: str = "address") -> Address:
@@ -223,21 +252,14 @@ class Address:
                 port_num = int(port)
                 if port_num > 65535:
                     raise SipParseError(f"port {port} out of range in {what}")
-            uri: Uri = SipUri(
-                host,
-                user,
-                scheme.lower(),
-                password,
-                port_num,
-                parse_uri_params(uparams, what) if uparams else {},
-                uheaders,
-                uri_text,
-            )
+            if uparams.count(";") > 1:
+                parse_uri_params(uparams, what)  # a duplicate URI parameter is a 400 now
             return cls(
-                uri,
+                None,
                 display or None,
                 params_from_valid_tail(tail, what) if tail else {},
                 text.strip(" \t"),
+                (host, user, scheme, password, port_num, uparams, uheaders, uri_text),
             )
         m = grammar.NAME_ADDR_RE.match(text)
         if m is not None:

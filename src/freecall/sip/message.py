@@ -119,13 +119,32 @@ COMPACT_FORMS = {
 }
 DISPLAY_NAME: dict[str, str] = {name.lower(): name for name in _CANONICAL}
 
-# name as written (exact or lower-cased) -> (key, wire name)
-_NAME_LOOKUP: dict[str, tuple[str, str]] = {}
+# How each header is parsed: raw text kept as is, or a typed value.
+RAW, ADDRESS, CALL_ID, CSEQ, MAX_FORWARDS, CONTENT_LENGTH, LIST, DATE = range(8)
+_KIND = {
+    "from": ADDRESS,
+    "to": ADDRESS,
+    "call-id": CALL_ID,
+    "cseq": CSEQ,
+    "max-forwards": MAX_FORWARDS,
+    "content-length": CONTENT_LENGTH,
+    "via": LIST,
+    "contact": LIST,
+    "route": LIST,
+    "record-route": LIST,
+    "path": LIST,
+    "date": DATE,
+}
+
+# name as written (exact or lower-cased) -> (key, wire name, kind)
+_NAME_LOOKUP: dict[str, tuple[str, str, int]] = {}
 for _name in _CANONICAL:
-    _NAME_LOOKUP[_name] = _NAME_LOOKUP[_name.lower()] = (_name.lower(), _name)
+    _entry = (_name.lower(), _name, _KIND.get(_name.lower(), RAW))
+    _NAME_LOOKUP[_name] = _NAME_LOOKUP[_name.lower()] = _entry
 for _short, _key in COMPACT_FORMS.items():
-    _NAME_LOOKUP[_short] = _NAME_LOOKUP[_short.upper()] = (_key, DISPLAY_NAME[_key])
-del _name, _short, _key
+    _entry = (_key, DISPLAY_NAME[_key], _KIND.get(_key, RAW))
+    _NAME_LOOKUP[_short] = _NAME_LOOKUP[_short.upper()] = _entry
+del _name, _short, _key, _entry
 
 _token_match = grammar.TOKEN_RE.fullmatch
 
@@ -136,7 +155,7 @@ def header_key(name: str) -> str:
     return found[0] if found else name.lower()
 
 
-def _lookup_name(name: str) -> tuple[str, str]:
+def _lookup_name(name: str) -> tuple[str, str, int]:
     found = _NAME_LOOKUP.get(name)
     if found is None:
         lower = name.lower()
@@ -144,7 +163,7 @@ def _lookup_name(name: str) -> tuple[str, str]:
         if found is None:
             if _token_match(name) is None:
                 raise SipParseError(f"invalid header name {name!r}")
-            found = (lower, name)
+            found = (lower, name, RAW)
     return found
 
 
@@ -383,7 +402,10 @@ class Message:
         if value is None:
             return None
         text = str(value).strip(" \t")
-        return int(text) if text.isdigit() and text.isascii() and len(text) <= 10 else None
+        if not (text.isdigit() and text.isascii()):
+            return None
+        # RFC 3261 section 20.19: a larger value than 2**32-1 means 2**32-1
+        return min(int(text), 2**32 - 1) if len(text) <= 12 else 2**32 - 1
 
     def _required(self, key: str) -> Any:
         for h in self.headers:
@@ -584,13 +606,13 @@ class HeaderCache:
     __slots__ = ("entries", "max_entries", "max_line", "misses", "start_lines")
 
     def __init__(self, max_entries: int = 4096, max_line: int = 512) -> None:
-        self.entries: dict[str, tuple[str, str, tuple[HeaderValue, ...]]] = {}
+        self.entries: dict[str, tuple[str, str, int, tuple[HeaderValue, ...]]] = {}
         self.start_lines: dict[str, tuple[str, Uri]] = {}
         self.max_entries = max_entries
         self.max_line = max_line
         self.misses = 0
 
-    def store(self, line: str, entry: tuple[str, str, tuple[HeaderValue, ...]]) -> None:
+    def store(self, line: str, entry: tuple[str, str, int, tuple[HeaderValue, ...]]) -> None:
         self.misses += 1
         if len(line) > self.max_line:
             return
@@ -620,7 +642,15 @@ def parse_message(
     """
     if len(data) > MAX_MESSAGE_SIZE:
         raise SipParseError(f"message of {len(data)} octets is too large", 513)
-    head, rest = split_head(data, datagram=datagram)
+    end = data.find(b"\r\n\r\n")
+    if end > 0 and data[0] not in (0x0D, 0x0A):
+        # the usual case inline: CRLF line ends, no leading empty lines
+        head = data[:end].decode("utf-8", "surrogateescape")
+        rest = data[end + 4 :]
+        if "\n " in head or "\n\t" in head:
+            head = _fold_sub(" ", head)
+    else:
+        head, rest = split_head(data, datagram=datagram)
     lines = head.split("\r\n") if "\r" in head else head.split("\n")
     start = lines[0]
     is_request = not start.startswith("SIP/")
@@ -634,7 +664,8 @@ def parse_message(
             if cache is not None and isinstance(msg, Request):
                 cache.store_start(start, msg.method, msg.uri)
         content_length = _parse_headers(msg, lines, cache)
-        _check_required(msg)
+        if isinstance(msg, Request) and msg.cseq.method != msg.method:
+            _check_required(msg)
     except SipParseError as exc:
         exc.raw_headers = _raw_pairs(lines)
         exc.is_request = is_request
@@ -694,11 +725,19 @@ def _parse_start_line(start: str) -> Request | Response:
 def _parse_headers(
     msg: Request | Response, lines: list[str], cache: HeaderCache | None
 ) -> int | None:
-    """Parse header lines into ``msg.headers``; return the Content-Length if one was given."""
-    append = msg.headers.append
+    """Parse header lines into ``msg.headers``; return the Content-Length if one was given.
+
+    The loop is the parser's hot path.  With a cache, a line seen before costs one lookup;
+    otherwise raw headers cost a partition, a name lookup and an append, and typed ones are
+    parsed by :func:`_typed_values`.
+    """
+    headers = msg.headers
+    append = headers.append
+    lookup = _NAME_LOOKUP.get
+    cached = cache.entries.get if cache is not None else None
     content_length: int | None = None
     seen: set[str] = set()
-    cached = cache.entries.get if cache is not None else None
+    has_via = False
     for i in range(1, len(lines)):
         line = lines[i]
         entry = cached(line) if cached is not None else None
@@ -708,52 +747,79 @@ def _parse_headers(
                 if not line.strip(" \t"):
                     continue
                 raise SipParseError(f"header line without a colon: {line[:40]!r}")
-            entry = _parse_header_line(name, value)
+            found = lookup(name)
+            if found is None:
+                found = _lookup_name(name.rstrip(" \t"))
+            key, wire_name, kind = found
+            value = value.strip(" \t")
+            if kind == RAW:
+                entry = (key, wire_name, RAW, (value,))
+            elif kind == CONTENT_LENGTH:
+                length = (
+                    int(value)
+                    if value.isdigit() and len(value) < 6 and value.isascii()
+                    else _parse_int(value, key, MAX_MESSAGE_SIZE)
+                )
+                if length > MAX_MESSAGE_SIZE:
+                    raise SipParseError(f"Content-Length {length} out of range")
+                entry = (key, wire_name, kind, (length,))
+            elif kind == MAX_FORWARDS:
+                hops = (
+                    int(value)
+                    if value.isdigit() and len(value) < 4 and value.isascii()
+                    else _parse_int(value, key, 255)
+                )
+                if hops > 255:
+                    raise SipParseError(f"Max-Forwards {hops} out of range")
+                entry = (key, wire_name, kind, (hops,))
+            else:
+                entry = (key, wire_name, kind, _typed_values(kind, wire_name, value))
             if cache is not None:
                 cache.store(line, entry)
-        key, wire_name, values = entry
-        if key in SINGLE_VALUED:
+        key, wire_name, kind, values = entry
+        if kind == RAW:
+            append(Header(key, wire_name, values[0]))
+            continue
+        if kind < LIST:  # single-valued (RFC 4475 section 3.3.8)
             if key in seen:
                 raise SipParseError(f"more than one {wire_name} header")
             seen.add(key)
-            if key == "content-length":
+            if kind == CONTENT_LENGTH:
                 content_length = values[0]
                 continue
-        for value in values:
-            append(Header(key, wire_name, value))
+        elif key == "via":
+            has_via = True
+        for typed in values:
+            append(Header(key, wire_name, typed))
+    if not has_via or not seen >= _REQUIRED:
+        _check_required(msg)  # raises, naming what is missing
     return content_length
 
 
-def _parse_header_line(name: str, value: str) -> tuple[str, str, tuple[HeaderValue, ...]]:
-    """(key, wire name, typed values) of one unfolded header line."""
-    found = _NAME_LOOKUP.get(name) or _lookup_name(name.rstrip(" \t"))
-    key, wire_name = found
-    value = value.strip(" \t")
-    if key in SINGLE_VALUED:
-        if key in {"from", "to"}:
-            return key, wire_name, (_address_parse(value, wire_name),)
-        if key == "call-id":
-            if _call_id_match(value) is None:
-                raise SipParseError(f"malformed Call-ID {value[:60]!r}")
-            return key, wire_name, (value,)
-        if key == "cseq":
-            return key, wire_name, (_cseq_parse(value),)
-        if key == "max-forwards":
-            return key, wire_name, (_parse_int(value, key, 255),)
-        return key, wire_name, (_parse_int(value, key, MAX_MESSAGE_SIZE),)  # content-length
-    parser = _SPLIT_PARSERS.get(key)
-    if parser is not None:
-        if "," not in value:
-            return key, wire_name, (parser(value),)
-        items = split_commas(value)
-        for item in items:
-            if not item.strip(" \t"):
-                raise SipParseError(f"empty value in {wire_name}")
-        return key, wire_name, tuple(parser(item) for item in items)
-    if key == "date":
+def _typed_values(kind: int, wire_name: str, value: str) -> tuple[HeaderValue, ...]:
+    """The typed value(s) of one header line (uncached path)."""
+    if kind == ADDRESS:
+        return (_address_parse(value, wire_name),)
+    if kind == CALL_ID:
+        if _call_id_match(value) is None:
+            raise SipParseError(f"malformed Call-ID {value[:60]!r}")
+        return (value,)
+    if kind == CSEQ:
+        return (_cseq_parse(value),)
+    if kind == DATE:
         _check_date(value)
-    return key, wire_name, (value,)
+        return (value,)
+    parser = _SPLIT_PARSERS[wire_name.lower()]
+    if "," not in value:
+        return (parser(value),)
+    items = split_commas(value)
+    for item in items:
+        if not item.strip(" \t"):
+            raise SipParseError(f"empty value in {wire_name}")
+    return tuple(parser(item) for item in items)
 
+
+_REQUIRED = frozenset({"from", "to", "call-id", "cseq"})
 
 # SIP-date = rfc1123-date (RFC 3261 section 20.17): "Sat, 13 Nov 2010 23:29:00 GMT", GMT only.
 _DATE_RE = re.compile(

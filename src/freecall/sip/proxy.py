@@ -82,9 +82,11 @@ class Binding(Protocol):
     @property
     def contact(self) -> Address: ...
     @property
-    def flow(self) -> Flow: ...
-    @property
     def q(self) -> float: ...
+    @property
+    def next_hop(self) -> Flow | None: ...
+    @property
+    def target_uri(self) -> Uri: ...
 
 
 class Location(Protocol):
@@ -508,7 +510,11 @@ class Proxy:
             self._final_from_proxy(context, 480, now)
             return
         for binding in sorted(bindings, key=lambda b: -b.q):
-            self._add_branch(context, Target(binding.contact.uri, (binding.flow,)), now)
+            hop = binding.next_hop
+            if hop is not None:  # mailto: and tel: contacts are listed, never called
+                self._add_branch(context, Target(binding.target_uri, (hop,)), now)
+        if not context.branches:
+            self._final_from_proxy(context, 480, now)
 
     def _canonical_domain(self) -> str:
         return min(self.settings.domains) if self.settings.domains else "localhost"
@@ -703,7 +709,7 @@ class Proxy:
         own = self._pop_own_route(ack)
         if own is None or not self._route_token_ok(own, ack):
             return  # not a dialog we carry: drop silently (ACKs are never answered)
-        next_flow = self._next_hop_flow(ack)
+        next_flow = self._next_hop_flow(ack, now)
         if next_flow is None:
             return
         mf = ack.max_forwards
@@ -728,7 +734,7 @@ class Proxy:
             status = 403 if side is Side.PUBLIC or not self._addressed_to_us(request) else 481
             self._refuse(txn, request, status, "in-dialog request outside our dialogs", now)
             return
-        next_flow = self._next_hop_flow(request)
+        next_flow = self._next_hop_flow(request, now)
         if next_flow is None:
             self._refuse(txn, request, 404, "no next hop for in-dialog request", now)
             return
@@ -738,7 +744,7 @@ class Proxy:
         self._track_in_dialog(request, now)
         self._add_branch(context, Target(request.uri, (next_flow,), "dialog"), now)
 
-    def _next_hop_flow(self, request: Request) -> Flow | None:
+    def _next_hop_flow(self, request: Request, now: float) -> Flow | None:
         """16.6 step 7 for in-dialog requests: the top Route if any, else the Request-URI.
 
         A URI naming a local user resolves through the location service; an IP literal is
@@ -750,8 +756,10 @@ class Proxy:
             return None
         user = self._local_user(uri)
         if user is not None:
-            bindings = self.location.lookup(f"{user}@{self._canonical_domain()}", 0.0)
-            return bindings[0].flow if bindings else None
+            for binding in self.location.lookup(f"{user}@{self._canonical_domain()}", now):
+                if binding.next_hop is not None:
+                    return binding.next_hop
+            return None
         return flow_for_uri(uri)
 
     # -- requests to the proxy itself -----------------------------------------------------
@@ -909,7 +917,8 @@ class Proxy:
         v6 = ":" in remote
         loopback_peer = _in_networks(remote, LOOPBACK)
         candidates = [
-            lst for lst in self.settings.listeners
+            lst
+            for lst in self.settings.listeners
             if lst.transport == wanted and (":" in lst.host) == v6
         ]
         for listener in candidates:
