@@ -1,0 +1,149 @@
+"""The freecall daemon under test: a config on free loopback ports, ``freecall run``, readiness.
+
+Written before the daemon exists, against docs/CONTRACT.md: ``freecall run -c FILE --state-dir
+DIR``, the control API on ``control.listen`` with the bearer token in ``<state_dir>/control.token``.
+The generated configuration is validated with ``freecall.config`` before the daemon starts, so a
+harness mistake shows up as a config error, not as a daemon that never answers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .addr import SipAddr
+from .ports import BlockSource
+from .proc import ManagedProcess, wait_port
+
+
+def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``extra`` over ``base``, recursing into mappings (lists and scalars are replaced)."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+class FreecallDaemon:
+    """One freecall node on 127.0.0.1 with its own ports and state directory.
+
+    ``sip_addr`` is where softphones register (udp and tcp on the same port); ``public_addr`` the
+    node side (udp, tcp; tls on port + 1); ``users`` maps user names to passwords.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        directory: Path,
+        ports: BlockSource,
+        users: Mapping[str, str] | None = None,
+        domains: Sequence[str] = (),
+        config: Mapping[str, Any] | None = None,
+        command: Sequence[str] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.directory = directory
+        self.users = dict(users or {})
+        self.domains = list(domains)
+        block = ports.block()
+        self.sip_port = block.take(1)
+        self.public_port = block.take(2)  # udp+tcp, tls on +1
+        self.control_port = block.take(1)
+        self.peering_port = block.take(1)
+        self.media_ports = block.take_range(20, align=2)
+        self.state_dir = directory / "state"
+        self.config_path = directory / "freecall.yaml"
+        self.log_path = directory / "freecall.log"
+        self.extra_config = dict(config or {})
+        self.command = list(command) if command is not None else [
+            sys.executable, "-m", "freecall", "run"]
+        self.env = env
+        self.process: ManagedProcess | None = None
+
+    @property
+    def sip_addr(self) -> SipAddr:
+        return SipAddr("127.0.0.1", self.sip_port, "udp")
+
+    @property
+    def public_addr(self) -> SipAddr:
+        return SipAddr("127.0.0.1", self.public_port, "udp")
+
+    @property
+    def control_url(self) -> str:
+        return f"http://127.0.0.1:{self.control_port}"
+
+    def config_dict(self) -> dict[str, Any]:
+        base: dict[str, Any] = {
+            "node": {"name": self.name, "state_dir": str(self.state_dir)},
+            "sip": {
+                "listen": [f"udp:127.0.0.1:{self.sip_port}", f"tcp:127.0.0.1:{self.sip_port}"],
+                "public": [f"udp:127.0.0.1:{self.public_port}",
+                           f"tcp:127.0.0.1:{self.public_port}",
+                           f"tls:127.0.0.1:{self.public_port + 1}"],
+                "advertise": "127.0.0.1",
+                "domains": self.domains,
+            },
+            "users": {user: {"password": pw} for user, pw in self.users.items()},
+            "peering": {"listen": f"udp:127.0.0.1:{self.peering_port}", "mdns": False},
+            "media": {"address": "127.0.0.1",
+                      "ports": f"{self.media_ports[0]}-{self.media_ports[1]}"},
+            "control": {"listen": f"127.0.0.1:{self.control_port}"},
+            "log": {"level": "debug"},
+        }
+        return deep_merge(base, self.extra_config)
+
+    def write_config(self) -> Path:
+        from freecall.config import parse_config
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(self.config_dict(), sort_keys=False)
+        parse_config(text, source=str(self.config_path))  # raises ConfigError naming the key
+        self.config_path.write_text(text)
+        return self.config_path
+
+    def start(self, timeout: float = 15.0) -> FreecallDaemon:
+        """Start the daemon; ready when its softphone port and control port are bound."""
+        self.write_config()
+        self.process = ManagedProcess(
+            f"freecall-{self.name}",
+            [*self.command, "-c", str(self.config_path), "--state-dir", str(self.state_dir)],
+            log_path=self.log_path, cwd=self.directory, env=self.env,
+        ).start()
+        wait_port(self.sip_port, "udp", timeout, self.process)
+        wait_port(self.control_port, "tcp", timeout, self.process)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        return self.process.stop(timeout) if self.process else None
+
+    def token(self) -> str:
+        return (self.state_dir / "control.token").read_text().strip()
+
+    def api(self, method: str, path: str, body: Any = None, timeout: float = 5.0) -> Any:
+        """Call the control API (JSON in and out) with the bearer token."""
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(
+            self.control_url + path, data=data, method=method,
+            headers={"Authorization": f"Bearer {self.token()}",
+                     "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            payload = resp.read()
+        return json.loads(payload) if payload else None
+
+    def log_text(self) -> str:
+        return self.process.log_text() if self.process else ""
+
+    def __repr__(self) -> str:
+        return f"<FreecallDaemon {self.name} sip={self.sip_addr} public={self.public_addr}>"
