@@ -19,8 +19,9 @@ A test reads like::
 
 Every process a test starts is stopped at teardown in reverse start order (phones before the
 daemon), pass or fail; its ports are released; a missing program fails the test (scripts/test
-installs them all). When a test fails, its whole run directory (configs, logs, ctrl events, WAVs, SIPp CSVs) is copied to
-``artifacts/<test id>/`` at the repository root (``FREECALL_ARTIFACTS`` overrides the place).
+installs them all). When a test fails, its whole run directory (configs, logs, ctrl events,
+WAVs, SIPp CSVs) is copied to ``artifacts/<test id>/`` at the repository root
+(``FREECALL_ARTIFACTS`` overrides the place).
 """
 
 from __future__ import annotations
