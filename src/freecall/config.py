@@ -353,6 +353,13 @@ def _cidr(text: str) -> IPNetwork:
         raise ValueError(f"bad CIDR {text!r}{hint}") from None
 
 
+def _digest_algorithm(text: str) -> str:
+    for name in ("MD5", "SHA-256", "SHA-512-256"):
+        if text.upper() == name:
+            return name
+    raise ValueError(f"unknown digest algorithm {text!r} (expected MD5, SHA-256 or SHA-512-256)")
+
+
 def _listener(transports: Sequence[str]) -> Callable[[str], Listener]:
     def parse(text: str) -> Listener:
         return Listener.parse(text, transports=transports)
@@ -611,6 +618,18 @@ class SipConfig:
         "Source networks (CIDR) allowed to REGISTER; others get `403` before any "
         "authentication. Loopback only by default: softphones run on this machine. Widen it "
         "(e.g. `192.168.1.0/24`) together with `listen` for phones on the LAN.",
+        parse=_cidr, doc_type="list of CIDRs")
+    digest_algorithms: tuple[str, ...] = setting(
+        ("MD5",), "Digest algorithms offered in challenges, in order (RFC 8760). MD5 only by "
+        "default: baresip 1.0 (libre) refuses a challenge set that contains an algorithm it "
+        "does not know, and sipsak and SIPp answer only the first. Add `SHA-256` (first or "
+        "second) when every phone supports it.",
+        parse=_digest_algorithm, doc_type="list of MD5, SHA-256, SHA-512-256")
+    trusted: tuple[IPNetwork, ...] = setting(
+        (), "Source networks (CIDR) whose requests on the softphone side are proxied without "
+        "digest authentication, like a trusted PBX or gateway. Empty by default: every "
+        "softphone request is authenticated. Registrations from trusted sources still bind "
+        "only users that exist.",
         parse=_cidr, doc_type="list of CIDRs")
     auto_user: bool = setting(
         True, "When `users` is empty, create one user named after the login (`$USER`) with a "

@@ -100,7 +100,7 @@ class FreecallDaemon:
             "media": {"address": "127.0.0.1",
                       "ports": f"{self.media_ports[0]}-{self.media_ports[1]}"},
             "control": {"listen": f"127.0.0.1:{self.control_port}"},
-            "log": {"level": "debug"},
+            "log": {"level": "debug", "sip_trace": True},
         }
         return deep_merge(base, self.extra_config)
 
@@ -113,8 +113,9 @@ class FreecallDaemon:
         self.config_path.write_text(text)
         return self.config_path
 
-    def start(self, timeout: float = 15.0) -> FreecallDaemon:
-        """Start the daemon; ready when its softphone port and control port are bound."""
+    def start(self, timeout: float = 15.0, *, wait_control: bool = False) -> FreecallDaemon:
+        """Start the daemon; ready when its softphone port (and, when asked, the control port)
+        is bound."""
         self.write_config()
         self.process = ManagedProcess(
             f"freecall-{self.name}",
@@ -122,7 +123,9 @@ class FreecallDaemon:
             log_path=self.log_path, cwd=self.directory, env=self.env,
         ).start()
         wait_port(self.sip_port, "udp", timeout, self.process)
-        wait_port(self.control_port, "tcp", timeout, self.process)
+        wait_port(self.sip_port, "tcp", timeout, self.process)
+        if wait_control:
+            wait_port(self.control_port, "tcp", timeout, self.process)
         return self
 
     def stop(self, timeout: float = 10.0) -> int | None:

@@ -158,6 +158,7 @@ class ProxySettings:
     server_name: str = "freecall"
     wall_offset: float = 0.0  # wall clock = now + offset, for digest nonces across restarts
     local_hosts: frozenset[str] = frozenset()  # extra names/addresses that mean "this node"
+    canonical_domain: str = ""  # the domain of every local AOR (default: the first domain)
 
 
 # -- events for the daemon ----------------------------------------------------------------------
@@ -306,9 +307,12 @@ class Proxy:
         self._local_names = {d.lower() for d in settings.domains} | {
             name.lower() for name in settings.local_hosts
         }
+        self._local_addrs: set[tuple[str, int]] = set()
+        self._listener_ports = {lst.port for lst in settings.listeners}
         for listener in settings.listeners:
-            self._local_names.add(listener.host.lower())
-            self._local_names.add(listener.sent_by.lower())
+            host = listener.host.lower().strip("[]")
+            self._local_names.add(host)
+            self._local_addrs.add((host, listener.port))
 
     # -- plumbing -------------------------------------------------------------------------
     def next_event(self) -> ProxyEvent | None:
@@ -433,12 +437,12 @@ class Proxy:
             return
         # 16.4: route information: loose routing removes our own Route
         in_dialog = request.to.tag is not None
-        own_route = self._pop_own_route(request)
-        if own_route is not None and not self._route_token_ok(own_route, request):
-            self._refuse(txn, request, 403, "Record-Route token does not match the dialog", now)
-            return
+        own_routes = self._pop_own_routes(request)
         if in_dialog:
-            self._in_dialog(txn, request, side, own_route is not None, now)
+            if own_routes and not any(self._route_token_ok(r, request) for r in own_routes):
+                self._refuse(txn, request, 403, "Record-Route token does not match the dialog", now)
+                return
+            self._in_dialog(txn, request, side, bool(own_routes), now)
             return
         # 16.3 step 4: loop detection
         loop_hash = self._loop_hash(request)
@@ -450,6 +454,9 @@ class Proxy:
             return
         user = None
         local_target = self._local_user(uri)
+        if to_us and local_target is None and method == "OPTIONS":
+            self._as_uas(txn, request, now)  # a keep-alive or capability probe: reveals nothing
+            return
         if side is Side.SOFTPHONE and not self._trusted(flow):
             # 16.3 step 6 (Proxy-Authorization): every softphone request is authenticated,
             # before anything reveals whether a user exists (no enumeration).
@@ -505,18 +512,20 @@ class Proxy:
         aor = f"{user}@{self._canonical_domain()}"
         bindings = self.location.lookup(aor, now)
         if not bindings:
-            # Known-but-offline and unknown users answer alike (480), so a caller cannot tell
+            # Known-but-offline and unknown users answer alike (404), so a caller cannot tell
             # which users exist (sipvicious svwar sees one answer).
-            self._final_from_proxy(context, 480, now)
+            self._final_from_proxy(context, 404, now)
             return
         for binding in sorted(bindings, key=lambda b: -b.q):
             hop = binding.next_hop
             if hop is not None:  # mailto: and tel: contacts are listed, never called
                 self._add_branch(context, Target(binding.target_uri, (hop,)), now)
         if not context.branches:
-            self._final_from_proxy(context, 480, now)
+            self._final_from_proxy(context, 404, now)
 
     def _canonical_domain(self) -> str:
+        if self.settings.canonical_domain:
+            return self.settings.canonical_domain
         return min(self.settings.domains) if self.settings.domains else "localhost"
 
     def _add_branch(self, context: Context, target: Target, now: float) -> None:
@@ -706,8 +715,8 @@ class Proxy:
     def _on_ack(self, ack: Request, flow: Flow, now: float) -> None:
         """An ACK for a 2xx is forwarded statelessly along the dialog's route (16.11)."""
         stamp = ack.via.branch or ""
-        own = self._pop_own_route(ack)
-        if own is None or not self._route_token_ok(own, ack):
+        own = self._pop_own_routes(ack)
+        if not any(self._route_token_ok(route, ack) for route in own):
             return  # not a dialog we carry: drop silently (ACKs are never answered)
         next_flow = self._next_hop_flow(ack, now)
         if next_flow is None:
@@ -894,8 +903,19 @@ class Proxy:
         return False
 
     def _is_local_host(self, uri: SipUri) -> bool:
-        host = uri.host.lower()
-        return host in self._local_names or uri.host_port.lower() in self._local_names
+        """Does the URI's host part name this node?
+
+        A domain name we serve names us whatever the port.  An IP address names us only with
+        the port of one of our listeners (the default port when none is written): softphones
+        on this machine have contacts like ``sip:bob@127.0.0.1:5083``, which are not us.
+        """
+        host = uri.bare_host
+        if not _is_ip(host):
+            return host in self._local_names
+        port = uri.port or (5061 if uri.secure or uri.transport == "tls" else 5060)
+        return port in self._listener_ports and (
+            host in self._local_names or (host, port) in self._local_addrs
+        )
 
     def _local_user(self, uri: Uri) -> str | None:
         """The local user a Request-URI names, if it is one of ours (user@our-domain)."""
@@ -976,20 +996,26 @@ class Proxy:
                 return True
         return False
 
-    def _pop_own_route(self, request: Request) -> Address | None:
-        """16.4: a top Route naming this proxy is removed; returned for the token check."""
-        routes = request.routes
-        if not routes:
-            return None
-        top = routes[0].sip_uri
-        if top is None or not self._is_local_host(top):
-            return None
-        if top.port is not None and not any(
-            lst.port == top.port for lst in self.settings.listeners
-        ):
-            return None
-        request.pop_first("route")
-        return routes[0]
+    def _pop_own_routes(self, request: Request) -> list[Address]:
+        """16.4: Route values naming this proxy at the top are removed and returned.
+
+        There can be two: a softphone's pre-loaded outbound-proxy route (RFC 3261 section
+        8.1.2, no token) in front of our Record-Route (with its token).
+        """
+        popped: list[Address] = []
+        while True:
+            routes = request.routes
+            if not routes:
+                return popped
+            top = routes[0].sip_uri
+            if top is None or not self._is_local_host(top):
+                return popped
+            if top.port is not None and not any(
+                lst.port == top.port for lst in self.settings.listeners
+            ):
+                return popped
+            request.pop_first("route")
+            popped.append(routes[0])
 
     def _loop_hash(self, request: Request) -> str:
         """16.6 step 8: what the branch must encode for loop detection (section 16.3 step 4)."""
@@ -1153,6 +1179,14 @@ def _in_networks(host: str, networks: Sequence[Network]) -> bool:
     except ValueError:
         return False
     return any(address in net for net in networks)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _aor(uri: Uri) -> str:

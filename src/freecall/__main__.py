@@ -1,0 +1,106 @@
+"""The ``freecall`` command line (docs/CONTRACT.md): run the daemon, check a configuration."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .config import ConfigError, ensure_auto_user, load_config, softphone_instructions
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="freecall",
+        description="Secure calls with no central provider: a local SIP registrar and proxy "
+        "for your softphone, with end-to-end encrypted media between nodes.",
+    )
+    parser.add_argument("--version", action="version", version=f"freecall {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = commands.add_parser("run", help="run the daemon in the foreground")
+    run.add_argument("-c", "--config", metavar="FILE", help="configuration file (YAML)")
+    run.add_argument("--state-dir", metavar="DIR", help="state directory (overrides the config)")
+    run.add_argument("--role", choices=["endpoint", "relay"], help="overrides node.role")
+    run.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="overrides log.level",
+    )
+    config = commands.add_parser("config", help="check or show a configuration")
+    config_commands = config.add_subparsers(dest="config_command", metavar="ACTION")
+    check = config_commands.add_parser("check", help="validate FILE; errors name key and line")
+    check.add_argument("file", metavar="FILE")
+    show = config_commands.add_parser("show", help="print FILE with every default filled in")
+    show.add_argument("file", metavar="FILE", nargs="?")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return run(args)
+    if args.command == "config":
+        from .config import main as config_main  # noqa: PLC0415
+
+        if args.config_command == "check":
+            return config_main(["check", args.file])
+        if args.config_command == "show":
+            return config_main(["show", *([args.file] if args.file else [])])
+    parser.print_help()
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(
+            args.config,
+            overrides={
+                "node.state_dir": args.state_dir,
+                "node.role": args.role,
+                "log.level": args.log_level,
+            },
+        )
+        config, auto_user = ensure_auto_user(config)
+    except ConfigError as error:
+        print(f"freecall: configuration error\n{error}", file=sys.stderr)
+        return 1
+    logging.basicConfig(level=config.log.level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    trace = logging.getLogger("freecall.sip.trace")
+    trace.setLevel(logging.DEBUG if config.log.sip_trace else logging.WARNING)
+    if config.node.role == "relay":
+        print("freecall: the relay role is not available yet", file=sys.stderr)
+        return 1
+    from .daemon import Daemon  # noqa: PLC0415 -- keeps `freecall --version` fast
+    from .transport import install_event_loop_policy  # noqa: PLC0415
+
+    loop_name = install_event_loop_policy()
+    daemon = Daemon(config, auto_user=auto_user)
+
+    async def serve() -> int:
+        try:
+            await daemon.start()
+        except OSError as error:
+            logging.getLogger("freecall").error("cannot start: %s", error)
+            return 1
+        logging.getLogger("freecall").info("event loop: %s", loop_name)
+        user = auto_user.name if auto_user else next(iter(config.users), "")
+        if user:
+            password = auto_user.password if auto_user else ""
+            print(softphone_instructions(config, user, password=password), file=sys.stderr)
+        await daemon.run()
+        return 0
+
+    try:
+        return asyncio.run(serve())
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

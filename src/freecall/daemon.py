@@ -1,0 +1,371 @@
+"""The composition root: one asyncio daemon wiring the transport edge to the pure cores.
+
+Data path: the transport frames bytes into messages and calls :meth:`Daemon._on_message`, which
+parses (with the daemon's :class:`HeaderCache`), feeds the transaction layer, and then pumps
+every core once (:meth:`Daemon._pump`): transaction events go to the proxy, proxy events to the
+registrar and the logs, and what the transaction layer wants sent goes back to the transport.
+One timer, re-armed after every pump from the earliest ``get_timer()`` of the cores, drives
+every retransmission and timeout.  Nothing here blocks the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .config import AutoUser, Config
+from .sip.auth import DigestServer
+from .sip.errors import SipParseError
+from .sip.flow import Flow
+from .sip.message import HeaderCache, Request, make_error_response, parse_message
+from .sip.proxy import (
+    CallAnswered,
+    CallEnded,
+    CallStarted,
+    Listener,
+    Proxy,
+    ProxyEvent,
+    ProxySettings,
+    Refused,
+    Registered,
+    Side,
+)
+from .sip.registrar import Registrar
+from .sip.transaction import TimerValues, TransactionLayer
+from .storage import atomic_write
+from .tls import client_context, make_self_signed, server_context
+from .transport import SipTransport, Timer, TransportOptions, framing_error_response
+
+log = logging.getLogger("freecall")
+
+SECRET_FILE = "secret.key"  # noqa: S105 -- a file name, not a secret
+WILDCARDS = ("0.0.0.0", "::")  # noqa: S104 -- compared against, never bound here
+
+
+def load_secret(state_dir: Path) -> bytes:
+    """The node's local secret (digest nonces, Record-Route tokens), kept across restarts."""
+    path = state_dir / SECRET_FILE
+    try:
+        secret = path.read_bytes()
+        if len(secret) >= 32:
+            return secret
+    except FileNotFoundError:
+        pass
+    secret = os.urandom(32)
+    atomic_write(path, secret)
+    return secret
+
+
+@dataclass
+class Stats:
+    started: float = 0.0
+    parse_errors: int = 0
+    messages_in: int = 0
+    calls_total: int = 0
+
+
+class Daemon:
+    """One freecall node (see the module docstring)."""
+
+    def __init__(self, config: Config, *, auto_user: AutoUser | None = None) -> None:
+        self.config = config
+        self.auto_user = auto_user
+        self.stats = Stats()
+        self.cache = HeaderCache()
+        self.passwords = {name: user.password for name, user in config.users.items()}
+        self.state_dir = config.state_dir
+        self.transport: SipTransport | None = None
+        self.layer: TransactionLayer | None = None
+        self.proxy: Proxy | None = None
+        self.registrar: Registrar | None = None
+        self._timer: Timer | None = None
+        self._stopping = asyncio.Event()
+        self._sides: dict[tuple[str, int], Side] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- life cycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        config = self.config
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        secret = load_secret(self.state_dir)
+        specs = [(lst, Side.SOFTPHONE) for lst in config.sip.listen] + [
+            (lst, Side.PUBLIC) for lst in config.sip.public
+        ]
+        server_ssl = client_ssl = None
+        tls = config.sip.tls
+        if any(lst.transport == "tls" for lst, _ in specs):
+            make_self_signed(tls.certificate, tls.private_key, config.node.name)
+            server_ssl = server_context(
+                tls.certificate,
+                tls.private_key,
+                ca_file=tls.ca_file or None,
+                verify_peer=tls.verify_peer,
+            )
+        client_ssl = client_context(
+            tls.certificate if Path(tls.certificate).exists() else None,
+            tls.private_key if Path(tls.private_key).exists() else None,
+            ca_file=tls.ca_file or None,
+            verify_peer=tls.verify_peer,
+        )
+        transport = SipTransport(
+            [lst for lst, _ in specs],
+            self._on_message,
+            on_transport_error=self._on_transport_error,
+            on_framing_error=self._on_framing_error,
+            on_flow_closed=self._on_flow_closed,
+            server_ssl=server_ssl,
+            client_ssl=client_ssl,
+            options=TransportOptions(max_message_size=config.sip.max_message_size),
+        )
+        bound = await transport.start()
+        self.transport = transport
+        listeners: list[Listener] = []
+        for (spec, side), lst in zip(specs, bound, strict=True):
+            self._sides[(lst.transport, lst.port)] = side
+            host = lst.host
+            if host in WILDCARDS:
+                host = config.sip.advertise or ("127.0.0.1" if host == "0.0.0.0" else "::1")  # noqa: S104
+            listeners.append(Listener(lst.transport, host, lst.port, side))
+            del spec
+        wall_offset = time.time() - loop.time()
+        domains = self._domains(listeners)
+        canonical = config.sip.domains[0] if config.sip.domains else config.node.name
+        timers = config.sip.timers
+        self.layer = TransactionLayer(
+            TimerValues(timers.t1, timers.t2, timers.t4),
+            server_header=config.sip.user_agent or None,
+        )
+        reg = config.sip.registration
+        self.registrar = Registrar(
+            domains,
+            canonical_domain=canonical,
+            min_expires=reg.min_expires,
+            max_expires=reg.max_expires,
+            default_expires=reg.default_expires,
+            max_bindings_per_aor=reg.max_contacts,
+            wall_offset=wall_offset,
+        )
+        self.proxy = Proxy(
+            self.layer,
+            ProxySettings(
+                domains=frozenset(domains),
+                listeners=tuple(listeners),
+                secret=secret,
+                realm=config.sip.realm,
+                timer_c=timers.timer_c,
+                trusted=tuple(config.sip.trusted),
+                allow_register_from=tuple(config.sip.allow_register_from),
+                server_name=config.sip.user_agent or "freecall",
+                wall_offset=wall_offset,
+                canonical_domain=canonical,
+            ),
+            self.registrar,
+            digest=DigestServer(
+                config.sip.realm, secret, algorithms=tuple(config.sip.digest_algorithms)
+            ),
+            password_of=self.passwords.get,
+            side_of=self._side_of,
+        )
+        self._timer = Timer(loop, self._on_timer)
+        self.stats.started = loop.time()
+        log.info(
+            "freecall %s node %s listening on %s; domains: %s",
+            __version__,
+            config.node.name,
+            ", ".join(str(lst) for lst in bound),
+            ", ".join(sorted(domains)),
+        )
+
+    def _domains(self, listeners: list[Listener]) -> set[str]:
+        """What this node answers for: configured domains, else its own names and addresses."""
+        config = self.config
+        names = {d.lower() for d in config.sip.domains}
+        names.add(config.node.name.lower())
+        names.add("localhost")
+        for lst in listeners:
+            names.add(lst.host.lower())
+            names.add(f"[{lst.host}]" if ":" in lst.host else lst.host)
+        if config.sip.advertise:
+            names.add(config.sip.advertise.lower())
+        return names
+
+    async def run(self) -> None:
+        """Serve until SIGINT/SIGTERM, then shut down cleanly."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._stopping.set)
+        await self._stopping.wait()
+        await self.stop()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def stop(self) -> None:
+        """End every call with BYE, give the BYEs a moment, then close the sockets."""
+        proxy, layer = self.proxy, self.layer
+        if proxy is not None and layer is not None and self._loop is not None:
+            ended = proxy.hang_up_all(self._loop.time())
+            self._pump()
+            if ended:
+                log.info("shutting down: ended %d call(s) with BYE", ended)
+                await self._drain(layer, 2.0)
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.transport is not None:
+            await self.transport.close()
+        log.info("freecall stopped")
+
+    async def _drain(self, layer: TransactionLayer, limit: float) -> None:
+        """Wait (bounded) for our client transactions (the BYEs) to complete."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        while layer.client and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+
+    # -- inputs from the transport --------------------------------------------------------
+    def _side_of(self, flow: Flow) -> Side:
+        if flow.local is not None:
+            side = self._sides.get((flow.transport, flow.local[1]))
+            if side is not None:
+                return side
+        return Side.SOFTPHONE if _loopback(flow.remote[0]) else Side.PUBLIC
+
+    def _on_message(self, data: bytes, flow: Flow, now: float) -> None:
+        layer = self.layer
+        if layer is None:
+            return
+        self.stats.messages_in += 1
+        try:
+            msg = parse_message(data, datagram=not flow.reliable, cache=self.cache)
+        except SipParseError as error:
+            self.stats.parse_errors += 1
+            transport = self.transport
+            if transport is not None:
+                transport.note_parse_error(flow, error)  # counts it, one rate-limited log line
+                answer = make_error_response(error, self.config.sip.user_agent or None)
+                if answer is not None:
+                    transport.send(answer, flow)
+                if error.fatal:
+                    transport.close_flow(flow)
+            return
+        try:
+            layer.receive(msg, flow, now)
+        except (LookupError, ValueError) as error:
+            # A message that parsed but that a core could not use: never let it escape.
+            log.warning("dropped %s from %s: %s", _describe(msg), flow, error)
+        self._pump()
+
+    def _on_transport_error(self, flow: Flow) -> None:
+        if self.layer is not None:
+            log.info("cannot send to %s", flow)
+            self.layer.transport_failed(flow)
+            self._pump()
+
+    def _on_framing_error(self, flow: Flow, error: SipParseError, head: bytes) -> None:
+        """A stream could not be framed (bad Content-Length, header too long): answer what we
+        can before the transport closes it (RFC 4475 sections 3.1.2.3 and 3.3.9)."""
+        answer = framing_error_response(error, head, self.config.sip.user_agent or None)
+        if answer is not None and self.transport is not None:
+            self.transport.send(answer, flow)
+
+    def _on_flow_closed(self, flow: Flow) -> None:
+        if self.registrar is not None:
+            self.registrar.remove_flow(flow)
+            self._pump()
+
+    def _on_timer(self, now: float) -> None:
+        if self.layer is None or self.proxy is None or self.registrar is None:
+            return
+        self.layer.handle_timer(now)
+        self.proxy.handle_timer(now)
+        self.registrar.handle_timer(now)
+        self._pump()
+
+    # -- the pump -------------------------------------------------------------------------
+    def _pump(self) -> None:
+        layer, proxy, registrar, transport = self.layer, self.proxy, self.registrar, self.transport
+        if layer is None or proxy is None or registrar is None or transport is None:
+            return
+        now = transport.loop.time()
+        busy = True
+        while busy:
+            busy = False
+            while (event := layer.next_event()) is not None:
+                busy = True
+                proxy.handle_event(event, now)
+            while (pevent := proxy.next_event()) is not None:
+                busy = True
+                self._on_proxy_event(pevent, now)
+            while (revent := registrar.next_event()) is not None:
+                busy = True
+                log.info("%s", revent)
+        for data, flow in layer.messages_to_send():
+            transport.send(data, flow)  # the transport traces it (freecall.sip.trace, DEBUG)
+        if self._timer is not None:
+            deadlines = [
+                d
+                for d in (layer.get_timer(), proxy.get_timer(), registrar.get_timer())
+                if d is not None
+            ]
+            self._timer.arm(min(deadlines) if deadlines else None)
+
+    def _on_proxy_event(self, event: ProxyEvent, now: float) -> None:
+        if isinstance(event, Registered):
+            assert self.registrar is not None
+            response = self.registrar.register(
+                event.request, event.user, event.transaction.request_flow, now
+            )
+            event.transaction.respond(response, now)
+            flow = event.transaction.request_flow
+            if flow.reliable and flow.conn is not None and self.transport is not None:
+                self.transport.keep_alive(flow.conn)
+        elif isinstance(event, CallStarted):
+            self.stats.calls_total += 1
+            call = event.call
+            log.debug("call %s: %s -> %s (%s)", call.id, call.caller, call.callee, call.direction)
+        elif isinstance(event, CallAnswered):
+            call = event.call
+            log.info("call %s: %s -> %s answered", call.id, call.caller, call.callee)
+        elif isinstance(event, CallEnded):
+            call = event.call
+            log.info(
+                "call %s: %s -> %s %s, %s, duration %.0f s",
+                call.id,
+                call.caller,
+                call.callee,
+                call.direction,
+                call.outcome,
+                call.duration,
+            )
+        elif isinstance(event, Refused):
+            log.info(
+                "refused %s from %s: %d (%s)",
+                _describe(event.request),
+                event.flow,
+                event.status,
+                event.why,
+            )
+
+
+def _describe(msg: object) -> str:
+    if isinstance(msg, Request):
+        return f"{msg.method} {msg.uri}"
+    return type(msg).__name__
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
