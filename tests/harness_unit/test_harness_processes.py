@@ -107,6 +107,7 @@ args = sys.argv[1:]
 cfg = yaml.safe_load(open(args[args.index("-c") + 1]))
 host, port = cfg["sip"]["listen"][0].split(":")[1:]
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind((host, int(port)))
+t = socket.socket(); t.bind((host, int(port))); t.listen()
 c = socket.socket(); c.bind(tuple(cfg["control"]["listen"].split(":")[:1]) +
                             (int(cfg["control"]["listen"].split(":")[1]),)); c.listen()
 print("fake daemon up", args, flush=True)
