@@ -360,11 +360,11 @@ def test_not_an_open_relay() -> None:
     # from another node to a foreign domain: refused
     out = node.feed(invite("sip:carol@elsewhere.test", via_host="198.51.100.7:5062"), REMOTE)
     assert responses(out)[-1] == 403
-    # from another node to a local user: allowed without digest (480: bob is offline)
+    # from another node to a local user: allowed without digest (404: bob is offline)
     out = node.feed(
         invite("sip:bob@a.test", branch="z9hG4bKr2", via_host="198.51.100.7:5062"), REMOTE
     )
-    assert responses(out) == [100, 480]
+    assert responses(out) == [100, 404]
     # an authenticated local user may call out: the resolver is asked (and answers 404 here)
     _, out = authenticated_invite(node, to="sip:carol@elsewhere.test", branch="z9hG4bKout")
     assert responses(out) == [100, 404]
@@ -375,7 +375,7 @@ def test_unknown_and_offline_users_get_the_same_answer() -> None:
     node = Node()
     _, out1 = authenticated_invite(node, to="sip:nobody@a.test", branch="z9hG4bKe1")
     _, out2 = authenticated_invite(node, to="sip:bob@a.test", branch="z9hG4bKe2")
-    assert responses(out1) == responses(out2) == [100, 480]
+    assert responses(out1) == responses(out2) == [100, 404]
 
 
 def test_asynchronous_resolution_forwards_later() -> None:
@@ -489,3 +489,49 @@ def test_503_becomes_500_and_challenges_are_aggregated() -> None:
     best = up[-1][0]
     assert isinstance(best, Response) and best.status == 401
     assert best.get("Proxy-Authenticate") and best.get("WWW-Authenticate")
+
+
+def test_in_dialog_requests_of_a_ua_ignoring_record_route() -> None:
+    """SIPp's built-in uac sends ACK and BYE to the callee's AOR with no Route: they are
+    routed to the callee's registered device like initial requests to a local user."""
+    node = Node(trusted=True)
+    node.location.bindings["bob@a.test"] = [
+        Binding(Address.parse("<sip:bob@127.0.0.1:5083>"), BOB1)
+    ]
+    out = node.feed(invite(branch="z9hG4bKsipp"), ALICE)
+    ((fwd, _),) = requests(out)
+    node.feed(reply(fwd, 200, "d1", contact="sip:bob@127.0.0.1:5083"), BOB1)
+    ack = invite(method="ACK", branch="z9hG4bKsippack", cseq=1)
+    ack.set("To", Address.parse("<sip:bob@a.test>;tag=d1"))
+    ((fwd_ack, flow),) = requests(node.feed(ack, ALICE))
+    assert fwd_ack.method == "ACK" and flow == BOB1
+    assert str(fwd_ack.uri) == "sip:bob@127.0.0.1:5083"
+    bye = invite(method="BYE", branch="z9hG4bKsippbye", cseq=2)
+    bye.set("To", Address.parse("<sip:bob@a.test>;tag=d1"))
+    ((fwd_bye, flow),) = requests(node.feed(bye, ALICE))
+    assert fwd_bye.method == "BYE" and flow == BOB1
+    assert any(isinstance(e, CallEnded) for e in node.events)
+    # a forged token is still refused
+    bye2 = invite(method="BYE", branch="z9hG4bKsippbye2", cseq=3)
+    bye2.set("To", Address.parse("<sip:bob@a.test>;tag=d1"))
+    bye2.append("Route", Address.parse("<sip:127.0.0.1:5060;lr;fc=zzzzzzzzzzzzzzzz>"))
+    assert responses(node.feed(bye2, ALICE)) == [403]
+
+
+def test_a_uas_answering_with_the_cancel_vias_still_ends_the_branch() -> None:
+    """A UAS that builds its 487 from our CANCEL (our Via only) must not hang the call."""
+    node = Node(trusted=True)
+    node.location.bindings["bob@a.test"] = [
+        Binding(Address.parse("<sip:bob@127.0.0.1:5083>"), BOB1)
+    ]
+    request = invite(branch="z9hG4bKsloppy")
+    ((fwd, _),) = requests(node.feed(request, ALICE))
+    node.feed(reply(fwd, 180, "d1"), BOB1)
+    cancel = invite(branch="z9hG4bKsloppy", method="CANCEL")
+    out = node.feed(cancel, ALICE)
+    (our_cancel,) = [r for r, _ in requests(out) if r.method == "CANCEL"]
+    sloppy = reply(our_cancel, 487, "d1")
+    sloppy.set("CSeq", f"{fwd.cseq.number} INVITE")
+    up = node.feed(sloppy, BOB1)
+    (final,) = [m for m, _ in up if isinstance(m, Response) and m.status == 487]
+    assert final.via.branch == "z9hG4bKsloppy" and final.cseq.method == "INVITE"

@@ -787,3 +787,23 @@ def test_binding_is_immutable() -> None:
     )
     with pytest.raises(AttributeError):
         binding.cseq = 2  # type: ignore[misc]
+
+
+def test_next_hop_follows_the_contact_port_on_the_same_address(registrar: Registrar) -> None:
+    """UDP, same address as the source: the device listens on its Contact's port (SIPp sends
+    its REGISTER from another port); another address means a NAT: the source flow wins."""
+    registrar.register(reg("<sip:bob@127.0.0.1:6000>", user="bob"), "bob", PHONE1, 0.0)
+    (binding,) = registrar.lookup(f"bob@{DOMAIN}", 0.0)
+    assert binding.next_hop == Flow("udp", ("127.0.0.1", 6000), PHONE1.local)
+    natted = Flow("udp", ("203.0.113.7", 40000), ("192.0.2.1", 5060))
+    registrar.register(
+        reg("<sip:carol@192.168.1.20:5060>", user="carol", call_id="c1"), "carol", natted, 0.0
+    )
+    (binding,) = registrar.lookup(f"carol@{DOMAIN}", 0.0)
+    assert binding.next_hop == natted
+    registrar.register(
+        reg("<sip:dave@127.0.0.1:7000;transport=tcp>", user="dave", call_id="d1"), "dave",
+        TCP7, 0.0,
+    )
+    (binding,) = registrar.lookup(f"dave@{DOMAIN}", 0.0)
+    assert binding.next_hop == TCP7  # streams: back over the registering connection

@@ -586,7 +586,9 @@ class Proxy:
         context = branch.context
         response.pop_first("via")  # 16.7 step 3: our own Via
         if not response.vias:
-            return  # it was for us (a CANCEL we sent): absorbed
+            # A UAS that built this response from our CANCEL (one Via) instead of from the
+            # INVITE: still the answer of this branch; upstream gets a copy with the right Vias.
+            response = self._rebuild(context, response, response.status, response.reason)
         status = response.status
         if status < 200:
             if branch.state is BranchState.TRYING:
@@ -643,8 +645,17 @@ class Proxy:
         self._call_failed(context, best.status, now)
 
     def _rebuild(self, context: Context, response: Response, status: int, reason: str) -> Response:
+        """A response to the request of ``context`` standing for a downstream ``response``."""
         rebuilt = make_response(context.request, status, reason, to_tag=response.to.tag)
+        for name in ("Contact", "Record-Route", "WWW-Authenticate", "Proxy-Authenticate"):
+            for value in response.get_all(name):
+                rebuilt.append(name, value)
         rebuilt.append("Server", self.settings.server_name)
+        if response.body:
+            rebuilt.body = response.body
+            content_type = response.get("Content-Type")
+            if content_type is not None:
+                rebuilt.append("Content-Type", content_type)
         return rebuilt
 
     def _aggregate_challenges(self, best: Response, responses: list[Response]) -> None:
@@ -715,12 +726,22 @@ class Proxy:
     def _on_ack(self, ack: Request, flow: Flow, now: float) -> None:
         """An ACK for a 2xx is forwarded statelessly along the dialog's route (16.11)."""
         stamp = ack.via.branch or ""
-        own = self._pop_own_routes(ack)
-        if not any(self._route_token_ok(route, ack) for route in own):
-            return  # not a dialog we carry: drop silently (ACKs are never answered)
-        next_flow = self._next_hop_flow(ack, now)
+        state = self._dialog_route_state(self._pop_own_routes(ack), ack)
+        if state == "ours":
+            next_flow = self._next_hop_flow(ack, now)
+        else:
+            next_flow = None
+            local = self._local_user(ack.uri) if state == "none" else None
+            if local is None and state == "none":
+                next_flow = self._known_party(ack)
+            if local is not None:  # a UA that ignores Record-Route (see _in_dialog)
+                for binding in self.location.lookup(f"{local}@{self._canonical_domain()}", now):
+                    if binding.next_hop is not None:
+                        next_flow = binding.next_hop
+                        ack.uri = binding.target_uri
+                        break
         if next_flow is None:
-            return
+            return  # not a dialog we carry: drop silently (ACKs are never answered)
         mf = ack.max_forwards
         ack.set("Max-Forwards", 70 if mf is None else max(mf - 1, 0))
         next_flow = self._with_local(next_flow)
@@ -738,6 +759,27 @@ class Proxy:
         self, txn: ServerTransaction, request: Request, side: Side, ours: bool, now: float
     ) -> None:
         if not ours:
+            local = self._local_user(request.uri)
+            if local is not None:
+                # A UA that ignores Record-Route (SIPp's built-in uac) sends its in-dialog
+                # requests to the callee's address of record: route them like initial requests
+                # to a local user (allowed: they target a local user).
+                context = Context(next(self._ids), txn, request, side, None)
+                txn.user_data = context
+                self._contexts[context.id] = context
+                self._track_in_dialog(request, now)
+                self._fork_local(context, local, now)
+                return
+            hop = self._known_party(request)
+            if hop is not None:
+                # A call we carry whose UAS did not echo our Record-Route: the other party
+                # sends to the remote target through us; it names a party of that call.
+                context = Context(next(self._ids), txn, request, side, None)
+                txn.user_data = context
+                self._contexts[context.id] = context
+                self._track_in_dialog(request, now)
+                self._add_branch(context, Target(request.uri, (hop,), "dialog"), now)
+                return
             # An in-dialog request for a dialog we did not record-route (or addressed to us
             # as a UA): we hold no dialogs of our own, so there is nothing to match it to.
             status = 403 if side is Side.PUBLIC or not self._addressed_to_us(request) else 481
@@ -752,6 +794,19 @@ class Proxy:
         self._contexts[context.id] = context
         self._track_in_dialog(request, now)
         self._add_branch(context, Target(request.uri, (next_flow,), "dialog"), now)
+
+    def _known_party(self, request: Request) -> Flow | None:
+        """The flow of the party of a call we carry that the Request-URI names, if any."""
+        call = self.calls.get((request.call_id, request.from_.tag or "")) or self.calls.get(
+            (request.call_id, request.to.tag or "")
+        )
+        if call is None:
+            return None
+        if call.callee_contact is not None and request.uri == call.callee_contact:
+            return call.callee_flow
+        if call.caller_contact is not None and request.uri == call.caller_contact:
+            return call.caller_flow
+        return None
 
     def _next_hop_flow(self, request: Request, now: float) -> Flow | None:
         """16.6 step 7 for in-dialog requests: the top Route if any, else the Request-URI.
@@ -857,12 +912,16 @@ class Proxy:
                 continue
             if not credentials.is_digest or (credentials.realm or "") != self.settings.realm:
                 continue
+            # The digest-uri must be the Request-URI for a registrar (RFC 2617 section
+            # 3.2.2.5, a SHOULD); a proxy cannot insist, since upstream proxies may have
+            # rewritten the Request-URI and SIPp puts the proxy's address there. Replays stay
+            # impossible: every nonce-count is used once.
             result = self.digest.verify(
                 credentials,
                 request.method,
                 wall,
                 self.password_of,
-                request_uri=str(request.uri),
+                request_uri=None if proxy else str(request.uri),
                 body=request.body,
             )
             if result.status is AuthStatus.OK and result.user is not None:
@@ -985,6 +1044,16 @@ class Proxy:
             hashlib.sha256,
         ).digest()
         return base64.b32encode(mac[:10]).decode().lower()
+
+    def _dialog_route_state(self, own_routes: list[Address], request: Request) -> str:
+        """"ours" (our Record-Route with a valid token), "forged" (a token that does not match
+        the dialog) or "none" (no Record-Route of ours; a pre-loaded route has no token)."""
+        tokens = [r for r in own_routes if r.sip_uri is not None and "fc" in r.sip_uri.params]
+        if not tokens:
+            return "none"
+        if any(self._route_token_ok(route, request) for route in tokens):
+            return "ours"
+        return "forged"
 
     def _route_token_ok(self, route: Address, request: Request) -> bool:
         uri = route.sip_uri

@@ -115,12 +115,31 @@ class Binding:
 
     @property
     def next_hop(self) -> Flow | None:
-        """Where requests for this device go: the registering flow, for a SIP/SIPS contact.
+        """Where requests for this device go.
 
-        None for contacts that are not SIP (mailto:, tel:, RFC 3665 section 2.2): they are listed
-        in the 200 but cannot be forked to.
+        Over TCP/TLS: the connection the REGISTER came on (the device may not listen at its
+        Contact at all).  Over UDP: the Contact's port when the Contact names the very address
+        the REGISTER came from (the device listens there; SIPp and some phones send from
+        another port), else the source flow itself (a NAT rewrote the address, RFC 3581
+        symmetric routing).  None for contacts that are not SIP (mailto:, tel:, RFC 3665
+        section 2.2): they are listed in the 200 but cannot be forked to.
         """
-        return self.flow if isinstance(self.contact.uri, SipUri) else None
+        uri = self.contact.uri
+        if not isinstance(uri, SipUri):
+            return None
+        flow = self.flow
+        if flow.reliable:
+            return flow
+        contact_host = _bare(uri.maddr or uri.host)
+        if contact_host != _bare(flow.remote[0]):
+            return flow
+        transport = uri.transport or "udp"
+        if transport != "udp":
+            return flow
+        port = uri.port or 5060
+        if port == flow.remote[1]:
+            return flow
+        return Flow("udp", (flow.remote[0], port), flow.local)
 
     @property
     def target_uri(self) -> Uri:
