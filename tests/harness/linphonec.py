@@ -162,6 +162,9 @@ class Linphonec:
             "",
             "[proxy_0]",
             f"reg_proxy=<sip:{self.registrar};transport={self.transport}>",
+            # every request through the registrar (its outbound proxy), as with baresip's
+            # outbound=: the domain need not resolve
+            f"reg_route=<sip:{self.registrar};transport={self.transport};lr>",
             f"reg_identity=sip:{self.user}@"
             f"{self.domain if self.domain is not None else self.registrar}",
             f"reg_expires={self.reg_expires}",
