@@ -218,7 +218,7 @@ class Registered:
 
     transaction: ServerTransaction
     request: Request
-    user: str
+    user: str | None  # None: a trusted source, no digest (the user exists)
 
 
 @dataclass(slots=True)
@@ -780,6 +780,17 @@ class Proxy:
                 self._track_in_dialog(request, now)
                 self._add_branch(context, Target(request.uri, (hop,), "dialog"), now)
                 return
+            if side is Side.SOFTPHONE and self._trusted(txn.request_flow):
+                # a trusted source may route anywhere: handle it like an initial request
+                context = Context(next(self._ids), txn, request, side, None)
+                txn.user_data = context
+                self._contexts[context.id] = context
+                resolution = self.resolver.resolve(request.uri, request, context.id)
+                if resolution is None:
+                    context.pending_resolutions += 1
+                else:
+                    self._apply_resolution(context, resolution, now)
+                return
             # An in-dialog request for a dialog we did not record-route (or addressed to us
             # as a UA): we hold no dialogs of our own, so there is nothing to match it to.
             status = 403 if side is Side.PUBLIC or not self._addressed_to_us(request) else 481
@@ -893,6 +904,14 @@ class Proxy:
             flow.remote[0], self.settings.allow_register_from
         ):
             self._refuse(txn, request, 403, "registration from this source is not allowed", now)
+            return
+        if self._trusted(flow):
+            to_uri = request.to.sip_uri
+            name = to_uri.aor.split("@", 1)[0] if to_uri is not None else ""
+            if self.password_of(name) is None:  # an account of this node
+                self._refuse(txn, request, 404, "no such user", now)
+                return
+            self._events.append(Registered(txn, request, None))
             return
         user = self._authenticate(txn, request, now, proxy=False)
         if user is None:

@@ -160,6 +160,10 @@ def response_flow(request_flow: Flow, via: Via) -> Flow:
     """
     if request_flow.reliable:
         return request_flow
+    if via.received is not None and via.rport is None:
+        # The sent-by address was not the source (a NAT, or a Via that lies): its port is no
+        # more reliable than its address, so answer the source, as with rport ("force_rport").
+        return request_flow
     host = via.received or via.host
     if host.startswith("["):
         host = host[1:-1]
