@@ -96,6 +96,9 @@ class Daemon:
         config = self.config
         loop = asyncio.get_running_loop()
         self._loop = loop
+        for sig in (signal.SIGINT, signal.SIGTERM):  # first: a signal during start-up is clean
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._stopping.set)
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         secret = load_secret(self.state_dir)
         specs = [(lst, Side.SOFTPHONE) for lst in config.sip.listen] + [
@@ -201,10 +204,6 @@ class Daemon:
 
     async def run(self) -> None:
         """Serve until SIGINT/SIGTERM, then shut down cleanly."""
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self._stopping.set)
         await self._stopping.wait()
         await self.stop()
 

@@ -535,3 +535,31 @@ def test_a_uas_answering_with_the_cancel_vias_still_ends_the_branch() -> None:
     up = node.feed(sloppy, BOB1)
     (final,) = [m for m, _ in up if isinstance(m, Response) and m.status == 487]
     assert final.via.branch == "z9hG4bKsloppy" and final.cseq.method == "INVITE"
+
+
+def test_cancel_racing_a_2xx_changes_nothing() -> None:
+    """RFC 3261 section 9.2: a CANCEL after the final response has no effect on the call
+    (it gets its 200, the INVITE stays answered, no CANCEL goes downstream)."""
+    node = Node(trusted=True)
+    node.location.bindings["bob@a.test"] = [
+        Binding(Address.parse("<sip:bob@127.0.0.1:5083>"), BOB1)
+    ]
+    request = invite(branch="z9hG4bKrace")
+    ((fwd, _),) = requests(node.feed(request, ALICE))
+    up = node.feed(reply(fwd, 200, "d1", contact="sip:bob@127.0.0.1:5083"), BOB1)
+    assert responses(up) == [200]
+    out = node.feed(invite(branch="z9hG4bKrace", method="CANCEL"), ALICE)
+    assert responses(out) == [200]
+    assert not requests(out)
+    assert any(isinstance(e, CallAnswered) for e in node.events)
+    assert not any(isinstance(e, CallEnded) for e in node.events)
+
+
+def test_retransmitted_invite_is_absorbed_not_forked_again() -> None:
+    node = Node(trusted=True)
+    register_bob(node)
+    request = invite(branch="z9hG4bKretx")
+    first = node.feed(request, ALICE)
+    assert len(requests(first)) == 2
+    again = node.feed(request, ALICE)  # a UDP retransmission of the same INVITE
+    assert responses(again) == [100] and not requests(again)
