@@ -706,7 +706,7 @@ def test_timer_re_arms_one_call_at(run: Run) -> None:
         timer.arm(start + 0.05)  # same deadline: nothing rescheduled
         assert timer.deadline == start + 0.05
         await asyncio.wait_for(done.wait(), 2)
-        assert len(fired) == 1 and fired[0] >= start + 0.05
+        assert len(fired) == 1 and fired[0] >= start + 0.05 - 0.002  # uvloop: 1 ms clock
         assert deadline_of(timer) is None  # fired, so disarmed
         timer.arm(loop.time() + 0.01)
         timer.arm(None)  # no transaction left

@@ -70,6 +70,12 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"freecall: configuration error\n{error}", file=sys.stderr)
         return 1
+    # Log records need no caller frame, thread or process lookup: at hundreds of calls a
+    # second that bookkeeping cost more than the message itself.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     logging.basicConfig(level=config.log.level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     trace = logging.getLogger("freecall.sip.trace")
     trace.setLevel(logging.DEBUG if config.log.sip_trace else logging.WARNING)

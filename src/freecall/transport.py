@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import ipaddress
 import itertools
 import logging
@@ -280,13 +281,16 @@ def install_event_loop_policy() -> str:
 # -- addresses ----------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address in ``host``, or None (cached: every datagram in and out asks)."""
     try:
         return ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return None
 
 
+@functools.lru_cache(maxsize=4096)
 def _norm_host(host: str) -> str:
     """One spelling per address (``::1`` = ``0::1``), so lookups by address work."""
     ip = _ip(host)

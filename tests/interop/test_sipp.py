@@ -12,17 +12,23 @@ SCENARIOS = Path(__file__).parent / "scenarios"
 USERS = {"alice": "alice-pw", "bob": "bob-pw"}
 
 
-def register(sipp: Sipp, node: FreecallDaemon, user: str, contact_port: int) -> SippResult:
+def register(
+    sipp: Sipp, node: FreecallDaemon, user: str, contact_port: int, *, trusted: bool = False
+) -> SippResult:
+    """REGISTER with a 401 challenge; from a trusted source, without one."""
     return sipp.run(
-        SCENARIOS / "register.xml", str(node.sip_addr), service=user,
-        auth=(user, USERS[user]), variables={"contact_port": str(contact_port)}, time_limit=10,
+        SCENARIOS / ("register_trusted.xml" if trusted else "register.xml"), str(node.sip_addr),
+        service=user, auth=None if trusted else (user, USERS[user]),
+        variables={"contact_port": str(contact_port)}, time_limit=10,
     )
 
 
-def callee(sipp: Sipp, node: FreecallDaemon, scenario: str | Path) -> SippProcess:
+def callee(
+    sipp: Sipp, node: FreecallDaemon, scenario: str | Path, *, trusted: bool = False
+) -> SippProcess:
     """A SIPp UAS registered as bob (the REGISTER comes from another SIPp, from another port)."""
     uas = sipp.start(scenario, service="bob", time_limit=30, calls=1000)
-    result = register(sipp, node, "bob", uas.port)
+    result = register(sipp, node, "bob", uas.port, trusted=trusted)
     assert result.returncode == 0 and result.successful == 1, result
     return uas
 
@@ -50,7 +56,7 @@ def test_builtin_uac_calls_a_registered_sipp_uas(
     """SIPp's built-in uac (no digest, hence a trusted source) through the daemon to SIPp's
     built-in uas registered as bob: INVITE/180/200/ACK/BYE/200 all through the proxy."""
     node = freecall_daemon(users=USERS, config={"sip": {"trusted": ["127.0.0.1/32"]}})
-    uas = callee(sipp, node, "uas")
+    uas = callee(sipp, node, "uas", trusted=True)
     result = sipp.run("uac", str(node.sip_addr), service="bob", calls=5, rate=5, time_limit=20)
     assert result.returncode == 0 and result.successful == 5 and result.failed == 0, result
     uas.stop()

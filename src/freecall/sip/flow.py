@@ -3,19 +3,21 @@
 The protocol cores never touch sockets; they name a :class:`Flow` and the asyncio edge maps it to
 a socket (UDP) or a connection (TCP/TLS).  For stream transports a response must go back over the
 connection the request came on (RFC 3261 section 18.2.2), hence the connection id.
+
+A flow is an immutable named tuple: several are made for every message (a frozen dataclass
+costs three times as much to build), and they compare and hash as values.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 Addr = tuple[str, int]
 
 RELIABLE_TRANSPORTS = frozenset({"tcp", "tls", "ws", "wss", "sctp"})
 
 
-@dataclass(frozen=True, slots=True)
-class Flow:
+class Flow(NamedTuple):
     """A transport association with one peer."""
 
     transport: str  # "udp", "tcp", "tls" (lower case)

@@ -230,24 +230,40 @@ def _parse_int(text: str, key: str, limit: int) -> int:
 
 
 class Message:
-    """Common part of requests and responses."""
+    """Common part of requests and responses.
 
-    __slots__ = ("body", "headers")
+    The first value of each header is indexed on first use (the proxy reads From, To, CSeq,
+    Call-ID and Via many times per message); every method that changes ``headers`` drops the
+    index, and code that edits the list itself calls :meth:`touched`.
+    """
+
+    __slots__ = ("_first", "body", "headers")
 
     is_request: ClassVar[bool]
 
     def __init__(self, headers: list[Header] | None = None, body: bytes = b"") -> None:
         self.headers: list[Header] = headers if headers is not None else []
         self.body = body
+        self._first: dict[str, HeaderValue] | None = None
+
+    def touched(self) -> None:
+        """``headers`` was changed directly: forget the index."""
+        self._first = None
+
+    def _index(self) -> dict[str, HeaderValue]:
+        index = self._first
+        if index is None:
+            index = {}
+            for h in self.headers:
+                if h.key not in index:
+                    index[h.key] = h.value
+            self._first = index
+        return index
 
     # -- generic access -------------------------------------------------------------------
     def get(self, name: str) -> HeaderValue | None:
         """The first value of a header, or None."""
-        key = header_key(name)
-        for h in self.headers:
-            if h.key == key:
-                return h.value
-        return None
+        return self._index().get(header_key(name))
 
     def get_all(self, name: str) -> list[HeaderValue]:
         key = header_key(name)
@@ -277,6 +293,7 @@ class Message:
 
     def prepend(self, name: str, value: HeaderValue) -> None:
         """Insert a value before the first field of that header, or at the top if none."""
+        self._first = None
         header = self._new(name, value)
         for i, h in enumerate(self.headers):
             if h.key == header.key:
@@ -286,6 +303,7 @@ class Message:
 
     def append(self, name: str, value: HeaderValue) -> None:
         """Add a value after the last field of that header, or at the end if none."""
+        self._first = None
         header = self._new(name, value)
         last = -1
         for i, h in enumerate(self.headers):
@@ -298,6 +316,7 @@ class Message:
 
     def set(self, name: str, value: HeaderValue) -> None:
         """Replace every field of that header with one value (in place of the first)."""
+        self._first = None
         header = self._new(name, value)
         out: list[Header] = []
         placed = False
@@ -313,10 +332,12 @@ class Message:
         self.headers = out
 
     def remove(self, name: str) -> None:
+        self._first = None
         key = header_key(name)
         self.headers = [h for h in self.headers if h.key != key]
 
     def pop_first(self, name: str) -> HeaderValue | None:
+        self._first = None
         key = header_key(name)
         for i, h in enumerate(self.headers):
             if h.key == key:
@@ -325,6 +346,7 @@ class Message:
         return None
 
     def replace_first(self, name: str, value: HeaderValue) -> None:
+        self._first = None
         key = header_key(name)
         for h in self.headers:
             if h.key == key:
@@ -340,11 +362,10 @@ class Message:
     @property
     def via(self) -> Via:
         """The topmost Via (every parsed message has one)."""
-        for h in self.headers:
-            if h.key == "via":
-                value: Via = h.value
-                return value
-        raise LookupError("message has no Via")
+        value: Via | None = self._index().get("via")
+        if value is None:
+            raise LookupError("message has no Via")
+        return value
 
     @property
     def from_(self) -> Address:
@@ -377,7 +398,7 @@ class Message:
 
     @property
     def max_forwards(self) -> int | None:
-        value: int | None = self.get("max-forwards")
+        value: int | None = self._index().get("max-forwards")
         return value
 
     @property
@@ -408,10 +429,10 @@ class Message:
         return min(int(text), 2**32 - 1) if len(text) <= 12 else 2**32 - 1
 
     def _required(self, key: str) -> Any:
-        for h in self.headers:
-            if h.key == key:
-                return h.value
-        raise LookupError(f"message has no {DISPLAY_NAME.get(key, key)}")
+        value = self._index().get(key)
+        if value is None:
+            raise LookupError(f"message has no {DISPLAY_NAME.get(key, key)}")
+        return value
 
     # -- serialisation --------------------------------------------------------------------
     def start_line(self) -> str:

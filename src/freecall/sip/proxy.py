@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import functools
 import hashlib
 import heapq
 import hmac
@@ -309,6 +310,14 @@ class Proxy:
         }
         self._local_addrs: set[tuple[str, int]] = set()
         self._listener_ports = {lst.port for lst in settings.listeners}
+        self._sent_bys = frozenset(lst.sent_by.lower() for lst in settings.listeners)
+        self._listener_cache: dict[tuple[str, str, tuple[str, int] | None], Listener] = {}
+        self._rr_listener = {
+            side: next(
+                (lst for lst in settings.listeners if lst.side is side), settings.listeners[0]
+            )
+            for side in Side
+        }
         for listener in settings.listeners:
             host = listener.host.lower().strip("[]")
             self._local_names.add(host)
@@ -364,6 +373,12 @@ class Proxy:
                 context = txn.user_data
                 if isinstance(context, Context):
                     self._contexts.pop(context.id, None)
+                    # break the context <-> branch <-> transaction cycles: freed at once
+                    for branch in context.branches:
+                        if branch.txn is not None:
+                            branch.txn.user_data = None
+                    context.branches.clear()
+                    txn.user_data = None
         elif isinstance(event, StrayResponse):
             log.debug("stray %s response dropped (RFC 6026 section 7.5)", event.response.status)
 
@@ -549,11 +564,7 @@ class Proxy:
         """16.6 steps 6-10: the Via (with loop-detection branch) and a client transaction."""
         flow = self._with_local(branch.target.flows[branch.flow_index])
         request = branch.request
-        via = Via(
-            flow.via_transport,
-            *self._sent_by(flow),
-            {"branch": self._branch_id(branch.context.loop_hash), "rport": None},
-        )
+        via = self._new_via(flow, self._branch_id(branch.context.loop_hash))
         forwarded = Request(
             request.method, request.uri, [Header("via", "Via", via), *request.headers], request.body
         )
@@ -579,7 +590,15 @@ class Proxy:
     def _arm_timer_c(self, branch: Branch, now: float) -> None:
         deadline = now + self.settings.timer_c
         branch.timer_c = deadline
-        heapq.heappush(self._timers, (deadline, next(self._seq), branch))
+        heap = self._timers
+        heapq.heappush(heap, (deadline, next(self._seq), branch))
+        if len(heap) > 4096 and len(heap) > 4 * len(self._contexts) + 4096:
+            # Timer C is long (minutes): drop entries of finished branches now, or they would
+            # keep their whole call context alive that long (bounded memory under load).
+            self._timers = [
+                e for e in heap if e[2].timer_c == e[0] and e[2].state is not BranchState.DONE
+            ]
+            heapq.heapify(self._timers)
 
     # -- responses ------------------------------------------------------------------------
     def _on_response(self, branch: Branch, response: Response, now: float) -> None:
@@ -746,11 +765,7 @@ class Proxy:
         ack.set("Max-Forwards", 70 if mf is None else max(mf - 1, 0))
         next_flow = self._with_local(next_flow)
         digest = hashlib.blake2s(stamp.encode(), digest_size=8).hexdigest()
-        via = Via(
-            next_flow.via_transport,
-            *self._sent_by(next_flow),
-            {"branch": f"{Via.MAGIC_COOKIE}{digest}", "rport": None},
-        )
+        via = self._new_via(next_flow, f"{Via.MAGIC_COOKIE}{digest}")
         ack.prepend("Via", via)
         self.layer.send_stateless(ack, next_flow)
         self._track_in_dialog(ack, now)
@@ -1007,6 +1022,15 @@ class Proxy:
         return bool(self.settings.trusted) and _in_networks(flow.remote[0], self.settings.trusted)
 
     def _listener_for(self, flow: Flow) -> Listener:
+        key = (flow.transport, flow.remote[0], flow.local)
+        found = self._listener_cache.get(key)
+        if found is None:
+            if len(self._listener_cache) > 4096:
+                self._listener_cache.clear()
+            found = self._listener_cache[key] = self._choose_listener(flow)
+        return found
+
+    def _choose_listener(self, flow: Flow) -> Listener:
         """The listener to send from: same transport and address family; loopback peers are
         reached from a loopback listener, others from a public one (what Via and
         Record-Route then name must be reachable by the peer)."""
@@ -1043,18 +1067,29 @@ class Proxy:
         host = f"[{listener.host}]" if ":" in listener.host else listener.host
         return host, listener.port
 
+    def _new_via(self, flow: Flow, branch: str) -> Via:
+        """Our Via for a request sent on ``flow`` (with rport, RFC 3581), text built at once."""
+        host, port = self._sent_by(flow)
+        transport = flow.via_transport
+        return Via(
+            transport, host, port, {"branch": branch, "rport": None}, "SIP/2.0",
+            f"SIP/2.0/{transport} {host}:{port};branch={branch};rport",
+        )
+
     def _record_route(self, request: Request, side: Side) -> Address:
         """Our Record-Route (16.6 step 4) with lr and a token binding it to this dialog."""
-        listener = next(
-            (lst for lst in self.settings.listeners if lst.side is side), self.settings.listeners[0]
-        )
+        listener = self._rr_listener[side]
         host = f"[{listener.host}]" if ":" in listener.host else listener.host
+        token = self._token(request.call_id, request.from_.tag or "")
         params: dict[str, str | None] = {"lr": None}
         if listener.transport != "udp":
             params["transport"] = listener.transport
-        params["fc"] = self._token(request.call_id, request.from_.tag or "")
-        uri = SipUri(host, None, "sip", None, listener.port, params)
-        return Address(uri)
+        params["fc"] = token
+        text = f"sip:{host}:{listener.port}" + "".join(
+            f";{k}" if v is None else f";{k}={v}" for k, v in params.items()
+        )
+        uri = SipUri(host, None, "sip", None, listener.port, params, None, text)
+        return Address(uri, None, {}, f"<{text}>")
 
     def _token(self, call_id: str, tag: str) -> str:
         mac = hmac.new(
@@ -1122,7 +1157,7 @@ class Proxy:
         ).hexdigest()
 
     def _looped(self, request: Request, loop_hash: str) -> bool:
-        mine = {lst.sent_by.lower() for lst in self.settings.listeners}
+        mine = self._sent_bys
         for via in request.vias:
             if via.sent_by.lower() in mine:
                 branch = via.branch or ""
@@ -1261,7 +1296,8 @@ class Proxy:
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def _in_networks(host: str, networks: Sequence[Network]) -> bool:
+@functools.lru_cache(maxsize=4096)
+def _in_networks(host: str, networks: tuple[Network, ...]) -> bool:
     try:
         address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
@@ -1269,6 +1305,7 @@ def _in_networks(host: str, networks: Sequence[Network]) -> bool:
     return any(address in net for net in networks)
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)

@@ -60,7 +60,7 @@ import json
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from email.utils import formatdate
 from typing import Any, Final, Literal
 
@@ -108,6 +108,11 @@ class Binding:
     user_agent: str | None = None
     instance: str | None = None  # +sip.instance, normalised (RFC 5626 section 4.1)
     reg_id: int | None = None  # only when outbound processing applied (RFC 5626 section 6)
+    _hop: Flow | None = field(init=False, repr=False, compare=False, default=None)
+
+    def __post_init__(self) -> None:
+        # computed once: every call to this device asks for it
+        object.__setattr__(self, "_hop", self._compute_next_hop())
 
     def expires_in(self, now: float) -> int:
         """Whole seconds left, rounded up so a live binding never shows expires=0."""
@@ -115,6 +120,9 @@ class Binding:
 
     @property
     def next_hop(self) -> Flow | None:
+        return self._hop
+
+    def _compute_next_hop(self) -> Flow | None:
         """Where requests for this device go.
 
         Over TCP/TLS: the connection the REGISTER came on (the device may not listen at its
@@ -733,8 +741,9 @@ class Registrar:
         heap = self._heap
         while heap:
             t, aor = heap[0]
-            if any(b.expires_at == t for b in self._aors.get(aor, ())):
-                return t
+            for binding in self._aors.get(aor, ()):
+                if binding.expires_at == t:
+                    return t
             heapq.heappop(heap)  # stale: refreshed or removed since
         return None
 

@@ -597,7 +597,13 @@ class TransactionLayer:
         self._events.append(event)
 
     def _schedule(self, deadline: float, txn: Transaction, name: str) -> None:
-        heapq.heappush(self._heap, (deadline, next(self._seq), txn, name))
+        heap = self._heap
+        heapq.heappush(heap, (deadline, next(self._seq), txn, name))
+        if len(heap) > 4096 and len(heap) > 4 * (len(self.client) + len(self.server)) * 2:
+            # Stale entries (stopped timers, finished transactions) would otherwise keep their
+            # transactions, and the messages in them, alive until each deadline passed.
+            self._heap = [e for e in heap if e[2].timers.get(e[3]) == e[0]]
+            heapq.heapify(self._heap)
 
     def _remove(self, txn: Transaction) -> None:
         if isinstance(txn, ClientTransaction):

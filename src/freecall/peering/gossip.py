@@ -1,0 +1,1320 @@
+"""Gossip: a pure state machine that keeps the host cache filled, fresh and answerable.
+
+Shape of the mesh (Kelips-like; see docs/peering.md for the reasoning and the figures):
+the id space is cut into ``2**group_bits`` groups. A record is *homed* in its node's group and in
+the home group of each route it serves; every member of a group stores all records homed there.
+Everything else a node holds is cache: contacts in other groups and whatever rumours brought.
+
+Each round (``interval``) a node opens one exchange with one partner (a member of its own group
+half of the time, else any known node; now and then a node it believes dead):
+
+    SYNC   PING [NEED] [PAGE, same group only] [HAVE] [DEAD]      opener -> partner
+    REPLY  ACK [WANT] [RECORD...] [HAVE] [DEAD]                   partner -> opener
+    then   [WANT] [RECORD...]  until nobody wants anything more    (at most 4 datagrams)
+
+HAVE carries digests (key, seq) of recently changed records: rumour-mongering, each digest
+sent a bounded number of times. PAGE carries the digests of one slice of the sender's home
+records: anti-entropy between group members, which repairs what rumours missed and heals
+partitions. Records travel only when asked for (WANT) or when a digest comparison proves the
+other side lacks them; every datagram obeys a per-round byte budget.
+
+Authentication: a datagram names its sender by Ed25519 public key and ends with a keyed
+BLAKE2b MAC under a static-static X25519 key derived from both node keys (no handshake, one
+key agreement per peer, ~1.5 µs per datagram after that). First contact with a seed whose key
+we do not know uses HELLO (unauthenticated, padded, answered by an authenticated datagram).
+
+Pure: the caller passes ``now`` (Unix seconds), feeds datagrams in, pulls datagrams and events
+out and calls ``handle_timer`` at ``get_timer()``. No sockets, no clock, no global state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import random
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+from freecall.peering import wire
+from freecall.peering.hostcache import HostCache, source_of
+from freecall.peering.records import (
+    KEY_SIZE,
+    Address,
+    NodeIdentity,
+    NodeRecord,
+    RecordCodec,
+    RecordError,
+    ed25519_to_x25519_public,
+    id_group,
+    node_id_of,
+    normalize_route,
+    route_group,
+)
+from freecall.peering.wire import Answer, Builder, Sec
+
+Addr = tuple[str, int]
+
+_MAC_PERSON = b"fc-gossip-mac-v1"
+
+
+@dataclass(frozen=True)
+class GossipConfig:
+    """Tunables. ``group_bits`` must be the same on every node of a mesh."""
+
+    interval: float = 1.0
+    group_bits: int = 6
+    capacity: int = 4096
+    source_quota: int | None = None
+    contacts_min: int = 2
+    p_group: float = 0.5
+    p_grave: float = 0.03
+    fail_limit: int = 2
+    probe_timeout: float = 0.5
+    probe_cap: int = 3
+    hot_transmissions: int = 8
+    hot_window: float = 60.0
+    max_hot: int = 256
+    max_have: int = 12
+    dead_transmissions: int = 6
+    max_dead: int = 6
+    max_want: int = 6
+    want_budget: int = 8
+    want_budget_low: int = 1
+    send_budget: int = 1800
+    page_target: int = 12
+    page_max: int = 40
+    contact_offers: int = 3
+    contact_fresh: float = 10.0
+    record_ttl: int = 3600
+    refresh_before: int = 1200
+    republish_rounds: int = 30
+    seed_rounds: int = 60
+    lookup_timeout: float = 0.5
+    lookup_attempts: int = 4
+    lookup_fanout: int = 2
+    lookup_records: int = 4
+    settle_rounds: int = 30
+    clock_skew: float = 120.0
+    hello_per_round: int = 8
+    hello_size: int = 800
+    """HELLO is padded to this; the answer is never larger than the HELLO (no amplification)."""
+    new_keys_per_round: int = 256
+    relays_per_round: int = 4
+    ban_seconds: float = 600.0
+    emit_peer_events: bool = True
+    max_datagram: int = wire.MAX_DATAGRAM
+
+
+# -- events ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeerAdded:
+    """A node's record entered the host cache."""
+
+    record: NodeRecord
+
+
+@dataclass(frozen=True)
+class PeerUpdated:
+    """A newer record replaced an older one (routes or addresses may have changed)."""
+
+    record: NodeRecord
+    previous_seq: int
+
+
+@dataclass(frozen=True)
+class PeerRemoved:
+    """A record left the cache: dead, expired, evicted or reported dead."""
+
+    node_id: bytes
+    reason: str
+
+
+@dataclass(frozen=True)
+class LookupCompleted:
+    """Result of :meth:`Gossip.start_lookup`: the records found (verified) and whether any."""
+
+    query_id: int
+    route: str
+    records: tuple[NodeRecord, ...]
+    found: bool
+
+
+Event = PeerAdded | PeerUpdated | PeerRemoved | LookupCompleted
+
+
+# -- datagram keys ---------------------------------------------------------------------------
+
+
+class KeyAgreement(Protocol):
+    """Source of per-peer MAC keys (and the peer's record key, from its public key)."""
+
+    def get(self, public_key: bytes) -> tuple[bytes, bytes] | None:
+        """(mac key, 8-byte record key) if already known, else None."""
+
+    def derive(self, public_key: bytes) -> tuple[bytes, bytes]:
+        """Compute and remember; RecordError if the key is unusable."""
+
+
+class PairKeys:
+    """Static-static X25519 MAC keys, one per peer, bounded LRU (derivation ~55 µs)."""
+
+    def __init__(self, identity: NodeIdentity, capacity: int = 4096) -> None:
+        self.identity = identity
+        self.capacity = capacity
+        self._cache: OrderedDict[bytes, tuple[bytes, bytes]] = OrderedDict()
+
+    def get(self, public_key: bytes) -> tuple[bytes, bytes] | None:
+        """Cached key for a peer."""
+        return self._cache.get(public_key)
+
+    def derive(self, public_key: bytes) -> tuple[bytes, bytes]:
+        """Diffie-Hellman of the two node keys, bound to both public keys."""
+        hit = self._cache.get(public_key)
+        if hit is not None:
+            self._cache.move_to_end(public_key)
+            return hit
+        try:
+            peer = X25519PublicKey.from_public_bytes(ed25519_to_x25519_public(public_key))
+            shared = self.identity.x25519().exchange(peer)
+        except ValueError as exc:
+            raise RecordError("forged", "unusable peer key") from exc
+        a, b = sorted((self.identity.public_key, public_key))
+        key = hashlib.blake2b(shared + a + b, digest_size=32, person=_MAC_PERSON).digest()
+        out = (key, node_id_of(public_key)[:KEY_SIZE])
+        self._cache[public_key] = out
+        if len(self._cache) > self.capacity:
+            self._cache.popitem(last=False)
+        return out
+
+
+class SimPairKeys:
+    """INSECURE stand-in for the simulator's speed runs: the MAC key is a hash of both public
+    keys, so per-datagram MAC cost is real but no X25519 is spent. Never use outside tests.
+
+    ``ids`` may be shared by all simulated nodes (public key -> record key, a pure function)."""
+
+    def __init__(self, identity: NodeIdentity, ids: dict[bytes, bytes] | None = None) -> None:
+        self.public_key = identity.public_key
+        self.ids = ids if ids is not None else {}
+
+    def get(self, public_key: bytes) -> tuple[bytes, bytes] | None:
+        """Always computable (no state)."""
+        return self.derive(public_key)
+
+    def derive(self, public_key: bytes) -> tuple[bytes, bytes]:
+        """Hash of the two keys (symmetric)."""
+        a, b = (self.public_key, public_key)
+        if b < a:
+            a, b = b, a
+        key = hashlib.blake2b(a + b, digest_size=32, person=b"fc-sim-INSECURE!").digest()
+        kid = self.ids.get(public_key)
+        if kid is None:
+            kid = self.ids[public_key] = node_id_of(public_key)[:KEY_SIZE]
+        return key, kid
+
+
+# -- internal state --------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Pending:
+    key: bytes | None
+    sent: float
+    kind: str  # sync, probe, hello
+    addr: Addr
+
+
+@dataclass(slots=True)
+class _Lookup:
+    qid: int
+    route: str
+    group: int
+    deadline: float
+    attempts: int = 0
+    waiting: dict[bytes, int] = field(default_factory=dict)  # asked, not answered: key -> hops
+    forwarded: bool = False
+    give_up: float = 0.0
+    tried: set[bytes] = field(default_factory=set)
+    records: dict[bytes, NodeRecord] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Seed:
+    addr: Addr
+    public_key: bytes | None
+
+
+class Gossip:
+    """One node's gossip engine (see the module docstring for the protocol)."""
+
+    def __init__(
+        self,
+        identity: NodeIdentity,
+        *,
+        now: float,
+        rng: random.Random,
+        addresses: tuple[Address, ...],
+        routes: tuple[str, ...] = (),
+        flags: int = 0,
+        extensions: tuple[tuple[int, bytes], ...] = (),
+        config: GossipConfig | None = None,
+        cache: HostCache | None = None,
+        codec: RecordCodec | None = None,
+        keys: KeyAgreement | None = None,
+        settled: bool = False,
+    ) -> None:
+        self.identity = identity
+        self.config = cfg = config or GossipConfig()
+        self.rng = rng
+        self.key = identity.key
+        self.my_group = id_group(identity.node_id, cfg.group_bits)
+        self.cache = cache or HostCache(
+            rng=rng,
+            capacity=cfg.capacity,
+            group_bits=cfg.group_bits,
+            source_quota=cfg.source_quota,
+            contacts_min=cfg.contacts_min,
+        )
+        if self.cache.group_bits != cfg.group_bits:
+            raise ValueError("cache and config disagree on group_bits")
+        self.cache.set_group(self.my_group)
+        self.codec = codec or RecordCodec()
+        self.keys: KeyAgreement = keys or PairKeys(identity)
+        self.stats: dict[str, int] = {}
+        """Drop and event counters by reason (see docs/peering.md, Failure behaviour)."""
+        self.rx_datagrams = self.rx_bytes = self.tx_datagrams = self.tx_bytes = 0
+        self._out: list[tuple[bytes, Addr]] = []
+        self._events: deque[Event] = deque()
+        self._pending: dict[int, _Pending] = {}
+        self._hot: dict[bytes, list[int]] = {}
+        self._hot_home: dict[bytes, list[int]] = {}
+        self._dead: dict[bytes, list[int]] = {}
+        self._suspects: dict[bytes, int] = {}
+        self._inflight: dict[bytes, float] = {}
+        self._lookups: dict[int, _Lookup] = {}
+        self._bans: dict[object, float] = {}
+        self._seeds: list[_Seed] = []
+        self._relay_seen: dict[bytes, int] = {}
+        self._need: bytes | None = None
+        self._need_at = -1  # cache version the bitmap was computed at
+        self.round = 0
+        self._settled_at = 0 if settled else cfg.settle_rounds
+        self._page_fill = -10  # last round anti-entropy brought us home records we lacked
+        self._spent = 0
+        self._sent_log: deque[tuple[float, int]] = deque()
+        self._now = now
+        self._wanted = 0
+        self._wanted_low = 0
+        self._hello_left = cfg.hello_per_round
+        self._keys_left = cfg.new_keys_per_round
+        self._relays_left = cfg.relays_per_round
+        self._publish_due = 0 if not settled else rng.randrange(1, cfg.republish_rounds + 1)
+        self.next_round = now + rng.random() * cfg.interval
+        self._addresses = addresses
+        self._routes = routes
+        self._flags = flags
+        self._extensions = extensions
+        prev = self.cache.entry(self.key)
+        seq = max(int(now * 1000), prev.record.seq + 1 if prev is not None else 0)
+        self.local = self._sign(seq, now)
+        self.cache.protected.add(self.key)
+        self.cache.remove(self.key, now)
+        self.cache.put(self.local, now)
+
+    # -- public API ------------------------------------------------------------------------
+
+    @property
+    def node_id(self) -> bytes:
+        """This node's id."""
+        return self.identity.node_id
+
+    @property
+    def settled(self) -> bool:
+        """True once this node's negative lookup answers for its group are authoritative."""
+        return self.round >= self._settled_at and self.round - self._page_fill >= 10
+
+    def add_seed(self, addr: Addr, public_key: bytes | None = None) -> None:
+        """A bootstrap address (config seeds, DNS SRV, mDNS); the key, if known, skips HELLO."""
+        for s in self._seeds:
+            if s.addr == addr:
+                if public_key is not None:
+                    s.public_key = public_key
+                return
+        self._seeds.append(_Seed(addr, public_key))
+
+    def update_local(
+        self,
+        now: float,
+        *,
+        addresses: tuple[Address, ...] | None = None,
+        routes: tuple[str, ...] | None = None,
+        flags: int | None = None,
+        extensions: tuple[tuple[int, bytes], ...] | None = None,
+    ) -> NodeRecord:
+        """Change what this node announces: bump seq, re-sign, spread and publish."""
+        self._now = now
+        if addresses is not None:
+            self._addresses = addresses
+        if routes is not None:
+            self._routes = routes
+        if flags is not None:
+            self._flags = flags
+        if extensions is not None:
+            self._extensions = extensions
+        self._resign(now)
+        return self.local
+
+    def lookup_domain(self, domain: str) -> list[NodeRecord]:
+        """Cached records of nodes serving ``domain`` (no network; see start_lookup)."""
+        return self.cache.lookup_domain(domain)
+
+    def lookup_user(self, address: str) -> list[NodeRecord]:
+        """Cached records for ``user@domain``, user-specific first (no network)."""
+        return self.cache.lookup_user(address)
+
+    def start_lookup(self, route: str, now: float, *, use_cache: bool = True) -> int:
+        """Ask the route's home group; a LookupCompleted event follows. Returns its id."""
+        self._now = now
+        norm = normalize_route(route)
+        qid = self.rng.getrandbits(32)
+        while qid in self._lookups:
+            qid = self.rng.getrandbits(32)
+        st = _Lookup(qid, norm, route_group(norm, self.config.group_bits), now)
+        st.give_up = now + self.config.lookup_timeout * (self.config.lookup_attempts + 4)
+        self._lookups[qid] = st
+        if use_cache:
+            for r in self.cache.lookup(norm):
+                st.records[r.key] = r
+            if st.records:
+                self._finish_lookup(st)
+                return qid
+        self._lookup_attempt(st, now)
+        return qid
+
+    def receive(self, data: bytes, addr: Addr, now: float) -> None:
+        """Handle one datagram. Anything malformed, unauthenticated or replayed is dropped."""
+        self._now = now
+        self.rx_datagrams += 1
+        self.rx_bytes += len(data)
+        try:
+            magic, pk, ts = wire.split(data)
+        except wire.WireError:
+            self._count("drop_malformed")
+            return
+        cfg = self.config
+        if pk == self.identity.public_key:
+            self._count("drop_self")
+            return
+        if abs(ts - now) > cfg.clock_skew:
+            self._count("drop_clock")
+            return
+        src = addr[0] if ":" not in addr[0] else source_of(addr[0])
+        if self._bans and self._banned(pk, src, now):
+            self._count("drop_banned")
+            return
+        if magic == wire.MAGIC_HELLO:
+            self._on_hello(data, pk, addr, src, now)
+            return
+        keys = self.keys.get(pk)
+        if keys is None:
+            if self._keys_left <= 0:
+                self._count("drop_keyrate")
+                return
+            self._keys_left -= 1
+            try:
+                keys = self.keys.derive(pk)
+            except RecordError:
+                self._count("drop_badkey")
+                return
+        mac_key, sender = keys
+        body_end = len(data) - wire.MAC_SIZE
+        if not hmac.compare_digest(wire.mac(mac_key, data[:body_end]), data[body_end:]):
+            self._count("drop_badmac")
+            return
+        try:
+            m = wire.parse(data, wire.HEADER.size, body_end)
+        except wire.WireError:
+            self._count("drop_malformed")
+            return
+        self._on_message(m, pk, sender, addr, src, now)
+
+    def handle_timer(self, now: float) -> None:
+        """Run due work: the gossip round and lookup retries."""
+        self._now = now
+        if now >= self.next_round:
+            self.next_round += self.config.interval
+            if self.next_round <= now:
+                self.next_round = now + self.config.interval
+            self._round(now)
+        if self._lookups:
+            for st in [s for s in self._lookups.values() if s.deadline <= now]:
+                self._lookup_attempt(st, now)
+
+    def get_timer(self) -> float:
+        """When handle_timer must run next."""
+        t = self.next_round
+        for st in self._lookups.values():
+            t = min(t, st.deadline)
+        return t
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Addr]]:
+        """Datagrams produced since the last call (each <= max_datagram bytes)."""
+        out, self._out = self._out, []
+        return out
+
+    def next_event(self) -> Event | None:
+        """Next event, or None."""
+        return self._events.popleft() if self._events else None
+
+    def peers(self, now: float) -> list[dict[str, object]]:
+        """The `/api/peers` view of the host cache (without this node itself)."""
+        me = self.node_id.hex()
+        return [p for p in self.cache.peers(now) if p["node_id"] != me]
+
+    # -- own record ------------------------------------------------------------------------
+
+    def _sign(self, seq: int, now: float) -> NodeRecord:
+        return self.identity.make_record(
+            seq=seq,
+            expires=int(now) + self.config.record_ttl,
+            addresses=self._addresses,
+            routes=self._routes,
+            flags=self._flags,
+            extensions=self._extensions,
+        )
+
+    def _resign(self, now: float, above: int = 0) -> None:
+        seq = max(self.local.seq + 1, int(now * 1000), above + 1)
+        self.local = self._sign(seq, now)
+        self.cache.put(self.local, now)
+        self._hot_add(self.key, seq)
+        self._publish_due = self.round + 1
+
+    def _publish(self, now: float) -> None:
+        """Hand our record to a contact in each home group (or ask a peer to relay it)."""
+        self._publish_due = self.round + self.config.republish_rounds
+        rec = self.local
+        missing = False
+        for g in rec.homes(self.config.group_bits):
+            cs = [e for e in self.cache.contacts(g, 2) if e.record.gossip_addr is not None]
+            if not cs:
+                missing = True
+                continue
+            for c in cs:
+                b = Builder(self.config.max_datagram)
+                nonce = self.rng.getrandbits(32)
+                b.add(Sec.PING, wire.encode_u32(nonce))
+                b.add(Sec.RECORD, rec.raw)
+                addr = c.record.gossip_addr
+                if addr is not None and self._send(b, c.record, now):
+                    self._pending[nonce] = _Pending(c.record.key, now, "publish", addr)
+        if missing:
+            tried: set[bytes] = set()
+            for _ in range(2):
+                peer = self._live_peer(exclude=tried)
+                if peer is None:
+                    break
+                tried.add(peer.key)
+                b = Builder(self.config.max_datagram)
+                b.add(Sec.RELAY, rec.raw)
+                self._send(b, peer, now)
+            self._publish_due = self.round + 3
+
+    # -- rounds ----------------------------------------------------------------------------
+
+    def _round(self, now: float) -> None:
+        cfg = self.config
+        self.round += 1
+        self._wanted = 0
+        self._wanted_low = 0
+        self._hello_left = cfg.hello_per_round
+        self._keys_left = cfg.new_keys_per_round
+        self._relays_left = cfg.relays_per_round
+        if self._pending:
+            for nonce, p in list(self._pending.items()):
+                if now - p.sent >= cfg.probe_timeout:
+                    del self._pending[nonce]
+                    if p.key is not None:
+                        self._no_answer(p.key, p.kind, now)
+        if self._inflight:
+            self._inflight = {k: t for k, t in self._inflight.items() if t > now}
+        for rec in self.cache.expire(now):
+            self._emit_removed(rec.node_id, "expired")
+        if self.local.expires - now < cfg.refresh_before:
+            self._resign(now)
+        # one exchange per round
+        partner = self._choose_partner(now)
+        if partner is not None:
+            self._send_sync(partner, now)
+        if len(self.cache) <= 1 or (self._seeds and self.round % cfg.seed_rounds == 0):
+            self._contact_seeds(now)
+        # confirm suspicions first-hand
+        if self._suspects:
+            for _ in range(min(cfg.probe_cap, len(self._suspects))):
+                key = next(iter(self._suspects))
+                del self._suspects[key]
+                e = self.cache.entry(key)
+                if e is None or (e.last_heard is not None and now - e.last_heard < cfg.interval):
+                    continue
+                b = Builder(cfg.max_datagram)
+                nonce = self.rng.getrandbits(32)
+                b.add(Sec.PING, wire.encode_u32(nonce))
+                addr = e.record.gossip_addr
+                if addr is not None and self._send(b, e.record, now):
+                    self._pending[nonce] = _Pending(key, now, "probe", addr)
+        if self.round >= self._publish_due and len(self.cache) > 1:
+            self._publish(now)
+        self._drain_dropped()
+
+    def _choose_partner(self, now: float) -> NodeRecord | None:
+        cfg = self.config
+        cache = self.cache
+        r = self.rng.random()
+        if r < cfg.p_grave and cache.tombs:
+            tomb = self.rng.choice(list(cache.tombs.values()))
+            if tomb.until > now and tomb.record.gossip_addr is not None:
+                return tomb.record
+        p_group = cfg.p_group if self.settled else 0.9  # newcomers: fill the home store first
+        if r < cfg.p_grave + p_group and len(cache.members[self.my_group]) > 1:
+            pick = self._pick(self.my_group)
+            if pick is not None:
+                return pick
+        # a member of a random other group: mixes rumours across the mesh and keeps checking
+        # (and, through NEED, renewing) the contacts lookups depend on
+        for _ in range(3):
+            g = self.rng.randrange(1 << cfg.group_bits)
+            if g != self.my_group and cache.members[g]:
+                pick = self._pick(g)
+                if pick is not None:
+                    return pick
+        return self._random_peer(exclude=set())
+
+    def _pick(self, group: int) -> NodeRecord | None:
+        """A random usable member of ``group`` (a few tries)."""
+        pool = self.cache.members_list(group)
+        if not pool:
+            return None
+        for _ in range(4):
+            k = pool[self.rng.randrange(len(pool))]
+            if k == self.key or k in self._suspects:
+                continue
+            e = self.cache.entries.get(k)
+            if e is not None and e.record.gossip_addr is not None:
+                return e.record
+        return None
+
+    def _random_peer(self, exclude: set[bytes]) -> NodeRecord | None:
+        entries = self.cache.entries
+        if len(entries) <= 1:
+            return None
+        keys = self.cache.keys_list()
+        for _ in range(6):
+            k = keys[self.rng.randrange(len(keys))]
+            if k == self.key or k in exclude or k in self._suspects:
+                continue
+            rec = entries[k].record
+            if rec.gossip_addr is not None:
+                return rec
+        return None
+
+    def _live_peer(self, exclude: set[bytes]) -> NodeRecord | None:
+        """A random peer, preferring one heard from recently (for forwarding)."""
+        best: NodeRecord | None = None
+        best_seen = -1.0
+        entries = self.cache.entries
+        for _ in range(4):
+            rec = self._random_peer(exclude)
+            if rec is None:
+                break
+            seen = entries[rec.key].last_heard or 0.0
+            if seen > best_seen:
+                best, best_seen = rec, seen
+        return best
+
+    def _contact_seeds(self, now: float) -> None:
+        cfg = self.config
+        for seed in self.rng.sample(self._seeds, min(1, len(self._seeds))):
+            nonce = self.rng.getrandbits(32)
+            b = Builder(cfg.max_datagram)
+            b.add(Sec.PING if seed.public_key else Sec.HELLO, wire.encode_u32(nonce))
+            if seed.public_key is None:
+                b.add(Sec.RECORD, self.local.raw)
+                data = b.finish_hello(self.identity.public_key, int(now), cfg.hello_size)
+                self._emit(data, seed.addr)
+                self._pending[nonce] = _Pending(None, now, "hello", seed.addr)
+                continue
+            need = self._need_bitmap()
+            if need is not None:
+                b.add(Sec.NEED, need)
+            if self._send_to(b, seed.public_key, seed.addr, now):
+                key = node_id_of(seed.public_key)[:KEY_SIZE]
+                self._pending[nonce] = _Pending(key, now, "sync", seed.addr)
+
+    def _need_bitmap(self) -> bytes | None:
+        v = self.cache.version
+        if self._need_at != v:
+            self._need_at = v
+            bm = self.cache.need_bitmap()
+            self._need = bm if any(bm) else None
+        return self._need
+
+    def _send_sync(self, partner: NodeRecord, now: float) -> None:
+        cfg = self.config
+        addr = partner.gossip_addr
+        if addr is None:
+            return
+        b = Builder(cfg.max_datagram)
+        nonce = self.rng.getrandbits(32)
+        b.add(Sec.PING, wire.encode_u32(nonce))
+        need = self._need_bitmap()
+        pgroup = id_group(partner.node_id, cfg.group_bits)
+        if pgroup != self.my_group and self._stale_contacts(pgroup, now):
+            # ask the partner for members of its own group it heard from lately
+            bm = bytearray(need or bytes(((1 << cfg.group_bits) + 7) // 8))
+            bm[pgroup >> 3] |= 0x80 >> (pgroup & 7)
+            need = bytes(bm)
+        if need is not None:
+            b.add(Sec.NEED, need)
+        pkey = partner.key
+        if id_group(partner.node_id, cfg.group_bits) == self.my_group:
+            self._add_page(b)
+        self._add_rumours(b, pkey)
+        if self._send(b, partner, now):
+            self._pending[nonce] = _Pending(pkey, now, "sync", addr)
+
+    def _stale_contacts(self, group: int, now: float) -> bool:
+        """True if we have heard from no member of ``group`` for ``contact_fresh`` seconds."""
+        horizon = now - self.config.contact_fresh
+        entries = self.cache.entries
+        for k in self.cache.members[group]:
+            heard = entries[k].last_heard
+            if heard is not None and heard >= horizon:
+                return False
+        return True
+
+    def _add_page(self, b: Builder) -> None:
+        cfg = self.config
+        n = self.cache.home_count
+        sub_bits = 0
+        while (n >> sub_bits) > cfg.page_target and sub_bits < 6:
+            sub_bits += 1
+        index = self.rng.randrange(1 << sub_bits)
+        items = self.cache.home_page(sub_bits, index)
+        limit = min(cfg.page_max, (self._budget_room(b) - 3) // wire.DIGEST_SIZE)
+        if limit < 0:
+            return
+        complete = len(items) <= limit
+        if not complete:
+            items = items[:limit]
+        b.add(Sec.PAGE, wire.encode_page(sub_bits, index, complete, items))
+
+    def _add_rumours(self, b: Builder, partner: bytes) -> None:
+        """HAVE and DEAD digests, newest first, each sent a bounded number of times.
+
+        Digests of records homed in the partner's group go in HOME_HAVE, which the partner
+        fetches first; a partner in our own group first hears what changed in the group.
+        That keeps home groups complete while global rumours compete for the budget."""
+        cfg = self.config
+        bits = cfg.group_bits
+        pgroup = id_group(partner, bits)
+        room = min(cfg.max_have, self._budget_room(b) // wire.DIGEST_SIZE - 2)
+        if room <= 0:
+            return
+        homed: list[tuple[bytes, int]] = []
+        items: list[tuple[bytes, int]] = []
+        if pgroup == self.my_group and self._hot_home:
+            self._take(self._hot_home, homed, partner, room)
+        if self._hot and len(homed) < room:
+            entries = self.cache.entries
+            taken = {k for k, _ in homed}
+            spent: list[bytes] = []
+            for k in reversed(self._hot):
+                if k == partner or k in taken:
+                    continue
+                v = self._hot[k]
+                e = entries.get(k)
+                if e is not None and pgroup in e.record.homes(bits):
+                    homed.append((k, v[0]))
+                else:
+                    items.append((k, v[0]))
+                v[1] -= 1
+                if v[1] <= 0:
+                    spent.append(k)
+                if len(items) + len(homed) >= room:
+                    break
+            for k in spent:
+                del self._hot[k]
+        if homed:
+            b.add(Sec.HOME_HAVE, wire.digests(homed))
+        if items:
+            b.add(Sec.HAVE, wire.digests(items))
+        if self._dead:
+            claims: list[tuple[bytes, int]] = []
+            room = min(cfg.max_dead, self._budget_room(b) // wire.DIGEST_SIZE - 1)
+            if room > 0:
+                self._take(self._dead, claims, partner, room)
+            if claims:
+                b.add(Sec.DEAD, wire.digests(claims))
+
+    @staticmethod
+    def _take(
+        table: dict[bytes, list[int]], out: list[tuple[bytes, int]], partner: bytes, room: int
+    ) -> None:
+        """Newest rumours first; each costs one of its remaining transmissions."""
+        spent: list[bytes] = []
+        for k in reversed(table):
+            if k == partner:
+                continue
+            v = table[k]
+            out.append((k, v[0]))
+            v[1] -= 1
+            if v[1] <= 0:
+                spent.append(k)
+            if len(out) >= room:
+                break
+        for k in spent:
+            del table[k]
+
+    def _budget_room(self, b: Builder) -> int:
+        """Bytes still allowed in ``b``: datagram room and the sliding one-interval budget."""
+        log = self._sent_log
+        horizon = self._now - self.config.interval
+        while log and log[0][0] <= horizon:
+            self._spent -= log.popleft()[1]
+        return min(b.room(), self.config.send_budget - self._spent - b.size - wire.SECTION.size)
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def _emit(self, data: bytes, addr: Addr) -> None:
+        self._out.append((data, addr))
+        self._spent += len(data)
+        self._sent_log.append((self._now, len(data)))
+        self.tx_datagrams += 1
+        self.tx_bytes += len(data)
+
+    def _send(self, b: Builder, rec: NodeRecord, now: float) -> bool:
+        addr = rec.gossip_addr
+        if addr is None:
+            return False
+        return self._send_to(b, rec.public_key, addr, now)
+
+    def _send_to(self, b: Builder, pk: bytes, addr: Addr, now: float) -> bool:
+        keys = self.keys.get(pk)
+        if keys is None:
+            try:
+                keys = self.keys.derive(pk)
+            except RecordError:
+                return False
+        self._emit(b.finish(self.identity.public_key, int(now), keys[0]), addr)
+        return True
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def _banned(self, pk: bytes, src: str, now: float) -> bool:
+        for k in (pk, src):
+            until = self._bans.get(k)
+            if until is not None:
+                if until > now:
+                    return True
+                del self._bans[k]
+        return False
+
+    def _ban(self, pk: bytes, src: str, now: float) -> None:
+        until = now + self.config.ban_seconds
+        self._bans[pk] = until
+        self._bans[src] = until
+        self._count("bans")
+
+    def _accept(self, raw: bytes, src: str, pk: bytes, now: float) -> NodeRecord | None:
+        """Verify a record and offer it to the cache; the verified record or None."""
+        try:
+            rec = self.codec.load(raw)
+            rec.check_time(now)
+        except RecordError as exc:
+            self._count("rec_" + exc.reason)
+            if exc.reason in ("forged", "malformed", "oversized"):
+                self._ban(pk, src, now)
+            return None
+        key = rec.key
+        self._inflight.pop(key, None)
+        if key == self.key:
+            if rec.public_key == self.identity.public_key and rec.seq > self.local.seq:
+                self._resign(now, above=rec.seq)  # an older incarnation's record: outrank it
+            return rec
+        old = self.cache.entry(key)
+        old_seq = old.record.seq if old is not None else -1
+        res = self.cache.put(rec, now, src)
+        if res in {"added", "updated"}:
+            if res == "updated" or self._fresh(rec.seq, now):
+                self._hot_add(key, rec.seq)
+            elif self.cache.entries[key].home:
+                self._page_fill = self.round  # an old home record we lacked: still syncing
+            self._suspects.pop(key, None)
+            self._drain_dropped()
+            if self.config.emit_peer_events:
+                if res == "added":
+                    self._events.append(PeerAdded(rec))
+                else:
+                    self._events.append(PeerUpdated(rec, old_seq))
+        else:
+            self._count("rec_" + res)
+        return rec
+
+    def _fresh(self, seq: int, now: float) -> bool:
+        """Signed recently (seq is the signing time in ms by convention): worth a rumour."""
+        return seq >= (now - self.config.hot_window) * 1000
+
+    def _hot_add(self, key: bytes, seq: int) -> None:
+        """Start a rumour about a new record version (and a group rumour if it is ours)."""
+        n = self.config.hot_transmissions
+        e = self.cache.entries.get(key)
+        tables = (self._hot, self._hot_home) if e is not None and e.home else (self._hot,)
+        for hot in tables:
+            hot.pop(key, None)
+            hot[key] = [seq, n]
+            if len(hot) > self.config.max_hot:
+                del hot[next(iter(hot))]
+
+    def _on_hello(self, data: bytes, pk: bytes, addr: Addr, src: str, now: float) -> None:
+        if self._hello_left <= 0:
+            self._count("drop_hellorate")
+            return
+        self._hello_left -= 1
+        try:
+            m = wire.parse(data, wire.HEADER.size, len(data))
+        except wire.WireError:
+            self._count("drop_malformed")
+            return
+        if m.hello is None:
+            self._count("drop_malformed")
+            return
+        joiner: NodeRecord | None = None
+        for raw in m.records[:1]:
+            joiner = self._accept(raw, src, pk, now)
+            if joiner is None or joiner.public_key != pk:
+                return
+        b = Builder(min(self.config.max_datagram, len(data)))
+        b.add(Sec.ACK, wire.encode_u32(m.hello))
+        b.add(Sec.RECORD, self.local.raw)
+        if joiner is not None:
+            # a head start: members of each group the newcomer must publish to and sync with
+            for g in joiner.homes(self.config.group_bits):
+                for c in self.cache.contacts(g, 2):
+                    if c.record.key != joiner.key and not b.add(Sec.RECORD, c.record.raw):
+                        break
+        self._send_to(b, pk, addr, now)
+
+    def _on_message(
+        self, m: wire.Message, pk: bytes, sender: bytes, addr: Addr, src: str, now: float
+    ) -> None:
+        cfg = self.config
+        cache = self.cache
+        e = cache.entries.get(sender)
+        if e is not None:
+            e.last_heard = now
+            e.failures = 0
+        elif sender in cache.tombs:
+            restored = cache.lift_tomb(sender, now)
+            if restored is not None and cfg.emit_peer_events:
+                self._events.append(PeerAdded(restored))
+        if self._suspects:
+            self._suspects.pop(sender, None)
+        if self._dead:
+            self._dead.pop(sender, None)
+        for nonce in m.acks:
+            p = self._pending.pop(nonce, None)
+            if p is not None and p.kind == "hello":
+                for s in self._seeds:
+                    if s.addr == p.addr and s.public_key is None:
+                        s.public_key = pk
+        got: list[NodeRecord] = []
+        for raw in m.records:
+            rec = self._accept(raw, src, pk, now)
+            if rec is not None:
+                got.append(rec)
+        for raw in m.relays:
+            self._on_relay(raw, pk, sender, src, now)
+        reply = Builder(cfg.max_datagram)
+        for nonce in m.pings:
+            reply.add(Sec.ACK, wire.encode_u32(nonce))
+        for q in m.lookups:
+            self._on_lookup(q, pk, addr, now)
+        if m.answers:
+            self._on_answers(m.answers, got, sender, now)
+        # decide what to ask for and what to push
+        want: list[bytes] = []
+        push: list[NodeRecord] = []
+        claims: list[tuple[bytes, int]] = []
+        if m.page is not None and id_group(sender, cfg.group_bits) == self.my_group:
+            self._on_page(m.page, want, push, claims, now)
+        if m.home_have:
+            self._want_from(m.home_have, want, now, high=True)
+        if m.have:
+            self._want_from(m.have, want, now, high=False)
+        if want:
+            reply.add(Sec.WANT, b"".join(want))
+        # answer their WANT first, then page pushes, then contacts
+        for k in m.want:
+            e2 = cache.entries.get(k)
+            if e2 is not None and not self._add_record(reply, e2.record):
+                break
+        for rec in push:
+            if not self._add_record(reply, rec):
+                break
+        if m.need is not None:
+            self._offer_contacts(reply, m.need, sender)
+        if claims:
+            reply.add(Sec.DEAD, wire.digests(claims[: cfg.max_dead]))
+        if m.dead:
+            self._on_dead(m.dead, sender, now)
+        if m.pings:
+            self._add_rumours(reply, sender)
+        if reply:
+            self._send_to(reply, pk, addr, now)
+
+    def _add_record(self, b: Builder, rec: NodeRecord) -> bool:
+        if len(rec.raw) > self._budget_room(b):
+            self._count("budget_cut")
+            return False
+        return b.add(Sec.RECORD, rec.raw)
+
+    def _want_from(
+        self, items: list[tuple[bytes, int]], want: list[bytes], now: float, *, high: bool
+    ) -> None:
+        """Ask for newer or missing records; low-priority ones only within the round budget."""
+        cfg = self.config
+        cache = self.cache
+        entries = cache.entries
+        for k, seq in items:
+            if len(want) >= cfg.max_want:
+                return
+            if k == self.key:
+                continue
+            e = entries.get(k)
+            if e is not None:
+                if e.record.seq >= seq:
+                    continue
+                prio = True
+            else:
+                if cache.tombs and cache.tombstoned(k, seq):
+                    continue
+                prio = high or (
+                    cfg.group_bits == 0
+                    or int.from_bytes(k[:4], "big") >> (32 - cfg.group_bits) == self.my_group
+                )
+                if not prio and not self._fresh(seq, now):
+                    continue  # an old record someone just learned: not news
+            t = self._inflight.get(k)
+            if t is not None and t > now:
+                continue
+            if prio:
+                if self._wanted >= cfg.want_budget:
+                    continue
+                self._wanted += 1
+            else:
+                if self._wanted_low >= cfg.want_budget_low:
+                    continue
+                self._wanted_low += 1
+            self._inflight[k] = now + cfg.interval
+            want.append(k)
+
+    def _on_page(
+        self,
+        page: tuple[int, int, int, list[tuple[bytes, int]]],
+        want: list[bytes],
+        push: list[NodeRecord],
+        claims: list[tuple[bytes, int]],
+        now: float,
+    ) -> None:
+        sub_bits, index, flags, items = page
+        cache = self.cache
+        mine_items = cache.home_page(sub_bits, index)
+        if (
+            flags & wire.PAGE_COMPLETE
+            and len(mine_items) == len(items)
+            and set(mine_items) == set(items)
+        ):
+            return  # in sync: the common case, decided at C speed
+        entries = cache.entries
+        mine = dict(mine_items)
+        newer: list[tuple[bytes, int]] = []
+        for k, seq in items:
+            mine.pop(k, None)
+            e = entries.get(k)
+            if e is None:
+                t = cache.tombs.get(k) if cache.tombs else None
+                if t is not None and seq <= t.seq:
+                    claims.append((k, seq))
+                else:
+                    newer.append((k, seq))
+            elif e.record.seq < seq:
+                newer.append((k, seq))
+            elif e.record.seq > seq:
+                push.append(e.record)
+        if newer:
+            self._want_from(newer, want, now, high=True)
+        if flags & wire.PAGE_COMPLETE and mine:
+            extra = list(mine)
+            if len(extra) > 8:
+                extra = self.rng.sample(extra, 8)
+            push.extend(entries[k].record for k in extra)
+
+    def _offer_contacts(self, b: Builder, need: bytes, requester: bytes) -> None:
+        cfg = self.config
+        groups = [
+            g for g in range(min(len(need) * 8, 1 << cfg.group_bits))
+            if need[g >> 3] & (0x80 >> (g & 7)) and self.cache.members[g]
+        ]
+        if not groups:
+            return
+        self.rng.shuffle(groups)
+        for g in groups[: cfg.contact_offers]:
+            # the best we know: recently heard (a group's own members know it best)
+            for c in self.cache.contacts(g, 2):
+                if c.record.key != requester:
+                    if not self._add_record(b, c.record):
+                        return
+                    break
+
+    def _on_relay(self, raw: bytes, pk: bytes, sender: bytes, src: str, now: float) -> None:
+        """Store a joining node's record in its home groups on its behalf (rate limited)."""
+        if self._relays_left <= 0:
+            self._count("drop_relayrate")
+            return
+        rec = self._accept(raw, src, pk, now)
+        if rec is None or rec.key != sender:
+            return
+        last = self._relay_seen.get(sender)
+        if last is not None and self.round - last < 5:
+            return
+        self._relays_left -= 1
+        self._relay_seen[sender] = self.round
+        if len(self._relay_seen) > 1024:
+            self._relay_seen.clear()
+        for g in rec.homes(self.config.group_bits):
+            if g == self.my_group:
+                continue
+            for c in self.cache.contacts(g, 3):
+                if c.record.key != sender:
+                    b = Builder(self.config.max_datagram)
+                    b.add(Sec.RECORD, rec.raw)
+                    self._send(b, c.record, now)
+
+    def _on_dead(self, items: list[tuple[bytes, int]], sender: bytes, now: float) -> None:
+        """Claims are hints: cache copies are dropped, home copies are probed first-hand."""
+        cfg = self.config
+        for k, seq in items[: 2 * cfg.max_dead]:
+            if k in (self.key, sender):
+                continue
+            e = self.cache.entries.get(k)
+            if e is None or e.record.seq != seq:
+                continue
+            if e.last_heard is not None and now - e.last_heard < 2 * cfg.interval:
+                continue
+            if e.home:
+                if k not in self._suspects and len(self._suspects) < 64:
+                    self._suspects[k] = seq
+            else:
+                self.cache.remove(k, now)
+                self._emit_removed(e.record.node_id, "reported-dead")
+
+    def _no_answer(self, key: bytes, kind: str, now: float) -> None:
+        if kind == "publish":
+            self._publish_due = min(self._publish_due, self.round + 1)
+        if kind == "probe":
+            self._declare_dead(key, now)
+            return
+        n = self.cache.failed(key)
+        if n >= self.config.fail_limit:
+            self._declare_dead(key, now)
+        elif n > 0 and len(self._suspects) < 64:
+            self._suspects[key] = n
+
+    def _declare_dead(self, key: bytes, now: float) -> None:
+        """First-hand: we got no answer. Remove, remember, tell the group and the homes."""
+        rec = self.cache.remove(key, now, tomb=True)
+        self._suspects.pop(key, None)
+        if rec is None:
+            return
+        self._count("declared_dead")
+        self._emit_removed(rec.node_id, "unreachable")
+        self._dead[key] = [rec.seq, self.config.dead_transmissions]
+        if len(self._dead) > 128:
+            del self._dead[next(iter(self._dead))]
+        if id_group(rec.node_id, self.config.group_bits) != self.my_group:
+            return
+        for g in rec.homes(self.config.group_bits):
+            if g == self.my_group:
+                continue
+            cs = self.cache.contacts(g, 1)
+            if cs:
+                b = Builder(self.config.max_datagram)
+                b.add(Sec.DEAD, wire.digests([(key, rec.seq)]))
+                self._send(b, cs[0].record, now)
+
+    def _emit_removed(self, node_id: bytes, reason: str) -> None:
+        if self.config.emit_peer_events:
+            self._events.append(PeerRemoved(node_id, reason))
+
+    def _drain_dropped(self) -> None:
+        """Evictions the cache made on its own become PeerRemoved events."""
+        dropped = self.cache.dropped
+        if dropped:
+            if self.config.emit_peer_events:
+                for rec in dropped:
+                    self._events.append(PeerRemoved(rec.node_id, "evicted"))
+            dropped.clear()
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    def _on_lookup(self, q: wire.Lookup, pk: bytes, addr: Addr, now: float) -> None:
+        """Answer from our cache; a settled member of the home group answers authoritatively;
+        anyone else with hops left passes it on (to its contacts in the home group, else to a
+        well-known member of its own group), and whoever knows answers the origin directly."""
+        cfg = self.config
+        try:
+            route = normalize_route(q.key)
+        except RecordError:
+            return
+        direct = q.origin_pk is None
+        origin_pk, origin_addr = (pk, addr) if direct else (q.origin_pk, q.origin_addr)
+        if origin_pk is None or origin_addr is None or origin_pk == self.identity.public_key:
+            return
+        found = self.cache.lookup(route)
+        b = Builder(cfg.max_datagram)
+        g = route_group(route, cfg.group_bits)
+        if found:
+            b.add(Sec.ANSWER, wire.encode_answer(q.qid, Answer.FOUND))
+            for rec in found[: cfg.lookup_records]:
+                if not b.add(Sec.RECORD, rec.raw):
+                    break
+        elif g == self.my_group and self.settled:
+            b.add(Sec.ANSWER, wire.encode_answer(q.qid, Answer.NOT_FOUND))
+        elif q.hops > 0 and self._forward_lookup(q, route, g, origin_pk, origin_addr, now):
+            if not direct:
+                return
+            b.add(Sec.ANSWER, wire.encode_answer(q.qid, Answer.FORWARDED))
+        elif direct:
+            b.add(Sec.ANSWER, wire.encode_answer(q.qid, Answer.UNSURE))
+        else:
+            return
+        self._send_to(b, origin_pk, origin_addr, now)
+
+    def _forward_lookup(
+        self, q: wire.Lookup, route: str, group: int, origin_pk: bytes, origin_addr: Addr,
+        now: float,
+    ) -> bool:
+        """Pass a lookup on with one hop less: to our best contacts in ``group`` or, with
+        none, to the best-known member of our own group."""
+        hops = q.hops - 1
+        fwd = wire.encode_lookup(wire.Lookup(q.qid, hops, route, origin_pk, origin_addr))
+        targets = [
+            c.record for c in self.cache.contacts(group, self.config.lookup_fanout + 1)
+            if c.record.public_key != origin_pk and c.record.key not in self._suspects
+        ]
+        if not targets and hops > 0:
+            peer = self._forwarder({node_id_of(origin_pk)[:KEY_SIZE]})
+            if peer is not None:
+                targets.append(peer)
+        sent = False
+        for t in targets:
+            b = Builder(self.config.max_datagram)
+            b.add(Sec.LOOKUP, fwd)
+            sent = self._send(b, t, now) or sent
+        return sent
+
+    def _forwarder(self, exclude: set[bytes]) -> NodeRecord | None:
+        """The member of our own group we heard from most recently (of a few sampled): the
+        peers whose liveness we know best. Falls back to any live-looking peer."""
+        pool = self.cache.members_list(self.my_group)
+        entries = self.cache.entries
+        best: NodeRecord | None = None
+        best_seen = -1.0
+        if len(pool) > 1:
+            for _ in range(8):
+                k = pool[self.rng.randrange(len(pool))]
+                if k == self.key or k in exclude or k in self._suspects:
+                    continue
+                e = entries[k]
+                seen = e.last_heard or 0.0
+                if seen > best_seen and e.record.gossip_addr is not None:
+                    best, best_seen = e.record, seen
+        return best if best is not None else self._live_peer(exclude)
+
+    def _on_answers(
+        self, answers: list[tuple[int, int]], got: list[NodeRecord], sender: bytes, now: float
+    ) -> None:
+        for qid, status in answers:
+            st = self._lookups.get(qid)
+            if st is None:
+                continue
+            for rec in got:
+                if st.route in rec.routes:
+                    st.records[rec.key] = rec
+            if st.records:
+                self._finish_lookup(st)
+                continue
+            st.tried.add(sender)
+            if st.waiting.pop(sender, None) is not None and status == Answer.FORWARDED:
+                st.forwarded = True
+            elif status != Answer.FOUND and not st.waiting and not st.forwarded:
+                self._lookup_attempt(st, now)  # everyone asked said no: next attempt now
+
+    def _lookup_attempt(self, st: _Lookup, now: float) -> None:
+        """Ask up to ``lookup_fanout`` contacts in the home group at once (or, without any,
+        a live peer who forwards); silent contacts count as failures."""
+        cfg = self.config
+        if st.deadline <= now:
+            for key, hops in st.waiting.items():
+                if hops == 1:
+                    self._no_answer(key, "lookup", now)  # a contact that said nothing
+        st.waiting.clear()
+        st.forwarded = False
+        if st.attempts >= cfg.lookup_attempts or now >= st.give_up:
+            self._finish_lookup(st)
+            return
+        st.attempts += 1
+        st.deadline = now + cfg.lookup_timeout
+        if st.group == self.my_group and self.settled and st.attempts == 1:
+            for r in self.cache.lookup(st.route):
+                st.records[r.key] = r
+            if st.records:
+                self._finish_lookup(st)
+                return
+        targets: list[NodeRecord] = []
+        for e in self.cache.contacts(st.group, cfg.lookup_fanout + len(st.tried) + 2):
+            k = e.record.key
+            if k not in st.tried and k not in self._suspects:
+                targets.append(e.record)
+                if len(targets) >= cfg.lookup_fanout:
+                    break
+        asks = [(t, 1) for t in targets]  # one hop: an unsynced member may pass it on
+        if len(targets) < cfg.lookup_fanout or st.attempts > 1:
+            # few or failing contacts: also ask a well-known peer to forward into the group
+            peer = self._forwarder(st.tried | {t.key for t in targets})
+            if peer is not None:
+                asks.append((peer, 2))
+        if not asks:
+            st.attempts -= 1  # nobody to ask yet (still bootstrapping): wait, up to give_up
+            return
+        for t, hops in asks:
+            b = Builder(cfg.max_datagram)
+            b.add(Sec.LOOKUP, wire.encode_lookup(wire.Lookup(st.qid, hops, st.route)))
+            if self._send(b, t, now):
+                st.tried.add(t.key)
+                st.waiting[t.key] = hops
+
+    def _finish_lookup(self, st: _Lookup) -> None:
+        self._lookups.pop(st.qid, None)
+        recs = tuple(st.records.values())
+        self._events.append(LookupCompleted(st.qid, st.route, recs, bool(recs)))
+
+    # -- misc ------------------------------------------------------------------------------
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.stats[name] = self.stats.get(name, 0) + n
