@@ -5,19 +5,24 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import pytest
+
 from harness import Baresip, FreecallDaemon, Linphonec, assert_tone
 
 USERS = {"alice": "alice-secret", "bob": "bob-secret"}
 
 
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
 def test_two_baresip_call_through_the_daemon(
-    freecall_daemon: Callable[..., FreecallDaemon], baresip: Callable[..., Baresip]
+    transport: str,
+    freecall_daemon: Callable[..., FreecallDaemon],
+    baresip: Callable[..., Baresip],
 ) -> None:
     node = freecall_daemon(users=USERS, domains=["example.org"])
     alice = baresip("alice", registrar=node.sip_addr, password=USERS["alice"], tone_hz=440,
-                    domain="example.org")
+                    domain="example.org", transport=transport)
     bob = baresip("bob", registrar=node.sip_addr, password=USERS["bob"], tone_hz=880,
-                  domain="example.org")
+                  domain="example.org", transport=transport)
     alice.wait_registered()
     bob.wait_registered()
     alice.dial("sip:bob@example.org")
