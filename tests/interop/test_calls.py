@@ -37,7 +37,8 @@ def test_two_baresip_call_through_the_daemon(
         assert stats[-1].rx_packets >= 75, stats
         assert_tone(ua.last_decoded_wav(), heard)
     log = node.log_text()
-    assert "registered" in log and "answered" in log
+    assert "registered alice@example.org at sip:" in log and f" via {transport}:" in log
+    assert "answered" in log
     assert "hung up by caller" in log
 
 
