@@ -1,0 +1,1 @@
+"""Tests of freecall.routing (a package, so helpers import as routing.fakedns)."""
