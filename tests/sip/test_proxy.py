@@ -563,3 +563,25 @@ def test_retransmitted_invite_is_absorbed_not_forked_again() -> None:
     assert len(requests(first)) == 2
     again = node.feed(request, ALICE)  # a UDP retransmission of the same INVITE
     assert responses(again) == [100] and not requests(again)
+
+
+def test_503_and_silence_fail_over_to_the_next_address() -> None:
+    """RFC 3263 section 4.3: on a 503, or no response at all, try the next address."""
+    node = Node()
+    flows = (
+        Flow("udp", ("198.51.100.8", 5062)),
+        Flow("udp", ("198.51.100.9", 5062)),
+        Flow("udp", ("198.51.100.10", 5062)),
+    )
+    node.resolver.answer = Resolution((Target(parse_uri("sip:carol@b.test"), flows, "dns"),))
+    _, out = authenticated_invite(node, to="sip:carol@b.test", branch="z9hG4bKfo503")
+    ((first, flow),) = requests(out)
+    assert flow.remote == flows[0].remote
+    out = node.feed(reply(first, 503, "x"), flow)
+    acks = [f for m, f in requests(out) if m.method == "ACK"]
+    assert [f.remote for f in acks] == [flows[0].remote]  # the 503 is acknowledged
+    ((_second, flow2),) = [(m, f) for m, f in requests(out) if m.method == "INVITE"]
+    assert flow2.remote == flows[1].remote and 503 not in responses(out)
+    sent = node.advance(node.now + 40.0)  # the second address never answers: Timer B
+    third = [(m, f) for m, f in requests(sent) if f.remote == flows[2].remote]
+    assert third and third[0][0].method == "INVITE"

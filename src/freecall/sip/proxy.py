@@ -363,7 +363,14 @@ class Proxy:
             txn = event.transaction
             branch = txn.user_data
             if isinstance(txn, ClientTransaction) and isinstance(branch, Branch):
-                if isinstance(event, TransportFailed) and self._try_next_flow(branch, now):
+                # RFC 3263 section 4.3: a transport error, or no response at all, moves on to
+                # the next address of the target
+                silent = isinstance(event, TransactionTimedOut) and (
+                    branch.state is BranchState.TRYING
+                )
+                if (isinstance(event, TransportFailed) or silent) and self._try_next_flow(
+                    branch, now
+                ):
                     return
                 status = 503 if isinstance(event, TransportFailed) else 408
                 self._branch_final(branch, self._synthetic(branch, status), now)
@@ -619,6 +626,8 @@ class Proxy:
             if status > 100 and not context.final_sent:
                 self._forward_response(context, response, now)
             return
+        if status == 503 and self._try_next_flow(branch, now):
+            return  # RFC 3263 section 4.3: a 503 also moves on to the next address
         if 200 <= status < 300 and branch.state is BranchState.DONE:
             # RFC 6026: a retransmitted or forked 2xx after the first still goes upstream
             self._forward_response(context, response, now)
