@@ -168,7 +168,11 @@ def _lookup_name(name: str) -> tuple[str, str, int]:
 
 
 class Header:
-    """One header field: lower-case key, the name to write, and one value."""
+    """One header field: lower-case key, the name to write, and one value.
+
+    Treated as immutable: messages parsed with a :class:`HeaderCache` share Header objects, so
+    a change to a message replaces a Header in its list and never edits one.
+    """
 
     __slots__ = ("key", "name", "value")
 
@@ -348,9 +352,10 @@ class Message:
     def replace_first(self, name: str, value: HeaderValue) -> None:
         self._first = None
         key = header_key(name)
-        for h in self.headers:
+        for i, h in enumerate(self.headers):
             if h.key == key:
-                h.value = value
+                # a new Header: parsed ones may be shared with other messages (HeaderCache)
+                self.headers[i] = Header(h.key, h.name, value)
                 return
         self.prepend(name, value)
 
@@ -627,13 +632,13 @@ class HeaderCache:
     __slots__ = ("entries", "max_entries", "max_line", "misses", "start_lines")
 
     def __init__(self, max_entries: int = 4096, max_line: int = 512) -> None:
-        self.entries: dict[str, tuple[str, str, int, tuple[HeaderValue, ...]]] = {}
+        self.entries: dict[str, tuple[str, str, int, tuple[Header, ...]]] = {}
         self.start_lines: dict[str, tuple[str, Uri]] = {}
         self.max_entries = max_entries
         self.max_line = max_line
         self.misses = 0
 
-    def store(self, line: str, entry: tuple[str, str, int, tuple[HeaderValue, ...]]) -> None:
+    def store(self, line: str, entry: tuple[str, str, int, tuple[Header, ...]]) -> None:
         self.misses += 1
         if len(line) > self.max_line:
             return
@@ -754,6 +759,7 @@ def _parse_headers(
     """
     headers = msg.headers
     append = headers.append
+    extend = headers.extend
     lookup = _NAME_LOOKUP.get
     cached = cache.entries.get if cache is not None else None
     content_length: int | None = None
@@ -774,8 +780,13 @@ def _parse_headers(
             key, wire_name, kind = found
             value = value.strip(" \t")
             if kind == RAW:
-                entry = (key, wire_name, RAW, (value,))
-            elif kind == CONTENT_LENGTH:
+                entry = (key, wire_name, RAW, (Header(key, wire_name, value),))
+                if cache is not None:
+                    cache.store(line, entry)
+                append(entry[3][0])
+                continue
+            values: tuple[HeaderValue, ...]
+            if kind == CONTENT_LENGTH:
                 length = (
                     int(value)
                     if value.isdigit() and len(value) < 6 and value.isascii()
@@ -783,7 +794,7 @@ def _parse_headers(
                 )
                 if length > MAX_MESSAGE_SIZE:
                     raise SipParseError(f"Content-Length {length} out of range")
-                entry = (key, wire_name, kind, (length,))
+                values = (length,)
             elif kind == MAX_FORWARDS:
                 hops = (
                     int(value)
@@ -792,26 +803,29 @@ def _parse_headers(
                 )
                 if hops > 255:
                     raise SipParseError(f"Max-Forwards {hops} out of range")
-                entry = (key, wire_name, kind, (hops,))
+                values = (hops,)
             else:
-                entry = (key, wire_name, kind, _typed_values(kind, wire_name, value))
+                values = _typed_values(kind, wire_name, value)
+            if len(values) == 1:
+                entry = (key, wire_name, kind, (Header(key, wire_name, values[0]),))
+            else:
+                entry = (key, wire_name, kind, tuple([Header(key, wire_name, v) for v in values]))
             if cache is not None:
                 cache.store(line, entry)
-        key, wire_name, kind, values = entry
+        key, wire_name, kind, built = entry
         if kind == RAW:
-            append(Header(key, wire_name, values[0]))
+            append(built[0])
             continue
         if kind < LIST:  # single-valued (RFC 4475 section 3.3.8)
             if key in seen:
                 raise SipParseError(f"more than one {wire_name} header")
             seen.add(key)
             if kind == CONTENT_LENGTH:
-                content_length = values[0]
+                content_length = built[0].value
                 continue
         elif key == "via":
             has_via = True
-        for typed in values:
-            append(Header(key, wire_name, typed))
+        extend(built)
     if not has_via or not seen >= _REQUIRED:
         _check_required(msg)  # raises, naming what is missing
     return content_length
