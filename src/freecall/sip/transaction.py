@@ -231,7 +231,7 @@ class Transaction:
 class ClientTransaction(Transaction):
     """Sections 17.1.1 (INVITE) and 17.1.2 (non-INVITE), RFC 6026 section 7.2 (Accepted)."""
 
-    __slots__ = ("_interval", "ack", "last_response", "request", "wire")
+    __slots__ = ("_interval", "ack", "request", "wire")
 
     def __init__(self, layer: TransactionLayer, request: Request, flow: Flow, now: float):
         branch = request.via.branch or ""
@@ -241,7 +241,6 @@ class ClientTransaction(Transaction):
         self.request: Final = request
         self.wire: Final = request.to_bytes()
         self.ack: bytes | None = None
-        self.last_response: Response | None = None
         t = layer.timers
         self._interval = t.t1
         layer._send(self.wire, flow)
@@ -263,7 +262,6 @@ class ClientTransaction(Transaction):
         t = layer.timers
         if self.invite:
             if state in (State.CALLING, State.PROCEEDING):
-                self.last_response = response
                 if status < 200:
                     if state is State.CALLING:
                         self.state = State.PROCEEDING
@@ -293,7 +291,6 @@ class ClientTransaction(Transaction):
             return
         # non-INVITE
         if state in (State.TRYING, State.PROCEEDING):
-            self.last_response = response
             if status < 200:
                 if state is State.TRYING:
                     self.state = State.PROCEEDING
@@ -358,15 +355,14 @@ class ClientTransaction(Transaction):
 class ServerTransaction(Transaction):
     """Sections 17.2.1 (INVITE) and 17.2.2 (non-INVITE), RFC 6026 section 7.1 (Accepted)."""
 
-    __slots__ = ("_interval", "last_response", "last_wire", "request", "request_flow", "to_tag")
+    __slots__ = ("_interval", "last_wire", "request", "request_flow", "to_tag")
 
     def __init__(self, layer: TransactionLayer, key: ServerKey, request: Request, flow: Flow):
         super().__init__(layer, key, response_flow(flow, request.via), request.method == "INVITE")
         self.request: Final = request
         self.request_flow: Final = flow  # where the request came from (``flow`` is where
         # responses go, section 18.2.2)
-        self.last_response: Response | None = None
-        self.last_wire: bytes | None = None
+        self.last_wire: bytes | None = None  # what a retransmitted request gets again
         self.to_tag: str | None = None  # tag of the final response, for RFC 2543 ACK matching
         self._interval = layer.timers.t1
         self.state = State.PROCEEDING if self.invite else State.TRYING
@@ -386,7 +382,6 @@ class ServerTransaction(Transaction):
         layer = self.layer
         t = layer.timers
         wire = response.to_bytes()
-        self.last_response = response
         self.last_wire = wire
         layer._send(wire, self.flow)
         if status < 200:
@@ -468,7 +463,7 @@ class TransactionLayer:
         self,
         timers: TimerValues | None = None,
         *,
-        max_server_transactions: int = 20000,
+        max_server_transactions: int = 100_000,
         auto_trying: bool = True,
         server_header: str | None = None,
     ) -> None:
