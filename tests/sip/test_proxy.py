@@ -585,3 +585,74 @@ def test_503_and_silence_fail_over_to_the_next_address() -> None:
     sent = node.advance(node.now + 40.0)  # the second address never answers: Timer B
     third = [(m, f) for m, f in requests(sent) if f.remote == flows[2].remote]
     assert third and third[0][0].method == "INVITE"
+
+
+def test_a_call_to_another_node_carries_only_public_addresses() -> None:
+    """Issue 4: Via, Record-Route and Contact of what leaves the node point at its public
+    address; the caller's softphone sees its own side; in-dialog requests come back."""
+    node = Node()
+    carol = Flow("udp", ("198.51.100.9", 5062))
+    node.resolver.answer = Resolution((Target(parse_uri("sip:carol@b.test"), (carol,), "dns"),))
+    request, out = authenticated_invite(node, to="sip:carol@b.test", branch="z9hG4bKedge")
+    ((fwd, flow),) = requests(out)
+    wire = fwd.to_bytes().replace(b"call-1@127.0.0.1", b"")  # the phone's own Call-ID
+    assert b"127.0.0.1" not in wire, wire.decode()
+    assert not fwd.has("Proxy-Authorization")  # our realm's credentials stay here
+    assert [v.sent_by for v in fwd.vias] == ["192.0.2.10:5062"]  # ours only: topology hidden
+    rr = fwd.record_routes[0].sip_uri
+    assert rr is not None and rr.host_port == "192.0.2.10:5062" and rr.params["fc"]
+    contact = fwd.contacts[0].sip_uri
+    assert contact is not None and contact.host_port == "192.0.2.10:5062"
+    assert contact.user == "alice"
+    # the 200 from the far node: Vias restored, our Record-Route names the loopback side
+    ok = reply(fwd, 200, "c1", contact="sip:carol@198.51.100.9:5062")
+    ok.set("Record-Route", fwd.record_routes[0])
+    up = node.feed(ok, flow)
+    ((answer, to_alice),) = [(m, f) for m, f in up if isinstance(m, Response)]
+    assert to_alice.remote == ALICE.remote
+    assert [v.branch for v in answer.vias] == [request.via.branch]
+    up_rr = answer.record_routes[0].sip_uri
+    assert up_rr is not None and up_rr.host_port == "127.0.0.1:5060"
+    assert up_rr.params["fc"] == rr.params["fc"]
+    # the far node hangs up: its BYE reaches alice's own contact
+    bye = invite(f"{contact}", method="BYE", branch="z9hG4bKfar", cseq=7,
+                 frm="<sip:carol@b.test>;tag=c1", via_host="198.51.100.9:5062")
+    bye.set("To", Address.parse("<sip:alice@a.test>;tag=al1"))
+    bye.append("Route", fwd.record_routes[0])
+    out = node.feed(bye, REMOTE)
+    ((to_softphone, hop),) = requests(out)
+    assert str(to_softphone.uri) == "sip:alice@127.0.0.1:5081" and hop.remote == ALICE.remote
+    # a forged contact token does not turn us into a relay
+    forged = invite(
+        "sip:alice@192.0.2.10:5062;fcc=c2lwOnZpY3RpbUAyMDMuMC4xMTMuNQ.aaaaaaaaaaaaaaaa",
+        method="BYE", branch="z9hG4bKforged", cseq=8, frm="<sip:carol@b.test>;tag=c1",
+        via_host="198.51.100.9:5062",
+    )
+    forged.set("To", Address.parse("<sip:alice@a.test>;tag=al1"))
+    forged.append("Route", fwd.record_routes[0])
+    out = node.feed(forged, REMOTE)
+    assert not requests(out) and responses(out)[-1] >= 400
+
+
+def test_an_incoming_call_answers_with_a_public_contact() -> None:
+    node = Node()
+    node.location.bindings["bob@a.test"] = [
+        Binding(Address.parse("<sip:bob@127.0.0.1:5083>"), BOB1)
+    ]
+    inbound = invite("sip:bob@a.test", branch="z9hG4bKin", via_host="198.51.100.7:5062",
+                     frm="<sip:carol@b.test>;tag=c9")
+    inbound.set("Contact", Address.parse("<sip:carol@198.51.100.7:5062>"))
+    ((fwd, _),) = requests(node.feed(inbound, REMOTE))
+    assert len(fwd.vias) == 2  # toward our own softphone nothing is hidden
+    loopback_rr = fwd.record_routes[0].sip_uri
+    assert loopback_rr is not None and loopback_rr.host_port == "127.0.0.1:5060"
+    ok = reply(fwd, 200, "b1", contact="sip:bob@127.0.0.1:5083")
+    ok.set("Record-Route", fwd.record_routes[0])  # a UAS echoes Record-Route
+    up = node.feed(ok, BOB1)
+    ((answer, flow),) = [(m, f) for m, f in up if isinstance(m, Response)]
+    assert flow.remote == REMOTE.remote
+    assert b"127.0.0.1" not in answer.to_bytes().replace(b"call-1@127.0.0.1", b"")
+    public_rr = answer.record_routes[0].sip_uri
+    assert public_rr is not None and public_rr.host_port == "192.0.2.10:5062"
+    contact = answer.contacts[0].sip_uri
+    assert contact is not None and contact.host_port == "192.0.2.10:5062"

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .auth import AuthStatus, DigestServer, parse_credentials
+from .errors import SipParseError
 from .flow import Flow
 from .headers import Address, CSeq, Via
 from .message import Header, Request, Response, make_response
@@ -49,7 +50,7 @@ from .transaction import (
     TransactionTimedOut,
     TransportFailed,
 )
-from .uri import SipUri, TelUri, Uri
+from .uri import SipUri, TelUri, Uri, parse_uri, unescape
 
 log = logging.getLogger("freecall.proxy")
 
@@ -256,6 +257,8 @@ class Branch:
     response: Response | None = None
     cancel_wanted: bool = False
     timer_c: float | None = None
+    record_route: bool = False  # add our Record-Route when sent (its address depends on the flow)
+    egress: Side = Side.SOFTPHONE  # the side of the listener the branch was sent from
 
 
 @dataclass(slots=True, eq=False)
@@ -551,29 +554,49 @@ class Proxy:
         return min(self.settings.domains) if self.settings.domains else "localhost"
 
     def _add_branch(self, context: Context, target: Target, now: float) -> None:
-        request = self._prepare_forward(context.request, target.uri, context)
-        branch = Branch(context, target, request)
+        original = context.request
+        request = Request(original.method, target.uri, list(original.headers), original.body)
+        mf = original.max_forwards
+        request.set("Max-Forwards", 70 if mf is None else mf - 1)  # 16.6 steps 1-3
+        # 16.6 step 4: dialog-creating requests are record-routed (the address depends on the
+        # listener the branch leaves from, chosen in _send_branch)
+        record_route = original.method in ("INVITE", "SUBSCRIBE", "REFER", "NOTIFY") or (
+            original.method == "UPDATE" and original.to.tag is None
+        )
+        if context.user is not None:
+            # RFC 3261 section 22.3: credentials for our own realm were for us; never forward
+            # them to the next hop (they would leak a digest of a local user's password)
+            request.headers = [
+                h for h in request.headers
+                if h.key != "proxy-authorization" or not self._our_realm(h.value)
+            ]
+            request.touched()
+        branch = Branch(context, target, request, record_route=record_route)
         context.branches.append(branch)
         self._send_branch(branch, now)
 
-    def _prepare_forward(self, original: Request, uri: Uri, context: Context) -> Request:
-        """16.6 steps 1-5: copy, new Request-URI, Max-Forwards, Record-Route."""
-        request = Request(original.method, uri, list(original.headers), original.body)
-        mf = original.max_forwards
-        request.set("Max-Forwards", 70 if mf is None else mf - 1)
-        if original.method in ("INVITE", "SUBSCRIBE", "REFER", "NOTIFY") or (
-            original.method == "UPDATE" and original.to.tag is None
-        ):
-            request.prepend("Record-Route", self._record_route(original, context.side))
-        return request
-
     def _send_branch(self, branch: Branch, now: float) -> None:
-        """16.6 steps 6-10: the Via (with loop-detection branch) and a client transaction."""
+        """16.6 steps 4-10: Record-Route, the Via (with loop-detection branch), a client
+        transaction.  A request leaving a softphone's call for another node carries only
+        public addresses: our Via alone (topology hiding; responses get the upstream Vias
+        back in _forward_response), our public Record-Route, and the softphone's Contact
+        replaced by an address of ours that maps back to it."""
         flow = self._with_local(branch.target.flows[branch.flow_index])
+        listener = self._listener_for(flow)
+        branch.egress = listener.side
         request = branch.request
-        via = self._new_via(flow, self._branch_id(branch.context.loop_hash))
+        context = branch.context
+        headers = request.headers
+        hide = listener.side is Side.PUBLIC and context.side is Side.SOFTPHONE
+        if hide:
+            headers = [self._public_contact_header(h) if h.key == "contact" else h
+                       for h in headers if h.key != "via"]
+        if branch.record_route:
+            rr = self._record_route(context.request, listener.side)
+            headers = [Header("record-route", "Record-Route", rr), *headers]
+        via = self._new_via(flow, self._branch_id(context.loop_hash))
         forwarded = Request(
-            request.method, request.uri, [Header("via", "Via", via), *request.headers], request.body
+            request.method, request.uri, [Header("via", "Via", via), *headers], request.body
         )
         branch.state = BranchState.TRYING
         txn = self.layer.request(forwarded, flow, now)
@@ -624,13 +647,13 @@ class Proxy:
             if context.request.method == "INVITE" and status > 100:
                 self._arm_timer_c(branch, now)  # 16.7 step 2: provisional restarts Timer C
             if status > 100 and not context.final_sent:
-                self._forward_response(context, response, now)
+                self._forward_response(context, response, now, branch.egress)
             return
         if status == 503 and self._try_next_flow(branch, now):
             return  # RFC 3263 section 4.3: a 503 also moves on to the next address
         if 200 <= status < 300 and branch.state is BranchState.DONE:
             # RFC 6026: a retransmitted or forked 2xx after the first still goes upstream
-            self._forward_response(context, response, now)
+            self._forward_response(context, response, now, branch.egress)
             return
         self._branch_final(branch, response, now)
 
@@ -644,7 +667,7 @@ class Proxy:
         status = response.status
         if 200 <= status < 300:
             # 16.7 step 5: 2xx forwarded at once; then the other branches are cancelled
-            self._forward_response(context, response, now)
+            self._forward_response(context, response, now, branch.egress)
             context.final_sent = True
             self._cancel_all(context, now)
             self._call_answered(context, response, now)
@@ -669,7 +692,8 @@ class Proxy:
         if best.status in (401, 407):
             self._aggregate_challenges(best, responses)
         context.final_sent = True
-        self._forward_response(context, best, now)
+        egress = next((b.egress for b in context.branches if b.response is best), None)
+        self._forward_response(context, best, now, egress)
         self._call_failed(context, best.status, now)
 
     def _rebuild(self, context: Context, response: Response, status: int, reason: str) -> Response:
@@ -695,7 +719,32 @@ class Proxy:
                 for value in other.get_all(name):
                     best.append(name, value)
 
-    def _forward_response(self, context: Context, response: Response, now: float) -> None:
+    def _forward_response(
+        self, context: Context, response: Response, now: float, egress: Side | None = None
+    ) -> None:
+        """Send a downstream response upstream (16.7 step 9).
+
+        Its Vias become the upstream request's (what the upstream hops expect, also after
+        topology hiding), our Record-Route names the listener of the upstream side (section
+        16.7 step 4 allows rewriting our own entry), and a softphone's Contact going to
+        another node is replaced by a public address of ours.
+        """
+        upstream = context.request.vias
+        rewritten: list[Header] = [Header("via", "Via", via) for via in upstream]
+        to_public = context.side is Side.PUBLIC and egress is Side.SOFTPHONE
+        for header in response.headers:
+            key = header.key
+            if key == "via":
+                continue
+            if key == "record-route" and self._is_our_route(header.value):
+                value = self._record_route_like(header.value, context.side)
+                rewritten.append(Header(key, header.name, value))
+            elif key == "contact" and to_public:
+                rewritten.append(self._public_contact_header(header))
+            else:
+                rewritten.append(header)
+        response.headers = rewritten
+        response.touched()
         context.server.respond(response, now)
 
     def _final_from_proxy(
@@ -830,6 +879,15 @@ class Proxy:
         self._track_in_dialog(request, now)
         self._add_branch(context, Target(request.uri, (next_flow,), "dialog"), now)
 
+    def _bindings_with_contact(self, contact: SipUri, now: float) -> list[Flow]:
+        """The next hops of registrations whose contact is ``contact`` (its real device)."""
+        user = contact.user or ""
+        hops = []
+        for binding in self.location.lookup(f"{unescape(user)}@{self._canonical_domain()}", now):
+            if binding.next_hop is not None and binding.contact.uri == contact:
+                hops.append(binding.next_hop)
+        return hops
+
     def _known_party(self, request: Request) -> Flow | None:
         """The flow of the party of a call we carry that the Request-URI names, if any."""
         call = self.calls.get((request.call_id, request.from_.tag or "")) or self.calls.get(
@@ -849,6 +907,16 @@ class Proxy:
         A URI naming a local user resolves through the location service; an IP literal is
         used as written (RFC 3263 section 4.2).
         """
+        target = request.uri
+        if isinstance(target, SipUri) and "fcc" in target.params:
+            original = self._decode_contact(target)
+            if original is None:
+                return None
+            request.uri = original  # the softphone's own contact (see _public_contact)
+            if isinstance(original, SipUri):
+                hops = self._bindings_with_contact(original, now)
+                if hops:
+                    return hops[0]
         routes = request.routes
         uri = routes[0].uri if routes else request.uri
         if not isinstance(uri, SipUri):
@@ -1087,9 +1155,11 @@ class Proxy:
 
     def _record_route(self, request: Request, side: Side) -> Address:
         """Our Record-Route (16.6 step 4) with lr and a token binding it to this dialog."""
+        return self._rr_address(side, self._token(request.call_id, request.from_.tag or ""))
+
+    def _rr_address(self, side: Side, token: str) -> Address:
         listener = self._rr_listener[side]
         host = f"[{listener.host}]" if ":" in listener.host else listener.host
-        token = self._token(request.call_id, request.from_.tag or "")
         params: dict[str, str | None] = {"lr": None}
         if listener.transport != "udp":
             params["transport"] = listener.transport
@@ -1107,6 +1177,70 @@ class Proxy:
             hashlib.sha256,
         ).digest()
         return base64.b32encode(mac[:10]).decode().lower()
+
+    def _our_realm(self, value: object) -> bool:
+        try:
+            return parse_credentials(str(value)).realm == self.settings.realm
+        except ValueError:
+            return False
+
+    def _is_our_route(self, value: object) -> bool:
+        uri = value.sip_uri if isinstance(value, Address) else None
+        return uri is not None and "fc" in uri.params and self._is_local_host(uri)
+
+    def _record_route_like(self, value: Address, side: Side) -> Address:
+        """Our Record-Route entry, same token, for the listener of ``side``."""
+        uri = value.sip_uri
+        token = uri.params.get("fc") if uri is not None else None
+        return self._rr_address(side, token or "")
+
+    def _public_contact_header(self, header: Header) -> Header:
+        value = header.value
+        if not isinstance(value, Address) or value.sip_uri is None:
+            return header
+        return Header(header.key, header.name, self._public_contact(value))
+
+    def _public_contact(self, contact: Address) -> Address:
+        """A Contact at our public listener standing for a softphone's (loopback) one.
+
+        The original URI travels in the ``fcc`` parameter with an HMAC, so an in-dialog
+        request to it comes back to us and is forwarded to that very softphone, and nobody
+        can make us forward elsewhere by forging one.
+        """
+        original = str(contact.uri)
+        code = base64.urlsafe_b64encode(original.encode()).decode().rstrip("=")
+        mac = self._mac(original)
+        listener = self._rr_listener[Side.PUBLIC]
+        host = f"[{listener.host}]" if ":" in listener.host else listener.host
+        params: dict[str, str | None] = {}
+        if listener.transport != "udp":
+            params["transport"] = listener.transport
+        params["fcc"] = f"{code}.{mac}"
+        uri = contact.sip_uri
+        user = uri.user if uri is not None else None
+        public = SipUri(host, user, "sip", None, listener.port, params)
+        return Address(public, contact.display, dict(contact.params))
+
+    def _decode_contact(self, uri: SipUri) -> Uri | None:
+        """The softphone contact a URI of ours from _public_contact stands for, if genuine."""
+        value = uri.params.get("fcc")
+        if not value or "." not in value or not self._is_local_host(uri):
+            return None
+        code, _, mac = value.rpartition(".")
+        try:
+            original = base64.urlsafe_b64decode(code + "=" * (-len(code) % 4)).decode()
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not hmac.compare_digest(mac, self._mac(original)):
+            return None
+        try:
+            return parse_uri(original)
+        except SipParseError:
+            return None
+
+    def _mac(self, text: str) -> str:
+        digest = hmac.new(self.settings.secret, b"contact\x00" + text.encode(), hashlib.sha256)
+        return base64.b32encode(digest.digest()[:10]).decode().lower()
 
     def _dialog_route_state(self, own_routes: list[Address], request: Request) -> str:
         """"ours" (our Record-Route with a valid token), "forged" (a token that does not match
