@@ -24,6 +24,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import AutoUser, Config
+from .routing.router import Router
 from .sip.auth import DigestServer
 from .sip.errors import SipParseError
 from .sip.flow import Flow
@@ -38,6 +39,7 @@ from .sip.proxy import (
     ProxySettings,
     Refused,
     Registered,
+    Resolution,
     Side,
 )
 from .sip.registrar import Registrar
@@ -88,6 +90,7 @@ class Daemon:
         self.layer: TransactionLayer | None = None
         self.proxy: Proxy | None = None
         self.registrar: Registrar | None = None
+        self.router: Router | None = None
         self._timer: Timer | None = None
         self._stopping = asyncio.Event()
         self._sides: dict[tuple[str, int], Side] = {}
@@ -160,6 +163,7 @@ class Daemon:
             max_bindings_per_aor=reg.max_contacts,
             wall_offset=wall_offset,
         )
+        self.router = Router.from_config(config, self._on_resolved)
         self.proxy = Proxy(
             self.layer,
             ProxySettings(
@@ -175,6 +179,7 @@ class Daemon:
                 canonical_domain=canonical,
             ),
             self.registrar,
+            resolver=self.router,
             digest=DigestServer(
                 config.sip.realm, secret, algorithms=tuple(config.sip.digest_algorithms)
             ),
@@ -220,6 +225,8 @@ class Daemon:
 
     async def stop(self) -> None:
         """End every call with BYE, give the BYEs a moment, then close the sockets."""
+        if self.router is not None:
+            await self.router.close()  # lookups in flight are cancelled, never delivered
         proxy, layer = self.proxy, self.layer
         if proxy is not None and layer is not None and self._loop is not None:
             ended = proxy.hang_up_all(self._loop.time())
@@ -271,6 +278,13 @@ class Daemon:
         except (LookupError, ValueError) as error:
             # A message that parsed but that a core could not use: never let it escape.
             log.warning("dropped %s from %s: %s", _describe(msg), flow, error)
+        self._pump()
+
+    def _on_resolved(self, ticket: int, resolution: Resolution) -> None:
+        """A route came back from DNS (or the host cache): hand it to the proxy and pump."""
+        if self.proxy is None or self._loop is None:
+            return
+        self.proxy.resolved(ticket, resolution, self._loop.time())
         self._pump()
 
     def _on_transport_error(self, flow: Flow) -> None:

@@ -911,12 +911,18 @@ class SipTransport:
     async def _run_connect(self, conn: _Connection, host: str, port: int) -> None:
         loop = self.loop
         tls = conn.kind == "tls"
+        # Leave from the listener's own address (the one Via and Record-Route name), not
+        # whichever the kernel would pick: a multi-homed node, and each "host" of a loopback
+        # test mesh, must be seen by its peers where it says it is.
+        bind = conn.listener.host if conn.listener is not None else None
+        local_addr = None if bind in (None, "0.0.0.0", "::") else (bind, 0)  # noqa: S104
         try:
             async with asyncio.timeout(self.options.connect_timeout):
                 await loop.create_connection(
                     lambda: conn,
                     host,
                     port,
+                    local_addr=local_addr,
                     ssl=self.client_ssl if tls else None,
                     ssl_handshake_timeout=self.options.connect_timeout if tls else None,
                     ssl_shutdown_timeout=self.options.tls_shutdown_timeout if tls else None,
@@ -1054,12 +1060,17 @@ class SipTransport:
         conn.was_open = True
         conn.last_activity = self.loop.time()
         transport.set_write_buffer_limits(high=self.options.write_high_water)
+        direction = "outgoing" if conn.outgoing else "incoming"
         if conn.kind == "tls":
             ssl_object = transport.get_extra_info("ssl_object")
             if ssl_object is not None:
                 conn.peer_cert = ssl_object.getpeercert(binary_form=True)
+            # the peer node's identity: the SHA-256 of its certificate's public key
+            key = certificate_fingerprint(conn.peer_cert) if conn.peer_cert else "not presented"
+            log.info("TLS %s %s open, peer key sha256:%s", direction, conn, key)
+        else:
+            log.debug("%s %s open", direction, conn)
         self.counters.connections_open[conn.kind] += 1
-        log.debug("%s %s open", "outgoing" if conn.outgoing else "incoming", conn)
         pending, conn.pending, conn.pending_bytes = conn.pending, [], 0
         for data, flow in pending:
             if conn.usable:

@@ -52,8 +52,10 @@ class FreecallDaemon:
         config: Mapping[str, Any] | None = None,
         command: Sequence[str] | None = None,
         env: Mapping[str, str] | None = None,
+        public_host: str = "127.0.0.1",
     ) -> None:
         self.name = name
+        self.public_host = public_host  # e.g. 127.0.0.2: each node its own "host" on loopback
         self.directory = directory
         self.users = dict(users or {})
         self.domains = list(domains)
@@ -78,7 +80,11 @@ class FreecallDaemon:
 
     @property
     def public_addr(self) -> SipAddr:
-        return SipAddr("127.0.0.1", self.public_port, "udp")
+        return SipAddr(self.public_host, self.public_port, "udp")
+
+    @property
+    def tls_port(self) -> int:
+        return self.public_port + 1
 
     @property
     def control_url(self) -> str:
@@ -89,10 +95,10 @@ class FreecallDaemon:
             "node": {"name": self.name, "state_dir": str(self.state_dir)},
             "sip": {
                 "listen": [f"udp:127.0.0.1:{self.sip_port}", f"tcp:127.0.0.1:{self.sip_port}"],
-                "public": [f"udp:127.0.0.1:{self.public_port}",
-                           f"tcp:127.0.0.1:{self.public_port}",
-                           f"tls:127.0.0.1:{self.public_port + 1}"],
-                "advertise": "127.0.0.1",
+                "public": [f"udp:{self.public_host}:{self.public_port}",
+                           f"tcp:{self.public_host}:{self.public_port}",
+                           f"tls:{self.public_host}:{self.public_port + 1}"],
+                "advertise": self.public_host,
                 "domains": self.domains,
             },
             "users": {user: {"password": pw} for user, pw in self.users.items()},

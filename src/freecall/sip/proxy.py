@@ -28,6 +28,7 @@ import ipaddress
 import itertools
 import logging
 import random
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -315,12 +316,6 @@ class Proxy:
         self._listener_ports = {lst.port for lst in settings.listeners}
         self._sent_bys = frozenset(lst.sent_by.lower() for lst in settings.listeners)
         self._listener_cache: dict[tuple[str, str, tuple[str, int] | None], Listener] = {}
-        self._rr_listener = {
-            side: next(
-                (lst for lst in settings.listeners if lst.side is side), settings.listeners[0]
-            )
-            for side in Side
-        }
         for listener in settings.listeners:
             host = listener.host.lower().strip("[]")
             self._local_names.add(host)
@@ -479,6 +474,11 @@ class Proxy:
             return
         user = None
         local_target = self._local_user(uri)
+        if local_target is not None and _GLOBAL_NUMBER.fullmatch(local_target) and (
+            self.password_of(local_target) is None
+        ):
+            # a telephone number at our domain, not an account: ENUM finds its node (RFC 6116)
+            local_target = None
         if to_us and local_target is None and method == "OPTIONS":
             self._as_uas(txn, request, now)  # a keep-alive or capability probe: reveals nothing
             return
@@ -501,6 +501,12 @@ class Proxy:
             # neither from an authenticated local user nor to a local user: not an open relay
             self._refuse(txn, request, 403, "relaying denied", now)
             return
+        if local_target is None and side is Side.SOFTPHONE and isinstance(uri, SipUri) and (
+            "transport" in uri.params
+        ):
+            # A softphone's transport= names its own hop to us (baresip adds it to whatever is
+            # dialled); between nodes RFC 3263 picks the transport from the callee's DNS.
+            request.uri = uri.without_params("transport")
         context = Context(next(self._ids), txn, request, side, user, loop_hash=loop_hash)
         txn.user_data = context
         self._contexts[context.id] = context
@@ -509,7 +515,7 @@ class Proxy:
         if local_target is not None:
             self._fork_local(context, local_target, now)
         else:
-            resolution = self.resolver.resolve(uri, request, context.id)
+            resolution = self.resolver.resolve(request.uri, request, context.id)
             if resolution is None:
                 context.pending_resolutions += 1
             else:
@@ -589,10 +595,10 @@ class Proxy:
         headers = request.headers
         hide = listener.side is Side.PUBLIC and context.side is Side.SOFTPHONE
         if hide:
-            headers = [self._public_contact_header(h) if h.key == "contact" else h
+            headers = [self._public_contact_header(h, listener) if h.key == "contact" else h
                        for h in headers if h.key != "via"]
         if branch.record_route:
-            rr = self._record_route(context.request, listener.side)
+            rr = self._record_route(context.request, listener)
             headers = [Header("record-route", "Record-Route", rr), *headers]
         via = self._new_via(flow, self._branch_id(context.loop_hash))
         forwarded = Request(
@@ -732,15 +738,16 @@ class Proxy:
         upstream = context.request.vias
         rewritten: list[Header] = [Header("via", "Via", via) for via in upstream]
         to_public = context.side is Side.PUBLIC and egress is Side.SOFTPHONE
+        ingress = self._listener_for(context.server.request_flow)
         for header in response.headers:
             key = header.key
             if key == "via":
                 continue
             if key == "record-route" and self._is_our_route(header.value):
-                value = self._record_route_like(header.value, context.side)
+                value = self._record_route_like(header.value, ingress)
                 rewritten.append(Header(key, header.name, value))
             elif key == "contact" and to_public:
-                rewritten.append(self._public_contact_header(header))
+                rewritten.append(self._public_contact_header(header, ingress))
             else:
                 rewritten.append(header)
         response.headers = rewritten
@@ -908,7 +915,7 @@ class Proxy:
         used as written (RFC 3263 section 4.2).
         """
         target = request.uri
-        if isinstance(target, SipUri) and "fcc" in target.params:
+        if isinstance(target, SipUri) and "fcc" in target.params and self._is_local_host(target):
             original = self._decode_contact(target)
             if original is None:
                 return None
@@ -1153,12 +1160,12 @@ class Proxy:
             f"SIP/2.0/{transport} {host}:{port};branch={branch};rport",
         )
 
-    def _record_route(self, request: Request, side: Side) -> Address:
-        """Our Record-Route (16.6 step 4) with lr and a token binding it to this dialog."""
-        return self._rr_address(side, self._token(request.call_id, request.from_.tag or ""))
+    def _record_route(self, request: Request, listener: Listener) -> Address:
+        """Our Record-Route (16.6 step 4) with lr and a token binding it to this dialog, naming
+        ``listener`` (the one the request leaves from: same side, same transport)."""
+        return self._rr_address(listener, self._token(request.call_id, request.from_.tag or ""))
 
-    def _rr_address(self, side: Side, token: str) -> Address:
-        listener = self._rr_listener[side]
+    def _rr_address(self, listener: Listener, token: str) -> Address:
         host = f"[{listener.host}]" if ":" in listener.host else listener.host
         params: dict[str, str | None] = {"lr": None}
         if listener.transport != "udp":
@@ -1188,19 +1195,19 @@ class Proxy:
         uri = value.sip_uri if isinstance(value, Address) else None
         return uri is not None and "fc" in uri.params and self._is_local_host(uri)
 
-    def _record_route_like(self, value: Address, side: Side) -> Address:
-        """Our Record-Route entry, same token, for the listener of ``side``."""
+    def _record_route_like(self, value: Address, listener: Listener) -> Address:
+        """Our Record-Route entry, same token, naming ``listener``."""
         uri = value.sip_uri
         token = uri.params.get("fc") if uri is not None else None
-        return self._rr_address(side, token or "")
+        return self._rr_address(listener, token or "")
 
-    def _public_contact_header(self, header: Header) -> Header:
+    def _public_contact_header(self, header: Header, listener: Listener) -> Header:
         value = header.value
         if not isinstance(value, Address) or value.sip_uri is None:
             return header
-        return Header(header.key, header.name, self._public_contact(value))
+        return Header(header.key, header.name, self._public_contact(value, listener))
 
-    def _public_contact(self, contact: Address) -> Address:
+    def _public_contact(self, contact: Address, listener: Listener) -> Address:
         """A Contact at our public listener standing for a softphone's (loopback) one.
 
         The original URI travels in the ``fcc`` parameter with an HMAC, so an in-dialog
@@ -1210,7 +1217,6 @@ class Proxy:
         original = str(contact.uri)
         code = base64.urlsafe_b64encode(original.encode()).decode().rstrip("=")
         mac = self._mac(original)
-        listener = self._rr_listener[Side.PUBLIC]
         host = f"[{listener.host}]" if ":" in listener.host else listener.host
         params: dict[str, str | None] = {}
         if listener.transport != "udp":
@@ -1474,6 +1480,8 @@ def flow_for_uri(uri: SipUri) -> Flow | None:
     port = uri.port or (5061 if transport == "tls" else 5060)
     return Flow(transport, (host, port))
 
+
+_GLOBAL_NUMBER = re.compile(r"\+[0-9][0-9\-.()]{2,30}")  # RFC 3966 global-number-digits
 
 # RFC 3261 section 16.7 step 6: which final response is "best"
 _PREFERRED_4XX = (401, 407, 415, 420, 484)
