@@ -634,6 +634,17 @@ def test_a_call_to_another_node_carries_only_public_addresses() -> None:
     assert not requests(out) and responses(out)[-1] >= 400
 
 
+def test_a_loopback_from_leaves_as_the_users_public_address() -> None:
+    node = Node()
+    carol = Flow("udp", ("198.51.100.9", 5062))
+    node.resolver.answer = Resolution((Target(parse_uri("sip:carol@b.test"), (carol,), "dns"),))
+    _, out = authenticated_invite(
+        node, to="sip:carol@b.test", branch="z9hG4bKfrom", frm="<sip:alice@127.0.0.1>;tag=x1"
+    )
+    ((fwd, _),) = requests(out)
+    assert str(fwd.from_.uri) == "sip:alice@a.test" and fwd.from_.tag == "x1"
+
+
 def test_an_incoming_call_answers_with_a_public_contact() -> None:
     node = Node()
     node.location.bindings["bob@a.test"] = [

@@ -595,8 +595,7 @@ class Proxy:
         headers = request.headers
         hide = listener.side is Side.PUBLIC and context.side is Side.SOFTPHONE
         if hide:
-            headers = [self._public_contact_header(h, listener) if h.key == "contact" else h
-                       for h in headers if h.key != "via"]
+            headers = [self._public_header(h, listener) for h in headers if h.key != "via"]
         if branch.record_route:
             rr = self._record_route(context.request, listener)
             headers = [Header("record-route", "Record-Route", rr), *headers]
@@ -1200,6 +1199,25 @@ class Proxy:
         uri = value.sip_uri
         token = uri.params.get("fc") if uri is not None else None
         return self._rr_address(listener, token or "")
+
+    def _public_header(self, header: Header, listener: Listener) -> Header:
+        """A header of a softphone's request as it may leave the node for another one."""
+        if header.key == "contact":
+            return self._public_contact_header(header, listener)
+        if header.key == "from":
+            value = header.value
+            uri = value.sip_uri if isinstance(value, Address) else None
+            if uri is not None and self._is_local_host(uri) and not self._is_domain(uri):
+                # sip:alice@127.0.0.1 -> sip:alice@<our domain>: the user's public address
+                # (the tag stays: the dialog is the same)
+                public = uri.replace(host=self._canonical_domain(), port=None)
+                return Header(header.key, header.name, value.with_uri(public))
+        return header
+
+    def _is_domain(self, uri: SipUri) -> bool:
+        return uri.bare_host in {d.lower() for d in self.settings.domains} and not _is_ip(
+            uri.bare_host
+        )
 
     def _public_contact_header(self, header: Header, listener: Listener) -> Header:
         value = header.value
