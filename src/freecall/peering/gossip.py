@@ -1,27 +1,30 @@
 """Gossip: a pure state machine that keeps the host cache filled, fresh and answerable.
 
-Shape of the mesh (Kelips-like; see docs/peering.md for the reasoning and the figures):
-the id space is cut into ``2**group_bits`` groups. A record is *homed* in its node's group and in
-the home group of each route it serves; every member of a group stores all records homed there.
-Everything else a node holds is cache: contacts in other groups and whatever rumours brought.
+Shape of the mesh (Kelips-like; docs/peering.md has the reasoning and the measured figures):
+the id space is cut into ``2**group_bits`` groups. A record is *homed* in its node's group and
+in the home group of each route it serves; every member of a group stores all records homed
+there. Everything else a node holds is cache: contacts in other groups, rumours, answers.
+Lookups go to the route's home group (one hop, or two through a forwarder).
 
-Each round (``interval``) a node opens one exchange with one partner (a member of its own group
-half of the time, else any known node; now and then a node it believes dead):
+Each round (``interval``) a node opens one exchange with one partner: a member of its own group
+half of the time, else a member of a random other group (now and then a node it thinks dead):
 
-    SYNC   PING [NEED] [PAGE, same group only] [HAVE] [DEAD]      opener -> partner
-    REPLY  ACK [WANT] [RECORD...] [HAVE] [DEAD]                   partner -> opener
-    then   [WANT] [RECORD...]  until nobody wants anything more    (at most 4 datagrams)
+    SYNC   PING [NEED] [NEED_HOME] [PAGE, same group] [HOME_HAVE] [HAVE] [DEAD]
+    REPLY  ACK [WANT] [WANT_LOW] [RECORD...] [HOME_HAVE] [HAVE] [DEAD]
+    then   [WANT] [RECORD...]  until nobody wants anything more  (at most 4 datagrams)
 
-HAVE carries digests (key, seq) of recently changed records: rumour-mongering, each digest
-sent a bounded number of times. PAGE carries the digests of one slice of the sender's home
-records: anti-entropy between group members, which repairs what rumours missed and heals
-partitions. Records travel only when asked for (WANT) or when a digest comparison proves the
-other side lacks them; every datagram obeys a per-round byte budget.
+HAVE/HOME_HAVE carry digests (key, seq) of new record versions (rumour-mongering, a bounded
+number of times each); PAGE carries one slice of the sender's home records (anti-entropy
+between group members: repairs what rumours missed, heals partitions). Records travel only
+when asked for, when a digest comparison proves the other side lacks them, or as news for a
+group (pushed once by each member that first gets it). A node hands its own record to its home
+groups (acknowledged) and probes, suspects and buries peers that stop answering.
 
-Authentication: a datagram names its sender by Ed25519 public key and ends with a keyed
-BLAKE2b MAC under a static-static X25519 key derived from both node keys (no handshake, one
-key agreement per peer, ~1.5 µs per datagram after that). First contact with a seed whose key
-we do not know uses HELLO (unauthenticated, padded, answered by an authenticated datagram).
+Every datagram is authenticated: it names its sender by Ed25519 public key and ends with a
+keyed BLAKE2b MAC under a static-static X25519 key of the two node keys (no handshake; one key
+agreement per peer, ~55 µs, then ~1.5 µs per datagram). A first contact with a seed whose key
+is unknown uses HELLO (unauthenticated, padded; the answer is authenticated and never larger).
+A node sends at most ``send_budget`` bytes in any one interval, whatever it is asked.
 
 Pure: the caller passes ``now`` (Unix seconds), feeds datagrams in, pulls datagrams and events
 out and calls ``handle_timer`` at ``get_timer()``. No sockets, no clock, no global state.
@@ -34,7 +37,7 @@ import hmac
 import random
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
@@ -56,55 +59,84 @@ from freecall.peering.records import (
 from freecall.peering.wire import Answer, Builder, Sec
 
 Addr = tuple[str, int]
+UDP_IP_OVERHEAD = 28
+GROUP_KEY = "_group."
+"""Lookup key prefix meaning "any member of this group": how a node finds a group it knows
+nobody in (to publish its record there). Never a valid route (records cannot carry it)."""
+
+
+def _group_key(key: str, bits: int) -> int | None:
+    """Group number of a ``_group.<n>`` key, else None."""
+    if not key.startswith(GROUP_KEY):
+        return None
+    tail = key[len(GROUP_KEY) :]
+    if not tail.isdigit() or len(tail) > 5 or int(tail) >= 1 << bits:
+        return None
+    return int(tail)
 
 _MAC_PERSON = b"fc-gossip-mac-v1"
 
 
 @dataclass(frozen=True)
 class GossipConfig:
-    """Tunables. ``group_bits`` must be the same on every node of a mesh."""
+    """Tunables (docs/peering.md explains each). ``group_bits`` must be the same on every
+    node of a mesh: about log2(sqrt(nodes)), so 6 for a few thousand nodes, 7 for 10,000."""
 
-    interval: float = 1.0
-    group_bits: int = 6
-    capacity: int = 4096
-    source_quota: int | None = None
-    contacts_min: int = 2
-    p_group: float = 0.5
-    p_grave: float = 0.03
-    fail_limit: int = 2
-    probe_timeout: float = 0.5
-    probe_cap: int = 3
-    hot_transmissions: int = 8
-    hot_window: float = 60.0
-    max_hot: int = 256
-    max_have: int = 12
-    dead_transmissions: int = 6
-    max_dead: int = 6
-    max_want: int = 6
-    want_budget: int = 8
-    want_budget_low: int = 1
-    send_budget: int = 1800
-    page_target: int = 12
-    page_max: int = 40
-    contact_offers: int = 3
-    contact_fresh: float = 10.0
-    record_ttl: int = 3600
-    refresh_before: int = 1200
-    republish_rounds: int = 30
-    seed_rounds: int = 60
-    lookup_timeout: float = 0.5
+    interval: float = 1.0  # one gossip round (seconds)
+    group_bits: int = 6  # 2**group_bits groups
+    capacity: int = 4096  # host cache bound (records)
+    source_quota: int | None = None  # records one source IP may place (default capacity/16)
+    contacts_min: int = 2  # members wanted per group; fewer: ask (NEED)
+    p_group: float = 0.5  # share of rounds spent with our own group (anti-entropy)
+    p_grave: float = 0.03  # share spent retrying a node we think dead (heals partitions)
+    fail_limit: int = 3  # unanswered exchanges/probes before a node is declared dead
+    probe_timeout: float = 0.5  # an exchange or probe unanswered this long has failed
+    probe_cap: int = 3  # first-hand probes per round (suspects, revivals)
+    claim_probe_share: float = 0.3  # share of a group that checks one death claim
+    refute_rounds: int = 30  # at most one refutation (re-sign) per this many rounds
+    hot_transmissions: int = 8  # times each node advertises each new record version
+    hot_window: float = 60.0  # a record signed this recently (seq = ms) is news
+    max_hot: int = 256  # rumour table bound
+    max_have: int = 12  # digests per datagram
+    dead_transmissions: int = 6  # times a node repeats a first-hand death
+    max_dead: int = 6  # death digests per datagram (and processed per datagram)
+    max_want: int = 6  # records asked for per datagram
+    want_budget: int = 8  # records asked for per round: news for our group, updates
+    want_budget_low: int = 1  # records asked for per round: other news (global rumour)
+    send_budget: int = 2000
+    """Wire bytes (UDP payload + 28 bytes of IPv4/UDP header) a node may send in any one
+    interval: a hard cap, whatever peers ask."""
+    control_reserve: int = 600
+    """Part of send_budget only control datagrams (acks, probes, lookups) may use."""
+    bulk_reserve: int = 500
+    """Part of the content budget bulk (repairs, newcomers' catch-up) may not use."""
+    low_reserve: int = 200
+    """Part of the content budget records merely of interest (WANT_LOW) may not use."""
+    page_target: int = 12  # digests per anti-entropy page (the page count follows)
+    page_max: int = 40  # digests per page at most (an incomplete page says so)
+    contact_offers: int = 2  # contacts offered per NEED
+    eager_fanout: int = 2  # members a node pushes news for its group to, once per record
+    contact_fresh: float = 30.0  # contacts of a group unheard this long: ask for fresh ones
+    record_ttl: int = 3600  # lifetime of our record (seconds)
+    refresh_before: int = 1200  # re-sign this long before it expires
+    republish_rounds: int = 300  # hand our record to our home groups again this often
+    publish_per_round: int = 2  # publish datagrams per round
+    seed_rounds: int = 60  # contact a seed this often even when not alone
+    bootstrap_min: int = 8  # below this many records, keep asking seeds
+    lookup_timeout: float = 0.5  # per attempt
     lookup_attempts: int = 4
-    lookup_fanout: int = 2
-    lookup_records: int = 4
-    settle_rounds: int = 30
-    clock_skew: float = 120.0
-    hello_per_round: int = 8
+    lookup_fanout: int = 2  # contacts asked at once per attempt
+    lookup_records: int = 4  # records in one answer
+    settle_rounds: int = 30  # before this, our "not found" is not authoritative
+    clock_skew: float = 120.0  # accepted datagram timestamp error (replay window)
+    hello_per_round: int = 8  # first contacts answered per round
     hello_size: int = 800
     """HELLO is padded to this; the answer is never larger than the HELLO (no amplification)."""
-    new_keys_per_round: int = 256
-    relays_per_round: int = 4
-    ban_seconds: float = 600.0
-    emit_peer_events: bool = True
+    hello_reply: int = 560  # and not larger than this either
+    new_keys_per_round: int = 256  # X25519 derivations for unknown peers per round
+    relays_per_round: int = 4  # newcomers' records relayed per round
+    ban_seconds: float = 600.0  # a peer that sent a forged record is ignored this long
+    emit_peer_events: bool = True  # PeerAdded/Updated/Removed (simulations turn them off)
     max_datagram: int = wire.MAX_DATAGRAM
 
 
@@ -201,13 +233,17 @@ class SimPairKeys:
     def __init__(self, identity: NodeIdentity, ids: dict[bytes, bytes] | None = None) -> None:
         self.public_key = identity.public_key
         self.ids = ids if ids is not None else {}
+        self._memo: dict[bytes, tuple[bytes, bytes]] = {}
 
     def get(self, public_key: bytes) -> tuple[bytes, bytes] | None:
-        """Always computable (no state)."""
-        return self.derive(public_key)
+        """Always computable."""
+        hit = self._memo.get(public_key)
+        return hit if hit is not None else self.derive(public_key)
 
     def derive(self, public_key: bytes) -> tuple[bytes, bytes]:
         """Hash of the two keys (symmetric)."""
+        if len(self._memo) > 256:
+            self._memo.clear()
         a, b = (self.public_key, public_key)
         if b < a:
             a, b = b, a
@@ -215,7 +251,8 @@ class SimPairKeys:
         kid = self.ids.get(public_key)
         if kid is None:
             kid = self.ids[public_key] = node_id_of(public_key)[:KEY_SIZE]
-        return key, kid
+        out = self._memo[public_key] = (key, kid)
+        return out
 
 
 # -- internal state --------------------------------------------------------------------------
@@ -241,6 +278,7 @@ class _Lookup:
     give_up: float = 0.0
     tried: set[bytes] = field(default_factory=set)
     records: dict[bytes, NodeRecord] = field(default_factory=dict)
+    internal: bool = False  # finding a home group member to publish to; no event
 
 
 @dataclass(slots=True)
@@ -293,20 +331,36 @@ class Gossip:
         self._pending: dict[int, _Pending] = {}
         self._hot: dict[bytes, list[int]] = {}
         self._hot_home: dict[bytes, list[int]] = {}
+        self._news: list[NodeRecord] = []
+        self._low_keys: dict[bytes, None] = {}  # asked for as mere interest (rumour)
+        self._backlog: dict[bytes, list[Any]] = {}  # eager pushes waiting for budget
         self._dead: dict[bytes, list[int]] = {}
-        self._suspects: dict[bytes, int] = {}
+        self._suspects: dict[bytes, bytes | None] = {}  # to probe -> who claimed it (or us)
+        self._claims: dict[bytes, bytes] = {}  # probed on someone's claim -> claimer
+        self._revive: dict[bytes, None] = {}  # buried nodes a peer still believes alive
+        self._false_claims: dict[bytes, int] = {}
         self._inflight: dict[bytes, float] = {}
         self._lookups: dict[int, _Lookup] = {}
         self._bans: dict[object, float] = {}
         self._seeds: list[_Seed] = []
+        self._seed_wait = 1
+        self._seed_next = 0
+        self._withdraw: set[int] = set()
+        self._confirmed: set[int] = set()  # home groups members acknowledged this version in
+        self._acks: dict[int, set[bytes]] = {}
+        self._republish_at = 0
+        self._refuted = -10**6
+        self._claimers: dict[bytes, int] = {}
         self._relay_seen: dict[bytes, int] = {}
         self._need: bytes | None = None
-        self._need_at = -1  # cache version the bitmap was computed at
+        self._need_src = b""
         self.round = 0
         self._settled_at = 0 if settled else cfg.settle_rounds
         self._page_fill = -10  # last round anti-entropy brought us home records we lacked
-        self._spent = 0
-        self._sent_log: deque[tuple[float, int]] = deque()
+        self._spent = 0  # wire bytes sent in the last interval (all datagrams)
+        self._spent_content = 0  # of which datagrams carrying records or digests
+        self._sent_log: deque[tuple[float, int, bool]] = deque()
+        self._expired_at = -1.0
         self._now = now
         self._wanted = 0
         self._wanted_low = 0
@@ -322,6 +376,9 @@ class Gossip:
         prev = self.cache.entry(self.key)
         seq = max(int(now * 1000), prev.record.seq + 1 if prev is not None else 0)
         self.local = self._sign(seq, now)
+        if settled:  # a warm start: our record is where it belongs already
+            self._confirmed = set(self.local.homes(cfg.group_bits))
+            self._republish_at = self._publish_due
         self.cache.protected.add(self.key)
         self.cache.remove(self.key, now)
         self.cache.put(self.local, now)
@@ -380,12 +437,17 @@ class Gossip:
     def start_lookup(self, route: str, now: float, *, use_cache: bool = True) -> int:
         """Ask the route's home group; a LookupCompleted event follows. Returns its id."""
         self._now = now
-        norm = normalize_route(route)
+        return self._start(normalize_route(route), now, use_cache=use_cache)
+
+    def _start(self, norm: str, now: float, *, use_cache: bool, internal: bool = False) -> int:
+        group = _group_key(norm, self.config.group_bits)
         qid = self.rng.getrandbits(32)
         while qid in self._lookups:
             qid = self.rng.getrandbits(32)
-        st = _Lookup(qid, norm, route_group(norm, self.config.group_bits), now)
-        st.give_up = now + self.config.lookup_timeout * (self.config.lookup_attempts + 4)
+        if group is None:
+            group = route_group(norm, self.config.group_bits)
+        st = _Lookup(qid, norm, group, now, internal=internal)
+        st.give_up = now + self.config.lookup_timeout * (self.config.lookup_attempts + 6)
         self._lookups[qid] = st
         if use_cache:
             for r in self.cache.lookup(norm):
@@ -435,6 +497,9 @@ class Gossip:
         body_end = len(data) - wire.MAC_SIZE
         if not hmac.compare_digest(wire.mac(mac_key, data[:body_end]), data[body_end:]):
             self._count("drop_badmac")
+            return
+        if self._bans and self._banned(sender, src, now):
+            self._count("drop_banned")
             return
         try:
             m = wire.parse(data, wire.HEADER.size, body_end)
@@ -490,40 +555,65 @@ class Gossip:
 
     def _resign(self, now: float, above: int = 0) -> None:
         seq = max(self.local.seq + 1, int(now * 1000), above + 1)
+        bits = self.config.group_bits
+        # groups that stored the old version and will not store the new one still get it
+        # once: it supersedes the old version there, so a replay of that cannot bring back
+        # a route we dropped
+        self._withdraw |= self.local.homes(bits)
         self.local = self._sign(seq, now)
+        self._withdraw -= self.local.homes(bits)
+        self._confirmed = set()
+        self._acks = {}
         self.cache.put(self.local, now)
         self._hot_add(self.key, seq)
         self._publish_due = self.round + 1
+        self._republish_at = self.round + self.config.republish_rounds
 
     def _publish(self, now: float) -> None:
-        """Hand our record to a contact in each home group (or ask a peer to relay it)."""
-        self._publish_due = self.round + self.config.republish_rounds
+        """Hand our record to members of each home group, acknowledged, a few datagrams per
+        round; groups not acknowledged yet are retried every other round (through a relay
+        while we know nobody there). Groups that held our previous version get the new one
+        too (withdrawal). Every republish_rounds, everything once more."""
+        cfg = self.config
         rec = self.local
+        homes = rec.homes(cfg.group_bits)
+        if self.round >= self._republish_at:
+            self._republish_at = self.round + cfg.republish_rounds
+            self._confirmed = set()
+            self._acks = {}
+        todo = [g for g in sorted(homes | self._withdraw) if g not in self._confirmed]
+        self._publish_due = self.round + 1 if todo else self._republish_at
+        sent = 0
         missing = False
-        for g in rec.homes(self.config.group_bits):
+        for g in todo:
+            if sent >= cfg.publish_per_round:
+                break
             cs = [e for e in self.cache.contacts(g, 2) if e.record.gossip_addr is not None]
-            if not cs:
+            if not self._live_contacts(g):
                 missing = True
+            if not cs:
                 continue
-            for c in cs:
-                b = Builder(self.config.max_datagram)
+            for c in cs[: 1 if g in self._withdraw else 2]:
+                b = Builder(cfg.max_datagram)
                 nonce = self.rng.getrandbits(32)
                 b.add(Sec.PING, wire.encode_u32(nonce))
                 b.add(Sec.RECORD, rec.raw)
                 addr = c.record.gossip_addr
                 if addr is not None and self._send(b, c.record, now):
                     self._pending[nonce] = _Pending(c.record.key, now, "publish", addr)
+                    sent += 1
+            self._withdraw.discard(g)  # withdrawals are best effort: one try
         if missing:
-            tried: set[bytes] = set()
-            for _ in range(2):
-                peer = self._live_peer(exclude=tried)
-                if peer is None:
-                    break
-                tried.add(peer.key)
-                b = Builder(self.config.max_datagram)
-                b.add(Sec.RELAY, rec.raw)
+            peer = self._live_peer(exclude=set())
+            if peer is not None:
+                b = Builder(cfg.max_datagram)
+                b.add(Sec.RELAY, b"\x01" + rec.raw)
                 self._send(b, peer, now)
-            self._publish_due = self.round + 3
+            # and find a member there the way lookups do: whoever answers, we publish to
+            busy = {st.group for st in self._lookups.values() if st.internal}
+            for g in todo:
+                if g not in busy and not self._live_contacts(g):
+                    self._start(f"{GROUP_KEY}{g}", now, use_cache=False, internal=True)
 
     # -- rounds ----------------------------------------------------------------------------
 
@@ -547,17 +637,28 @@ class Gossip:
             self._emit_removed(rec.node_id, "expired")
         if self.local.expires - now < cfg.refresh_before:
             self._resign(now)
+        if self._backlog:
+            self._flush_backlog(now)
         # one exchange per round
         partner = self._choose_partner(now)
         if partner is not None:
             self._send_sync(partner, now)
-        if len(self.cache) <= 1 or (self._seeds and self.round % cfg.seed_rounds == 0):
-            self._contact_seeds(now)
+        if len(self.cache) < cfg.bootstrap_min and self._seeds:
+            # (nearly) alone: ask a seed, backing off (up to 3 rounds) so a crowd of
+            # newcomers does not drown it; two newcomers that only know each other keep asking
+            if self.round >= self._seed_next:
+                self._contact_seeds(now)
+                self._seed_wait = min(3, self._seed_wait + 1)
+                self._seed_next = self.round + self.rng.randint(1, self._seed_wait)
+        else:
+            self._seed_wait = 1
+            if self._seeds and self.round % cfg.seed_rounds == 0:
+                self._contact_seeds(now)  # now and then: rejoins after a partition
         # confirm suspicions first-hand
         if self._suspects:
             for _ in range(min(cfg.probe_cap, len(self._suspects))):
                 key = next(iter(self._suspects))
-                del self._suspects[key]
+                claimer = self._suspects.pop(key)
                 e = self.cache.entry(key)
                 if e is None or (e.last_heard is not None and now - e.last_heard < cfg.interval):
                     continue
@@ -567,6 +668,21 @@ class Gossip:
                 addr = e.record.gossip_addr
                 if addr is not None and self._send(b, e.record, now):
                     self._pending[nonce] = _Pending(key, now, "probe", addr)
+                    if claimer is not None:
+                        self._claims[key] = claimer
+        # a peer still has a node we buried: ask that node ourselves (it answers: restored)
+        for _ in range(min(cfg.probe_cap, len(self._revive))):
+            key = next(iter(self._revive))
+            del self._revive[key]
+            tomb = self.cache.tombs.get(key)
+            addr = tomb.record.gossip_addr if tomb is not None else None
+            if tomb is None or addr is None or tomb.until <= now:
+                continue
+            b = Builder(cfg.max_datagram)
+            nonce = self.rng.getrandbits(32)
+            b.add(Sec.PING, wire.encode_u32(nonce))
+            if self._send(b, tomb.record, now):
+                self._pending[nonce] = _Pending(None, now, "revive", addr)
         if self.round >= self._publish_due and len(self.cache) > 1:
             self._publish(now)
         self._drain_dropped()
@@ -597,14 +713,16 @@ class Gossip:
     def _pick(self, group: int) -> NodeRecord | None:
         """A random usable member of ``group`` (a few tries)."""
         pool = self.cache.members_list(group)
-        if not pool:
+        n = len(pool)
+        if not n:
             return None
-        for _ in range(4):
-            k = pool[self.rng.randrange(len(pool))]
+        rnd = self.rng.random
+        for _ in range(6):
+            k = pool[int(rnd() * n)]
             if k == self.key or k in self._suspects:
                 continue
             e = self.cache.entries.get(k)
-            if e is not None and e.record.gossip_addr is not None:
+            if e is not None and not e.rumour and e.record.gossip_addr is not None:
                 return e.record
         return None
 
@@ -617,9 +735,11 @@ class Gossip:
             k = keys[self.rng.randrange(len(keys))]
             if k == self.key or k in exclude or k in self._suspects:
                 continue
-            rec = entries[k].record
-            if rec.gossip_addr is not None:
-                return rec
+            e = entries[k]
+            if e.rumour and len(entries) > 16:
+                continue
+            if e.record.gossip_addr is not None:
+                return e.record
         return None
 
     def _live_peer(self, exclude: set[bytes]) -> NodeRecord | None:
@@ -651,15 +771,27 @@ class Gossip:
             need = self._need_bitmap()
             if need is not None:
                 b.add(Sec.NEED, need)
+            self._add_home_need(b)
             if self._send_to(b, seed.public_key, seed.addr, now):
                 key = node_id_of(seed.public_key)[:KEY_SIZE]
                 self._pending[nonce] = _Pending(key, now, "sync", seed.addr)
 
+    def _add_home_need(self, b: Builder) -> None:
+        """Groups our own record is homed in where we know nobody: we cannot publish there."""
+        if self._need is None:
+            return  # every group has members: nothing urgent
+        members = self.cache.members
+        urgent = [
+            g for g in sorted(self.local.homes(self.config.group_bits))
+            if len(members[g]) - (g == self.my_group) <= 0
+        ]
+        if urgent:
+            b.add(Sec.NEED_HOME, b"".join(g.to_bytes(2, "big") for g in urgent[:8]))
+
     def _need_bitmap(self) -> bytes | None:
-        v = self.cache.version
-        if self._need_at != v:
-            self._need_at = v
-            bm = self.cache.need_bitmap()
+        bm = self.cache.need_bitmap()
+        if bm is not self._need_src:
+            self._need_src = bm
             self._need = bm if any(bm) else None
         return self._need
 
@@ -680,12 +812,18 @@ class Gossip:
             need = bytes(bm)
         if need is not None:
             b.add(Sec.NEED, need)
+        self._add_home_need(b)
         pkey = partner.key
         if id_group(partner.node_id, cfg.group_bits) == self.my_group:
             self._add_page(b)
         self._add_rumours(b, pkey)
         if self._send(b, partner, now):
             self._pending[nonce] = _Pending(pkey, now, "sync", addr)
+
+    def _live_contacts(self, group: int) -> bool:
+        """True if some member of ``group`` we know has not failed us lately."""
+        entries = self.cache.entries
+        return any(entries[k].failures == 0 for k in self.cache.members[group] if k != self.key)
 
     def _stale_contacts(self, group: int, now: float) -> bool:
         """True if we have heard from no member of ``group`` for ``contact_fresh`` seconds."""
@@ -705,7 +843,7 @@ class Gossip:
             sub_bits += 1
         index = self.rng.randrange(1 << sub_bits)
         items = self.cache.home_page(sub_bits, index)
-        limit = min(cfg.page_max, (self._budget_room(b) - 3) // wire.DIGEST_SIZE)
+        limit = min(cfg.page_max, (self._budget_room(b, bulk=True) - 3) // wire.DIGEST_SIZE)
         if limit < 0:
             return
         complete = len(items) <= limit
@@ -780,22 +918,58 @@ class Gossip:
         for k in spent:
             del table[k]
 
-    def _budget_room(self, b: Builder) -> int:
-        """Bytes still allowed in ``b``: datagram room and the sliding one-interval budget."""
+    def _expire_log(self) -> None:
+        if self._expired_at == self._now:
+            return
+        self._expired_at = self._now
         log = self._sent_log
         horizon = self._now - self.config.interval
         while log and log[0][0] <= horizon:
-            self._spent -= log.popleft()[1]
-        return min(b.room(), self.config.send_budget - self._spent - b.size - wire.SECTION.size)
+            _, n, content = log.popleft()
+            self._spent -= n
+            if content:
+                self._spent_content -= n
+
+    def _budget_room(self, b: Builder, bulk: bool | int = False) -> int:
+        """Payload bytes one more section of ``b`` may still take: datagram room, and the
+        sliding one-interval budget. Content may not eat the control reserve; bulk content
+        (anti-entropy, catch-up, global rumours, contact offers) not the news reserve either,
+        so what changed in our group and what someone waits for always gets through first."""
+        if self._expired_at != self._now:
+            self._expire_log()
+        cfg = self.config
+        used = b.size + UDP_IP_OVERHEAD + wire.SECTION.size
+        reserve = bulk if not isinstance(bulk, bool) else cfg.bulk_reserve if bulk else 0
+        floor = cfg.control_reserve + reserve
+        return min(
+            b.room(),
+            cfg.send_budget - floor - self._spent_content - used,
+            cfg.send_budget - self._spent - used,
+        )
 
     # -- sending ---------------------------------------------------------------------------
 
-    def _emit(self, data: bytes, addr: Addr) -> None:
+    def _emit(self, data: bytes, addr: Addr, content: bool = False) -> bool:
+        """Queue a datagram if the budget allows: never more than ``send_budget`` wire bytes
+        in any one interval; content (records, digests) never more than the budget minus
+        ``control_reserve``, so acks and probes always have room."""
+        if self._expired_at != self._now:
+            self._expire_log()
+        cfg = self.config
+        n = len(data) + UDP_IP_OVERHEAD
+        if self._spent + n > cfg.send_budget or (
+            content and self._spent_content + n > cfg.send_budget - cfg.control_reserve
+        ):
+            self._count("drop_budget")
+            return False
         self._out.append((data, addr))
-        self._spent += len(data)
-        self._sent_log.append((self._now, len(data)))
+        self._spent += n
+        if content:
+            self._spent_content += n
+        self._sent_log.append((self._now, n, content))
         self.tx_datagrams += 1
         self.tx_bytes += len(data)
+        return True
 
     def _send(self, b: Builder, rec: NodeRecord, now: float) -> bool:
         addr = rec.gossip_addr
@@ -810,12 +984,12 @@ class Gossip:
                 keys = self.keys.derive(pk)
             except RecordError:
                 return False
-        self._emit(b.finish(self.identity.public_key, int(now), keys[0]), addr)
-        return True
+        return self._emit(b.finish(self.identity.public_key, int(now), keys[0]), addr, b.content)
 
     # -- receiving -------------------------------------------------------------------------
 
     def _banned(self, pk: bytes, src: str, now: float) -> bool:
+        """Banned by public key, record key or source address."""
         for k in (pk, src):
             until = self._bans.get(k)
             if until is not None:
@@ -823,6 +997,18 @@ class Gossip:
                     return True
                 del self._bans[k]
         return False
+
+    def _false_claim(self, claimer: bytes, now: float) -> None:
+        """A node said a peer was dead; the peer answered us. Repeat offenders are banned:
+        honest nodes claim only what they saw, so they are rarely wrong."""
+        self._count("false_claims")
+        n = self._false_claims.get(claimer, 0) + 1
+        self._false_claims[claimer] = n
+        if n >= 3:
+            self._bans[claimer] = now + self.config.ban_seconds
+            self._count("bans")
+        if len(self._false_claims) > 1024:
+            self._false_claims.clear()
 
     def _ban(self, pk: bytes, src: str, now: float) -> None:
         until = now + self.config.ban_seconds
@@ -849,9 +1035,15 @@ class Gossip:
         old = self.cache.entry(key)
         old_seq = old.record.seq if old is not None else -1
         res = self.cache.put(rec, now, src)
+        if res == "added" and key in self._low_keys:
+            e_new = self.cache.entries[key]
+            e_new.rumour = not e_new.home
+        self._low_keys.pop(key, None)
         if res in {"added", "updated"}:
             if res == "updated" or self._fresh(rec.seq, now):
                 self._hot_add(key, rec.seq)
+                if self.cache.entries[key].home:
+                    self._news.append(rec)
             elif self.cache.entries[key].home:
                 self._page_fill = self.round  # an old home record we lacked: still syncing
             self._suspects.pop(key, None)
@@ -898,7 +1090,7 @@ class Gossip:
             joiner = self._accept(raw, src, pk, now)
             if joiner is None or joiner.public_key != pk:
                 return
-        b = Builder(min(self.config.max_datagram, len(data)))
+        b = Builder(min(self.config.max_datagram, len(data), self.config.hello_reply))
         b.add(Sec.ACK, wire.encode_u32(m.hello))
         b.add(Sec.RECORD, self.local.raw)
         if joiner is not None:
@@ -907,6 +1099,7 @@ class Gossip:
                 for c in self.cache.contacts(g, 2):
                     if c.record.key != joiner.key and not b.add(Sec.RECORD, c.record.raw):
                         break
+        b.content = False  # a newcomer depends on it (and hello_per_round bounds it)
         self._send_to(b, pk, addr, now)
 
     def _on_message(
@@ -918,36 +1111,52 @@ class Gossip:
         if e is not None:
             e.last_heard = now
             e.failures = 0
+            e.rumour = False
         elif sender in cache.tombs:
             restored = cache.lift_tomb(sender, now)
             if restored is not None and cfg.emit_peer_events:
                 self._events.append(PeerAdded(restored))
         if self._suspects:
             self._suspects.pop(sender, None)
+        if self._claims:
+            claimer = self._claims.pop(sender, None)
+            if claimer is not None:
+                self._false_claim(claimer, now)
         if self._dead:
             self._dead.pop(sender, None)
         for nonce in m.acks:
             p = self._pending.pop(nonce, None)
+            if p is not None and p.kind == "publish" and p.key == sender:
+                # confirmed once two members have it: one may die before passing it on
+                g = id_group(sender, cfg.group_bits)
+                acks = self._acks.setdefault(g, set())
+                acks.add(sender)
+                if len(acks) >= 2 or len(self.cache.members[g]) - (g == self.my_group) < 2:
+                    self._confirmed.add(g)
             if p is not None and p.kind == "hello":
                 for s in self._seeds:
                     if s.addr == p.addr and s.public_key is None:
                         s.public_key = pk
         got: list[NodeRecord] = []
+        self._news = []
         for raw in m.records:
             rec = self._accept(raw, src, pk, now)
             if rec is not None:
                 got.append(rec)
         for raw in m.relays:
             self._on_relay(raw, pk, sender, src, now)
+        if self._news:
+            self._eager_push(self._news, sender, now)
         reply = Builder(cfg.max_datagram)
         for nonce in m.pings:
             reply.add(Sec.ACK, wire.encode_u32(nonce))
         for q in m.lookups:
             self._on_lookup(q, pk, addr, now)
         if m.answers:
-            self._on_answers(m.answers, got, sender, now)
+            self._on_answers(m.answers, got, sender, pk, addr, now)
         # decide what to ask for and what to push
         want: list[bytes] = []
+        low: list[bytes] = []
         push: list[NodeRecord] = []
         claims: list[tuple[bytes, int]] = []
         if m.page is not None and id_group(sender, cfg.group_bits) == self.my_group:
@@ -955,17 +1164,26 @@ class Gossip:
         if m.home_have:
             self._want_from(m.home_have, want, now, high=True)
         if m.have:
-            self._want_from(m.have, want, now, high=False)
-        if want:
-            reply.add(Sec.WANT, b"".join(want))
-        # answer their WANT first, then page pushes, then contacts
-        for k in m.want:
-            e2 = cache.entries.get(k)
-            if e2 is not None and not self._add_record(reply, e2.record):
+            self._want_from(m.have, want, now, high=False, low=low)
+        for asks, stype in ((want, Sec.WANT), (low, Sec.WANT_LOW)):
+            if asks:
+                payload = b"".join(asks)
+                if len(payload) <= self._budget_room(reply):  # never at the ack's price
+                    reply.add(stype, payload)
+                else:
+                    for k in asks:
+                        self._inflight.pop(k, None)
+        # their wants first (what they need before what merely interests them), then repairs
+        for keys, reserve in ((m.want, 0), (m.want_low, cfg.low_reserve)):
+            for k in keys:
+                e2 = cache.entries.get(k)
+                if e2 is not None and not self._add_record(reply, e2.record, reserve):
+                    break
+        for rec in push:  # anti-entropy repairs and newcomers' catch-up: bulk
+            if not self._add_record(reply, rec, bulk=True):
                 break
-        for rec in push:
-            if not self._add_record(reply, rec):
-                break
+        if m.need_home:
+            self._offer_home(reply, m.need_home, sender)
         if m.need is not None:
             self._offer_contacts(reply, m.need, sender)
         if claims:
@@ -977,14 +1195,20 @@ class Gossip:
         if reply:
             self._send_to(reply, pk, addr, now)
 
-    def _add_record(self, b: Builder, rec: NodeRecord) -> bool:
-        if len(rec.raw) > self._budget_room(b):
+    def _add_record(self, b: Builder, rec: NodeRecord, bulk: bool | int = False) -> bool:
+        if len(rec.raw) > self._budget_room(b, bulk):
             self._count("budget_cut")
             return False
         return b.add(Sec.RECORD, rec.raw)
 
     def _want_from(
-        self, items: list[tuple[bytes, int]], want: list[bytes], now: float, *, high: bool
+        self,
+        items: list[tuple[bytes, int]],
+        want: list[bytes],
+        now: float,
+        *,
+        high: bool,
+        low: list[bytes] | None = None,
     ) -> None:
         """Ask for newer or missing records; low-priority ones only within the round budget."""
         cfg = self.config
@@ -1021,7 +1245,13 @@ class Gossip:
                     continue
                 self._wanted_low += 1
             self._inflight[k] = now + cfg.interval
-            want.append(k)
+            if prio or low is None:
+                want.append(k)
+            else:
+                low.append(k)
+                self._low_keys[k] = None
+                if len(self._low_keys) > 256:
+                    del self._low_keys[next(iter(self._low_keys))]
 
     def _on_page(
         self,
@@ -1050,6 +1280,8 @@ class Gossip:
                 t = cache.tombs.get(k) if cache.tombs else None
                 if t is not None and seq <= t.seq:
                     claims.append((k, seq))
+                    if len(self._revive) < 64:
+                        self._revive[k] = None  # they think it alive: check first-hand
                 else:
                     newer.append((k, seq))
             elif e.record.seq < seq:
@@ -1060,56 +1292,153 @@ class Gossip:
             self._want_from(newer, want, now, high=True)
         if flags & wire.PAGE_COMPLETE and mine:
             extra = list(mine)
-            if len(extra) > 8:
-                extra = self.rng.sample(extra, 8)
+            if len(extra) > 4:
+                extra = self.rng.sample(extra, 4)
             push.extend(entries[k].record for k in extra)
+
+    def _eager_push(self, recs: list[NodeRecord], sender: bytes, now: float) -> None:
+        """News for our group, received for the first time: push it whole to a few random
+        members at once (each member does this once per record, so within a fraction of a
+        round most of the group has it; HOME_HAVE digests and anti-entropy do the rest).
+        What the budget does not allow now waits (a little) for the next round."""
+        for rec in recs:
+            self._backlog[rec.key] = [rec, self.config.eager_fanout, self.round + 3, sender]
+        while len(self._backlog) > 64:
+            del self._backlog[next(iter(self._backlog))]
+        self._flush_backlog(now)
+
+    def _flush_backlog(self, now: float) -> None:
+        for key in [k for k, v in self._backlog.items() if self.round > v[2] or v[1] <= 0]:
+            del self._backlog[key]
+        for _ in range(self.config.eager_fanout):
+            if not self._backlog:
+                return
+            peer = self._pick(self.my_group)
+            if peer is None:
+                return
+            b = Builder(self.config.max_datagram)
+            sent: list[bytes] = []
+            for key, (rec, _left, _until, sender) in self._backlog.items():
+                if peer.key in (sender, rec.key):
+                    continue
+                if not self._add_record(b, rec):
+                    break
+                sent.append(key)
+            if not sent or not self._send(b, peer, now):
+                return  # out of budget: the rest waits
+            for key in sent:
+                item = self._backlog[key]
+                item[1] -= 1
+                if item[1] <= 0:
+                    del self._backlog[key]
+
+    def _offer_home(self, b: Builder, groups: list[int], requester: bytes) -> None:
+        """Members of the groups a peer must publish its record to (two each)."""
+        for g in groups[:4]:
+            if g >= 1 << self.config.group_bits:
+                continue
+            for c in self.cache.contacts(g, 3)[:2]:
+                if c.record.key != requester and not self._add_record(b, c.record):
+                    return
 
     def _offer_contacts(self, b: Builder, need: bytes, requester: bytes) -> None:
         cfg = self.config
+        members = self.cache.members
+        limit = 1 << cfg.group_bits
         groups = [
-            g for g in range(min(len(need) * 8, 1 << cfg.group_bits))
-            if need[g >> 3] & (0x80 >> (g & 7)) and self.cache.members[g]
+            g
+            for i, byte in enumerate(need)
+            if byte
+            for g in range(i * 8, i * 8 + 8)
+            if byte & (0x80 >> (g & 7)) and g < limit and members[g]
         ]
         if not groups:
             return
         self.rng.shuffle(groups)
         for g in groups[: cfg.contact_offers]:
-            # the best we know: recently heard (a group's own members know it best)
-            for c in self.cache.contacts(g, 2):
-                if c.record.key != requester:
-                    if not self._add_record(b, c.record):
-                        return
-                    break
+            rec = self._heard_member(g, requester)
+            if rec is not None and not self._add_record(b, rec):
+                return
 
-    def _on_relay(self, raw: bytes, pk: bytes, sender: bytes, src: str, now: float) -> None:
-        """Store a joining node's record in its home groups on its behalf (rate limited)."""
-        if self._relays_left <= 0:
+    def _heard_member(self, group: int, exclude: bytes) -> NodeRecord | None:
+        """Of a few random members of ``group``, the one heard from last (a group's own
+        members know it best)."""
+        pool = self.cache.members_list(group)
+        entries = self.cache.entries
+        best: NodeRecord | None = None
+        best_seen = -1.0
+        n = len(pool)
+        rnd = self.rng.random
+        for k in (pool if n <= 6 else [pool[int(rnd() * n)] for _ in range(6)]):
+            if k in (self.key, exclude):
+                continue
+            e = entries[k]
+            if e.rumour:
+                continue
+            seen = e.last_heard or 0.0
+            if seen > best_seen:
+                best, best_seen = e.record, seen
+        return best
+
+    def _on_relay(self, payload: bytes, pk: bytes, sender: bytes, src: str, now: float) -> None:
+        """Store a newcomer's record in its home groups on its behalf (rate limited). The
+        newcomer sends it with one hop left; a relayer missing contacts for some home group
+        passes it once to the best-known member of its own group."""
+        if self._relays_left <= 0 or len(payload) < 2:
             self._count("drop_relayrate")
             return
-        rec = self._accept(raw, src, pk, now)
-        if rec is None or rec.key != sender:
-            return
-        last = self._relay_seen.get(sender)
-        if last is not None and self.round - last < 5:
+        hops = payload[0]
+        rec = self._accept(payload[1:], src, pk, now)
+        if rec is None or (hops > 0 and rec.key != sender):
+            return  # first hop: only a node's own record
+        last = self._relay_seen.get(rec.key)
+        if last is not None and self.round - last < 3:
             return
         self._relays_left -= 1
-        self._relay_seen[sender] = self.round
+        self._relay_seen[rec.key] = self.round
         if len(self._relay_seen) > 1024:
             self._relay_seen.clear()
+        missing = False
         for g in rec.homes(self.config.group_bits):
             if g == self.my_group:
                 continue
+            sent = 0
             for c in self.cache.contacts(g, 3):
-                if c.record.key != sender:
+                if c.record.key != rec.key:
                     b = Builder(self.config.max_datagram)
                     b.add(Sec.RECORD, rec.raw)
-                    self._send(b, c.record, now)
+                    sent += self._send(b, c.record, now)
+            missing = missing or not sent
+        if missing and hops > 0:
+            peer = self._forwarder({rec.key, sender})
+            if peer is not None:
+                b = Builder(self.config.max_datagram)
+                b.add(Sec.RELAY, bytes((hops - 1,)) + rec.raw)
+                self._send(b, peer, now)
 
     def _on_dead(self, items: list[tuple[bytes, int]], sender: bytes, now: float) -> None:
-        """Claims are hints: cache copies are dropped, home copies are probed first-hand."""
+        """Claims are hints: a home copy (which we answer lookups from) is probed first-hand and
+        removed only if the probe fails; a mere cache copy is dropped at once, with a
+        tombstone, so a false claim cannot make room for a replay of an older version (the
+        node comes back with its next record, or as soon as it talks to us)."""
         cfg = self.config
-        for k, seq in items[: 2 * cfg.max_dead]:
-            if k in (self.key, sender):
+        for k, seq in items[: cfg.max_dead]:
+            if k == self.key:
+                # peers think we are dead: a newer record supersedes every tombstone of the
+                # old one (SWIM's refutation, seq as the incarnation number). Two claimers,
+                # at most once per refute_rounds, so one liar cannot keep us re-signing.
+                if seq >= self.local.seq:
+                    self._claimers[sender] = self.round
+                    recent = [c for c, r in self._claimers.items() if self.round - r < 10]
+                    if len(recent) >= 2 and self.round >= self._refuted + cfg.refute_rounds:
+                        self._refuted = self.round
+                        self._claimers.clear()
+                        self._count("refuted")
+                        self._resign(now)
+                    if len(self._claimers) > 64:
+                        self._claimers.clear()
+                continue
+            if k == sender:
                 continue
             e = self.cache.entries.get(k)
             if e is None or e.record.seq != seq:
@@ -1117,23 +1446,27 @@ class Gossip:
             if e.last_heard is not None and now - e.last_heard < 2 * cfg.interval:
                 continue
             if e.home:
-                if k not in self._suspects and len(self._suspects) < 64:
-                    self._suspects[k] = seq
+                # only some of the group checks each claim: a claim must not turn the whole
+                # group against one node (its acks are budgeted like everything else)
+                if (
+                    k not in self._suspects
+                    and len(self._suspects) < 64
+                    and self.rng.random() < cfg.claim_probe_share
+                ):
+                    self._suspects[k] = sender
             else:
-                self.cache.remove(k, now)
+                self.cache.remove(k, now, tomb=True)
                 self._emit_removed(e.record.node_id, "reported-dead")
 
     def _no_answer(self, key: bytes, kind: str, now: float) -> None:
         if kind == "publish":
             self._publish_due = min(self._publish_due, self.round + 1)
-        if kind == "probe":
-            self._declare_dead(key, now)
-            return
         n = self.cache.failed(key)
         if n >= self.config.fail_limit:
+            self._claims.pop(key, None)
             self._declare_dead(key, now)
         elif n > 0 and len(self._suspects) < 64:
-            self._suspects[key] = n
+            self._suspects[key] = self._claims.pop(key, None)  # probe again next round
 
     def _declare_dead(self, key: bytes, now: float) -> None:
         """First-hand: we got no answer. Remove, remember, tell the group and the homes."""
@@ -1177,25 +1510,39 @@ class Gossip:
         anyone else with hops left passes it on (to its contacts in the home group, else to a
         well-known member of its own group), and whoever knows answers the origin directly."""
         cfg = self.config
-        try:
-            route = normalize_route(q.key)
-        except RecordError:
-            return
+        gk = _group_key(q.key, cfg.group_bits)
+        if gk is None:
+            try:
+                route = normalize_route(q.key)
+            except RecordError:
+                return
+        else:
+            route = q.key
         direct = q.origin_pk is None
         origin_pk, origin_addr = (pk, addr) if direct else (q.origin_pk, q.origin_addr)
         if origin_pk is None or origin_addr is None or origin_pk == self.identity.public_key:
             return
-        found = self.cache.lookup(route)
+        g = route_group(route, cfg.group_bits) if gk is None else gk
+        found = (
+            self.cache.lookup(route)
+            if gk is None and (not q.home_only or g == self.my_group)
+            else []
+        )
         b = Builder(cfg.max_datagram)
-        g = route_group(route, cfg.group_bits)
-        if found:
+        if gk is not None and g == self.my_group:
+            # "anyone in group g?": we are; here is our record, so the asker can use us
+            b.add(Sec.ANSWER, wire.encode_answer(q.qid, Answer.UNSURE))
+            b.add(Sec.RECORD, self.local.raw)
+        elif found:
             b.add(Sec.ANSWER, wire.encode_answer(q.qid, Answer.FOUND))
             for rec in found[: cfg.lookup_records]:
                 if not b.add(Sec.RECORD, rec.raw):
                     break
-        elif g == self.my_group and self.settled:
+        elif g == self.my_group and self.settled and q.hops == 0:
             b.add(Sec.ANSWER, wire.encode_answer(q.qid, Answer.NOT_FOUND))
         elif q.hops > 0 and self._forward_lookup(q, route, g, origin_pk, origin_addr, now):
+            # (a member without the record asks other members: news takes a few rounds to
+            # reach the whole group, and one miss must not fail the lookup)
             if not direct:
                 return
             b.add(Sec.ANSWER, wire.encode_answer(q.qid, Answer.FORWARDED))
@@ -1203,6 +1550,7 @@ class Gossip:
             b.add(Sec.ANSWER, wire.encode_answer(q.qid, Answer.UNSURE))
         else:
             return
+        b.content = False  # someone waits on this: it may use the control reserve
         self._send_to(b, origin_pk, origin_addr, now)
 
     def _forward_lookup(
@@ -1212,7 +1560,9 @@ class Gossip:
         """Pass a lookup on with one hop less: to our best contacts in ``group`` or, with
         none, to the best-known member of our own group."""
         hops = q.hops - 1
-        fwd = wire.encode_lookup(wire.Lookup(q.qid, hops, route, origin_pk, origin_addr))
+        fwd = wire.encode_lookup(
+            wire.Lookup(q.qid, hops, route, origin_pk, origin_addr, q.home_only)
+        )
         targets = [
             c.record for c in self.cache.contacts(group, self.config.lookup_fanout + 1)
             if c.record.public_key != origin_pk and c.record.key not in self._suspects
@@ -1229,30 +1579,57 @@ class Gossip:
         return sent
 
     def _forwarder(self, exclude: set[bytes]) -> NodeRecord | None:
-        """The member of our own group we heard from most recently (of a few sampled): the
-        peers whose liveness we know best. Falls back to any live-looking peer."""
-        pool = self.cache.members_list(self.my_group)
+        """Who to ask to forward a lookup: among a few members of our own group (the peers
+        whose liveness we know best) and our seeds, one heard from lately whose record is not
+        new (a long-lived node knows the mesh; a newcomer like us may know nobody yet)."""
+        cfg = self.config
         entries = self.cache.entries
-        best: NodeRecord | None = None
-        best_seen = -1.0
+        pool = self.cache.members_list(self.my_group)
+        cands: list[bytes] = []
         if len(pool) > 1:
-            for _ in range(8):
-                k = pool[self.rng.randrange(len(pool))]
-                if k == self.key or k in exclude or k in self._suspects:
-                    continue
-                e = entries[k]
-                seen = e.last_heard or 0.0
-                if seen > best_seen and e.record.gossip_addr is not None:
-                    best, best_seen = e.record, seen
+            cands.extend(pool[self.rng.randrange(len(pool))] for _ in range(8))
+        for seed in self._seeds:
+            if seed.public_key is not None:
+                cands.append(node_id_of(seed.public_key)[:KEY_SIZE])
+        settled_before = (self._now - cfg.hot_window) * 1000
+        best: NodeRecord | None = None
+        best_score = (-1, -1.0)
+        for k in cands:
+            e = entries.get(k)
+            if e is None or k == self.key or k in exclude or k in self._suspects:
+                continue
+            if e.record.gossip_addr is None:
+                continue
+            score = (int(e.record.seq < settled_before), e.last_heard or 0.0)
+            if score > best_score:
+                best, best_score = e.record, score
         return best if best is not None else self._live_peer(exclude)
 
     def _on_answers(
-        self, answers: list[tuple[int, int]], got: list[NodeRecord], sender: bytes, now: float
+        self,
+        answers: list[tuple[int, int]],
+        got: list[NodeRecord],
+        sender: bytes,
+        pk: bytes,
+        addr: Addr,
+        now: float,
     ) -> None:
         for qid, status in answers:
             st = self._lookups.get(qid)
             if st is None:
                 continue
+            if st.internal:
+                if id_group(sender, self.config.group_bits) == st.group:
+                    # a live member of a home group we knew nobody in: publish to it
+                    self._finish_lookup(st)
+                    b = Builder(self.config.max_datagram)
+                    nonce = self.rng.getrandbits(32)
+                    b.add(Sec.PING, wire.encode_u32(nonce))
+                    b.add(Sec.RECORD, self.local.raw)
+                    if self._send_to(b, pk, addr, now):
+                        self._pending[nonce] = _Pending(sender, now, "publish", addr)
+                    continue
+                st.records.clear()
             for rec in got:
                 if st.route in rec.routes:
                     st.records[rec.key] = rec
@@ -1262,8 +1639,8 @@ class Gossip:
             st.tried.add(sender)
             if st.waiting.pop(sender, None) is not None and status == Answer.FORWARDED:
                 st.forwarded = True
-            elif status != Answer.FOUND and not st.waiting and not st.forwarded:
-                self._lookup_attempt(st, now)  # everyone asked said no: next attempt now
+            # a "no" does not end the attempt early: a record can be a few hops short of
+            # full coverage in its group, and the next attempt half a second later finds it
 
     def _lookup_attempt(self, st: _Lookup, now: float) -> None:
         """Ask up to ``lookup_fanout`` contacts in the home group at once (or, without any,
@@ -1304,13 +1681,16 @@ class Gossip:
             return
         for t, hops in asks:
             b = Builder(cfg.max_datagram)
-            b.add(Sec.LOOKUP, wire.encode_lookup(wire.Lookup(st.qid, hops, st.route)))
+            q = wire.Lookup(st.qid, hops, st.route, home_only=st.internal)
+            b.add(Sec.LOOKUP, wire.encode_lookup(q))
             if self._send(b, t, now):
                 st.tried.add(t.key)
                 st.waiting[t.key] = hops
 
     def _finish_lookup(self, st: _Lookup) -> None:
         self._lookups.pop(st.qid, None)
+        if st.internal:
+            return
         recs = tuple(st.records.values())
         self._events.append(LookupCompleted(st.qid, st.route, recs, bool(recs)))
 

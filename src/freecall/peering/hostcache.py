@@ -45,7 +45,9 @@ _EVICT_SAMPLE = 8
 class CacheEntry:
     """A record plus what this node observed about it (never sent to others)."""
 
-    __slots__ = ("added", "failures", "group", "home", "last_heard", "record", "source")
+    __slots__ = (
+        "added", "failures", "group", "home", "last_heard", "record", "rumour", "source"
+    )
 
     def __init__(
         self, record: NodeRecord, home: bool, group: int, source: str | None, now: float
@@ -57,6 +59,9 @@ class CacheEntry:
         self.added = now
         self.last_heard: float | None = None
         self.failures = 0
+        self.rumour = False
+        """Only known from a rumour (in nearly every cache): never a contact or a partner
+        until heard from directly, or everyone would pick the same few nodes."""
 
     def score(self) -> float:
         """Usefulness for eviction and ranking: recent direct contact first, failures last."""
@@ -141,14 +146,17 @@ class HostCache:
         self.dropped: list[NodeRecord] = []
         """Records evicted to make room, until the owner (gossip) drains them into events."""
         self._need: tuple[int, bytes] = (-1, b"")
+        self._need_dirty = True
         self._keys_memo: tuple[int, list[bytes]] = (-1, [])
         self._members_memo: dict[int, tuple[int, list[bytes]]] = {}
+        self._members_ver = [0] * (1 << group_bits)
 
     def set_group(self, my_group: int | None) -> None:
         """Place this cache's node in a group; home flags and indexes follow."""
         if my_group == self.my_group:
             return
         self.my_group = my_group
+        self._need_dirty = True
         for key, e in list(self.entries.items()):
             self._unindex(key, e)
             e.home = self.is_home(e.record)
@@ -187,11 +195,18 @@ class HostCache:
         entries.update(zip(p.keys, ents, strict=True))
         members = self.members
         home_fine = self.home_fine
-        for k, g, h, r in zip(p.keys, p.groups, p.homes, p.records, strict=True):
+        self._need_dirty = True
+        for k, g in zip(p.keys, p.groups, strict=True):
             members[g][k] = None
-            if h:
-                home_fine[k[7] & 63][k] = r.seq
-        self.home_count += sum(p.homes)
+        mver = self._members_ver
+        for g in set(p.groups):
+            mver[g] += 1
+        homes = sum(p.homes)
+        if homes:
+            for k, h, r in zip(p.keys, p.homes, p.records, strict=True):
+                if h:
+                    home_fine[k[7] & 63][k] = r.seq
+        self.home_count += homes
         self.next_expiry = min(self.next_expiry, p.expiry)
         self.version += 1
 
@@ -266,14 +281,18 @@ class HostCache:
         ms = self.members[group]
         if not ms:
             return []
-        found = [self.entries[k] for k in ms if k not in self.protected]
+        entries = self.entries
+        found = [e for e in (entries[k] for k in ms) if not e.rumour]
+        found = [e for e in found if e.record.key not in self.protected]
         found.sort(key=lambda e: -e.score())
         return found[:limit]
 
     def need_bitmap(self) -> bytes:
-        """Groups with fewer than ``contacts_min`` members cached, one bit each (memoized)."""
-        if self._need[0] == self.version:
+        """Groups with fewer than ``contacts_min`` members cached, one bit each (recomputed
+        only when some group's member count crossed the threshold)."""
+        if not self._need_dirty:
             return self._need[1]
+        self._need_dirty = False
         groups = 1 << self.group_bits
         out = bytearray((groups + 7) // 8)
         cmin = self.contacts_min
@@ -291,10 +310,11 @@ class HostCache:
         return memo[1]
 
     def members_list(self, group: int) -> list[bytes]:
-        """Keys of a group's members as a list (memoized like :meth:`keys_list`)."""
+        """Keys of a group's members as a list, rebuilt only when that group changed."""
+        ver = self._members_ver[group]
         memo = self._members_memo.get(group)
-        if memo is None or memo[0] != self.version:
-            memo = self._members_memo[group] = (self.version, list(self.members[group]))
+        if memo is None or memo[0] != ver:
+            memo = self._members_memo[group] = (ver, list(self.members[group]))
         return memo[1]
 
     def home_page(self, sub_bits: int, index: int) -> list[tuple[bytes, int]]:
@@ -373,7 +393,12 @@ class HostCache:
                     idx[r] = [key]
                 else:
                     lst.append(key)
-        self.members[e.group][key] = None
+        ms = self.members[e.group]
+        ms[key] = None
+        self._members_ver[e.group] += 1
+        n, cmin = len(ms), self.contacts_min
+        if n == cmin or (n == cmin + 1 and e.group == self.my_group):  # crossed upwards
+            self._need_dirty = True
         if e.home:
             self.home_fine[fine_bucket(key)][key] = e.record.seq
             self.home_count += 1
@@ -397,7 +422,12 @@ class HostCache:
                         lst.remove(key)
                     if not lst:
                         del idx[r]
-        self.members[e.group].pop(key, None)
+        ms = self.members[e.group]
+        ms.pop(key, None)
+        self._members_ver[e.group] += 1
+        n, cmin = len(ms), self.contacts_min
+        if n == cmin - 1 or (n == cmin and e.group == self.my_group):  # crossed downwards
+            self._need_dirty = True
         if e.home:
             self.home_fine[fine_bucket(key)].pop(key, None)
             self.home_count -= 1
@@ -498,6 +528,7 @@ class HostCache:
         if e is not None:
             e.last_heard = now
             e.failures = 0
+            e.rumour = False
 
     def failed(self, key: bytes) -> int:
         """A probe or exchange got no answer; returns the consecutive failure count."""

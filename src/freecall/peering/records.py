@@ -40,7 +40,8 @@ NODE_ID_SIZE = 16
 KEY_SIZE = 8
 """Internal key of a record: the first 8 bytes of the node id (see docs/peering.md, Identity)."""
 
-_SIGN_CONTEXT = b"freecall-record-v1\x00"
+SIGN_CONTEXT = b"freecall-record-v1\x00"
+"""Domain separation: what is signed is SIGN_CONTEXT followed by the record body."""
 _NODE_ID_CONTEXT = b"freecall-node-id-v1\x00"
 _ROUTE_CONTEXT = b"freecall-route-v1\x00"
 _FIXED = struct.Struct(">BB32sQI")  # version, flags, public key, seq, expires
@@ -152,6 +153,8 @@ def normalize_domain(domain: str) -> str:
 
 def normalize_route(route: str) -> str:
     """Canonical form of a route: ``domain`` or ``user@domain`` (user part case kept)."""
+    if route.startswith("_group."):
+        raise RecordError("malformed", "reserved route")  # gossip's group lookups
     if "@" in route:
         user, _, domain = route.rpartition("@")
         if not user or "@" in user or len(user) > 64 or not user.isprintable() or any(
@@ -316,7 +319,7 @@ class NodeRecord:
         """Check the Ed25519 signature (~100 µs); raise RecordError('forged') if bad."""
         try:
             Ed25519PublicKey.from_public_bytes(self.public_key).verify(
-                self.signature, _SIGN_CONTEXT + self.raw[:-SIGNATURE_SIZE]
+                self.signature, SIGN_CONTEXT + self.raw[:-SIGNATURE_SIZE]
             )
         except (InvalidSignature, ValueError) as exc:
             raise RecordError("forged", "bad signature") from exc
@@ -534,7 +537,7 @@ class NodeIdentity:
             if n not in norm:
                 norm.append(n)
         body = encode_body(self.public_key, seq, expires, addresses, tuple(norm), flags, extensions)
-        raw = body + self.sign(_SIGN_CONTEXT + body)
+        raw = body + self.sign(SIGN_CONTEXT + body)
         if len(raw) > MAX_RECORD_SIZE:
             raise RecordError("oversized", f"{len(raw)} bytes")
         return decode_record(raw)

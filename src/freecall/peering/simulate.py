@@ -28,8 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from freecall.peering import wire
 from freecall.peering.gossip import (
     Addr,
+    Event,
     Gossip,
     GossipConfig,
     KeyAgreement,
@@ -39,13 +41,17 @@ from freecall.peering.gossip import (
 )
 from freecall.peering.hostcache import HostCache, Prepared
 from freecall.peering.records import (
+    SIGN_CONTEXT,
     Address,
     AddrKind,
     NodeIdentity,
     NodeRecord,
     RecordCodec,
+    RecordError,
+    encode_body,
     id_group,
 )
+from freecall.peering.wire import Builder, Sec
 
 START = 1_700_000_000.0
 WARM_AGE = 600.0
@@ -77,6 +83,7 @@ class SimConfig:
     fast_crypto: bool = False
     warm: bool = True
     contacts_per_group: int = 2
+    keep_events: bool = False
     freeze_gc: bool = False
     """Disable the garbage collector during setup and freeze what it built (big runs)."""
 
@@ -155,8 +162,13 @@ class Simulation:
         self.side: list[int] | None = None
         self.shared_codec = RecordCodec(capacity=None) if cfg.fast_crypto else None
         self.sim_ids: dict[bytes, bytes] = {}
-        self.lookups: dict[tuple[int, int], tuple[bytes, int]] = {}
+        self.lookups: dict[tuple[int, int], tuple[bytes, int, int, int]] = {}
+        """(node, query id) -> (target key, round, target node, tag)"""
         self.lookup_results: list[tuple[int, bool]] = []
+        self.lookup_detail: list[tuple[int, bool, int, bool]] = []
+        """(round, found, tag, target still alive when the lookup ended)"""
+        self.events: list[tuple[int, Event]] | None = [] if cfg.keep_events else None
+        """Every event of every node, when ``keep_events`` (tests)."""
         self.on_deliver: Callable[[int, bytes, Addr], bool] | None = None
         """Test hook: return False to drop a datagram before delivery."""
         self.interval = cfg.gossip.interval
@@ -231,6 +243,7 @@ class Simulation:
         every other group (records are trusted here: the simulator signed them)."""
         bits = self.cfg.gossip.group_bits
         groups = 1 << bits
+        shift = 32 - bits if bits else 32
         homed: list[list[NodeRecord]] = [[] for _ in range(groups)]
         members: list[list[NodeRecord]] = [[] for _ in range(groups)]
         for n in self.nodes:
@@ -238,27 +251,38 @@ class Simulation:
             for g in rec.homes(bits):
                 homed[g].append(rec)
             members[id_group(rec.node_id, bits)].append(rec)
+        for ms in members:  # contacts are drawn in turn from a shuffled list per group
+            self.rng.shuffle(ms)
+        homes_of = {r.key: r.homes(bits) for ms in members for r in ms}
+        lowest = min((r.expires for ms in members for r in ms), default=float("inf"))
         c = self.cfg.contacts_per_group
-        rnd = self.rng.random
         templates: dict[int, Prepared] = {}
-        for n in self.nodes:
+        for idx, n in enumerate(self.nodes):
             mine = n.gossip.my_group
             cache = n.gossip.cache
-            own = n.gossip.key
             tpl = templates.get(mine)
             if tpl is None:
                 tpl = templates[mine] = cache.prepare(homed[mine])
-            cache.remove(own, self.now)  # the template holds this node's record too
+            cache.remove(n.gossip.key, self.now)  # the template holds this node's record too
             cache.bulk_load(tpl, self.now)
-            load: dict[bytes, NodeRecord] = {}
+            entries = cache.entries
+            picks: dict[bytes, NodeRecord] = {}
             for g in range(groups):
                 ms = members[g]
-                if g != mine and ms:
-                    for _ in range(c):
-                        r = ms[int(rnd() * len(ms))]
-                        load[r.key] = r
-            entries = cache.entries
-            cache.bulk_load([r for k, r in load.items() if k not in entries], self.now)
+                if g == mine or not ms:
+                    continue
+                m = len(ms)
+                for j in range(c):
+                    r = ms[(idx * c + j) % m]
+                    picks[r.key] = r
+            keys = [k for k in picks if k not in entries]
+            cache.bulk_load(Prepared(
+                [picks[k] for k in keys],
+                keys,
+                [mine in homes_of[k] for k in keys],
+                [int.from_bytes(k[:4], "big") >> shift for k in keys],
+                lowest,
+            ), self.now)
             cache.put(n.gossip.local, self.now)
 
     def live(self) -> list[int]:
@@ -275,7 +299,11 @@ class Simulation:
         for i in self.rng.sample(live, min(leave, len(live) - 2)):
             self.kill(i)
         live = self.live()
-        return [self.add_node(settled=False, seeds=self.rng.sample(live, 2)) for _ in range(join)]
+        # seeds are what operators configure: nodes that have been up a while
+        stable = [i for i in live if self.round - self.nodes[i].born >= 10] or live
+        return [
+            self.add_node(settled=False, seeds=self.rng.sample(stable, 2)) for _ in range(join)
+        ]
 
     def partition(self, side: list[int] | None) -> None:
         """Drop every datagram between nodes on different sides (None heals)."""
@@ -291,11 +319,18 @@ class Simulation:
 
     def run_rounds(self, n: int, each: Callable[[int], None] | None = None) -> None:
         """Advance ``n`` rounds; ``each(round)`` runs at every round boundary."""
-        for _ in range(n):
-            if each is not None:
-                each(self.round)
-            self._run_until(START + (self.round + 1) * self.interval)
-            self._close_round()
+        collecting = gc.isenabled()
+        if self.cfg.freeze_gc:
+            gc.disable()  # the event loop makes no reference cycles worth collecting
+        try:
+            for _ in range(n):
+                if each is not None:
+                    each(self.round)
+                self._run_until(START + (self.round + 1) * self.interval)
+                self._close_round()
+        finally:
+            if self.cfg.freeze_gc and collecting:
+                gc.enable()
 
     def _run_until(self, t_end: float) -> None:
         heap = self.heap
@@ -313,19 +348,21 @@ class Simulation:
         push = heapq.heappush
         pop = heapq.heappop
         hook = self.on_deliver
+        seq = self.seq
         while heap and heap[0][0] < t_end:
             t, _, i, data, src = pop(heap)
             node = nodes[i]
             if not node.alive:
                 continue
             g = node.gossip
-            self.now = t
             if data is None:
                 if timer_at[i] != t:
                     continue
+                self.now = t
                 g.handle_timer(t)
             else:
                 assert src is not None
+                self.now = t
                 if hook is not None and not hook(i, data, src):
                     continue
                 recv[i] += len(data)
@@ -342,26 +379,33 @@ class Simulation:
                         continue
                     if side is not None and side[i] != side[j]:
                         continue
-                    self.seq += 1
-                    push(heap, (t + lat_min + rnd() * lat_span, self.seq, j, d, node.addr))
+                    seq += 1
+                    push(heap, (t + lat_min + rnd() * lat_span, seq, j, d, node.addr))
             nt = g.next_round
             if g._lookups:
                 nt = g.get_timer()
             if nt != timer_at[i]:
                 timer_at[i] = nt
-                self.seq += 1
-                push(heap, (nt, self.seq, i, None, None))
+                seq += 1
+                push(heap, (nt, seq, i, None, None))
             if g._events:
+                self.seq = seq
                 self._drain(i, g)
+                seq = self.seq
+        self.seq = seq
         self.now = t_end
 
     def _drain(self, i: int, g: Gossip) -> None:
         while (ev := g.next_event()) is not None:
+            if self.events is not None:
+                self.events.append((i, ev))
             if isinstance(ev, LookupCompleted):
                 want = self.lookups.pop((i, ev.query_id), None)
                 if want is not None:
                     ok = any(r.key == want[0] for r in ev.records)
                     self.lookup_results.append((want[1], ok))
+                    alive = self.nodes[want[2]].alive
+                    self.lookup_detail.append((want[1], ok, want[3], alive))
 
     def _close_round(self) -> None:
         live = [n.index for n in self.nodes if n.alive]
@@ -419,26 +463,41 @@ class Simulation:
                         have += 1
         return have / max(1, total)
 
-    def lookup(self, src: int, route: str, target: int) -> None:
+    def lookup(
+        self, src: int, route: str, target: int, tag: int = 0, *, use_cache: bool = True
+    ) -> int:
         """Start a network lookup at ``src``; success = the target's record comes back."""
         g = self.nodes[src].gossip
-        qid = g.start_lookup(route, self.now, use_cache=True)
-        self.lookups[(src, qid)] = (self.nodes[target].gossip.key, self.round)
-        if g._events:
-            self._drain(src, g)
+        qid = g.start_lookup(route, self.now, use_cache=use_cache)
+        self.lookups[(src, qid)] = (self.nodes[target].gossip.key, self.round, target, tag)
+        self.flush(src)
+        return qid
+
+    def flush(self, i: int) -> None:
+        """After calling into node ``i`` from outside the loop: send its datagrams, schedule
+        its timer, collect its events."""
+        g = self.nodes[i].gossip
+        for d, dst in g.datagrams_to_send():
+            self.send_raw(i, d, dst)
         nt = g.get_timer()
-        if nt != self.timer_at[src]:
-            self.timer_at[src] = nt
-            self._push(nt, src, None, None)
-        out = g._out
-        if out:
-            g._out = []
-            for d, dst in out:
-                self.sent[src] += len(d)
-                self.dgrams[src] += 1
-                j = self.by_addr.get(dst)
-                if j is not None:
-                    self._push(self.now + self.cfg.link.latency_max, j, d, self.nodes[src].addr)
+        if nt != self.timer_at[i]:
+            self.timer_at[i] = nt
+            self._push(nt, i, None, None)
+        if g._events:
+            self._drain(i, g)
+
+    def send_raw(self, i: int, data: bytes, dst: Addr) -> None:
+        """Put a datagram from node ``i`` on the simulated network (tests inject with it)."""
+        self.sent[i] += len(data)
+        self.dgrams[i] += 1
+        j = self.by_addr.get(dst)
+        link = self.cfg.link
+        if j is None or self.rng.random() < link.loss:
+            return
+        if self.side is not None and self.side[i] != self.side[j]:
+            return
+        delay = link.latency_min + self.rng.random() * (link.latency_max - link.latency_min)
+        self._push(self.now + delay, j, data, self.nodes[i].addr)
 
     def traffic_summary(self, rounds: list[RoundTraffic] | None = None) -> dict[str, float]:
         """Worst and mean of the per-round figures."""
@@ -499,13 +558,14 @@ def scenario_churn(
     min_age: int = 5,
 ) -> dict[str, Any]:
     """``rate`` of the nodes leave and as many join every round (0.01 = 10% per 10 rounds);
-    from ``warmup`` on, random live nodes look up routes of random live nodes at least
-    ``min_age`` rounds old. Success = the target's record comes back."""
+    from ``warmup`` on, random live nodes (even ones that joined this very round) look up
+    routes of random live nodes up at least ``min_age`` rounds. Success = the target's
+    record comes back; lookups whose target died meanwhile are not counted (not a live
+    route any more). Reported for all targets and for targets up 10 rounds or more."""
     t0 = time.perf_counter()
     sim = Simulation(cfg)
     setup = time.perf_counter() - t0
     n_churn = max(1, round(rate * cfg.nodes))
-    results_by_age: dict[str, list[int]] = {}
 
     def each(r: int) -> None:
         if r == 0:
@@ -520,14 +580,14 @@ def scenario_churn(
             dst = sim.rng.choice(old)
             if src is dst:
                 continue
-            sim.lookup(src.index, sim.rng.choice(dst.routes), dst.index)
+            sim.lookup(src.index, sim.rng.choice(dst.routes), dst.index, r - dst.born)
 
     sim.run_rounds(rounds, each)
-    sim.run_rounds(3)
-    # a lookup counts only if its target is still alive at the end (live routes)
-    ok = sum(1 for _, good in sim.lookup_results if good)
-    total = len(sim.lookup_results)
-    del results_by_age
+    sim.run_rounds(4)
+    live_ones = [(ok, age) for _, ok, age, alive in sim.lookup_detail if alive]
+    ok = sum(1 for good, _ in live_ones if good)
+    total = len(live_ones)
+    settled = [good for good, age in live_ones if age >= 10]
     return {
         "scenario": "churn",
         "nodes": cfg.nodes,
@@ -535,6 +595,8 @@ def scenario_churn(
         "churn_per_round": n_churn,
         "lookups": total,
         "lookup_success": round(ok / max(1, total), 5),
+        "lookup_success_targets_up_10_rounds": round(sum(settled) / max(1, len(settled)), 5),
+        "lookups_target_died": len(sim.lookup_detail) - total,
         "lookups_unanswered": len(sim.lookups),
         "traffic": sim.traffic_summary(sim.traffic[warmup:rounds]),
         "live_end": len(sim.live()),
@@ -590,10 +652,137 @@ def scenario_partition(
     }
 
 
+EVIL = "evil.example"
+
+
+def _forged(victim: NodeRecord, attacker: NodeIdentity, how: int) -> bytes:
+    """A record claiming to be the victim's, newer, pointing elsewhere: never validly signed."""
+    body = encode_body(victim.public_key, victim.seq + 1000, victim.expires, victim.addresses,
+                       (EVIL,), victim.flags)
+    if how == 0:
+        return body + victim.signature  # the victim's signature over other content
+    if how == 1:
+        return body + attacker.sign(SIGN_CONTEXT + body)  # the wrong key
+    return body + bytes(64)
+
+
+def _oversized(rng: random.Random, now: float) -> bytes:
+    """Validly signed by its own fresh key, but larger than any record may be."""
+    ident = NodeIdentity.from_seed(rng.randbytes(32))
+    routes = tuple(f"u{i}-{'x' * 12}@{EVIL}" for i in range(32))
+    body = encode_body(ident.public_key, int(now * 1000), int(now) + 600, (), routes)
+    return body + ident.sign(SIGN_CONTEXT + body)
+
+
+def scenario_flood(
+    cfg: SimConfig, attackers: int = 5, rounds: int = 20, victims_per_round: int = 25
+) -> dict[str, Any]:
+    """Attackers (authenticated members of the mesh, so their datagrams pass the MAC) flood
+    honest nodes every round with forged records (others' keys, new routes), oversized
+    records, genuine but superseded versions (replays), bait digests, false death claims,
+    garbage and bad MACs, while an honest node publishes news. Reports what got through."""
+    t0 = time.perf_counter()
+    sim = Simulation(cfg)
+    setup = time.perf_counter() - t0
+    rng = random.Random(cfg.seed + 1)
+    honest = list(range(attackers, len(sim.nodes)))
+    movers = honest[::10]
+    replays: list[NodeRecord] = []
+    for step in range(2):  # history an attacker can replay: a route served, then dropped
+        for i in movers:
+            g = sim.nodes[i].gossip
+            replays.append(g.local)
+            routes = (g.local.routes[0], f"old{i}.sim") if step == 0 else g.local.routes[:1]
+            g.update_local(sim.now, routes=routes)
+            sim.flush(i)
+        sim.run_rounds(8)
+    sim.run_rounds(10)
+    old = {i: sim.nodes[i].gossip.local for i in honest}
+    mover = sim.nodes[honest[7]].gossip
+    news = mover.update_local(sim.now, routes=(*mover.local.routes, "news.sim"))
+    sim.flush(honest[7])
+    snapshot = {
+        i: {k: e.record.seq for k, e in sim.nodes[i].gossip.cache.entries.items()}
+        for i in honest
+    }
+
+    def flood(r: int) -> None:
+        for a in range(attackers):
+            atk = sim.nodes[a].gossip
+            for v in rng.sample(honest, min(victims_per_round, len(honest))):
+                victim = sim.nodes[v]
+                key = atk.keys.derive(victim.gossip.identity.public_key)[0]
+                pk, ts = atk.identity.public_key, int(sim.now)
+                others = rng.sample(honest, 3)
+                b = Builder()
+                for k, o in enumerate(others):
+                    b.add(Sec.RECORD, _forged(old[o], atk.identity, k))
+                b.add(Sec.RECORD, rng.choice(replays).raw)
+                b.add(Sec.HAVE, wire.digests([(old[o].key, old[o].seq + 1000) for o in others]))
+                b.add(Sec.DEAD, wire.digests([(old[o].key, old[o].seq) for o in others]))
+                data = b.finish(pk, ts, key)
+                sim.send_raw(a, data, victim.addr)
+                big = Builder()
+                big.add(Sec.RECORD, _oversized(rng, sim.now))
+                sim.send_raw(a, big.finish(pk, ts, key), victim.addr)
+                sim.send_raw(a, rng.randbytes(rng.randrange(1, 1200)), victim.addr)
+                sim.send_raw(a, data[:-1] + bytes((data[-1] ^ 1,)), victim.addr)
+
+    sim.run_rounds(rounds, flood)
+    # what honest nodes hold now, checked from scratch
+    checker = RecordCodec(capacity=None)
+    bad_records = evil_routes = rolled_back = 0
+    seen: dict[bytes, bool] = {}
+    for i in honest:
+        for k, e in sim.nodes[i].gossip.cache.entries.items():
+            raw = e.record.raw
+            ok = seen.get(raw)
+            if ok is None:
+                try:
+                    checker.load(raw)
+                    ok = True
+                except RecordError:
+                    ok = False
+                seen[raw] = ok
+            bad_records += not ok
+            evil_routes += EVIL in e.record.routes
+            before = snapshot[i].get(k)
+            rolled_back += before is not None and e.record.seq < before
+    bits = cfg.gossip.group_bits
+    missing = sum(
+        1
+        for i in honest
+        for o in honest
+        if sim.nodes[i].gossip.my_group in old[o].homes(bits)
+        and old[o].key not in sim.nodes[i].gossip.cache.entries
+    )
+    totals: dict[str, int] = {}
+    for i in honest:
+        for name, v in sim.nodes[i].gossip.stats.items():
+            totals[name] = totals.get(name, 0) + v
+    return {
+        "scenario": "flood",
+        "nodes": cfg.nodes,
+        "attackers": attackers,
+        "rounds": rounds,
+        "real_crypto": not cfg.fast_crypto,
+        "invalid_records_held": bad_records,
+        "evil_routes_held": evil_routes,
+        "records_rolled_back": rolled_back,
+        "home_records_missing": missing,
+        "news_reach": round(sim.reach(news), 4),
+        "dropped": {k: v for k, v in sorted(totals.items())
+                    if k.startswith(("rec_", "drop_", "bans", "false_claims"))},
+        "setup_s": round(setup, 1),
+        "run_s": round(time.perf_counter() - t0 - setup, 1),
+    }
+
+
 SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
     "spread": scenario_spread,
     "churn": scenario_churn,
     "partition": scenario_partition,
+    "flood": scenario_flood,
 }
 
 

@@ -32,6 +32,7 @@ _U32 = struct.Struct(">I")
 _LOOKUP = struct.Struct(">IBB")
 _ANSWER = struct.Struct(">IB")
 _PAGE = struct.Struct(">BBB")
+_HOME_ONLY = 0x80
 MAX_KEY_LEN = 253
 
 
@@ -50,12 +51,14 @@ class Sec(IntEnum):
     HAVE = 5  # digests of recently changed records (rumour)
     WANT = 6  # 8-byte keys of records the sender asks for
     RECORD = 7  # one signed record
-    RELAY = 8  # the sender's own record: store it in its home groups for me
+    RELAY = 8  # hops u8, record: store it in its home groups for me (a newcomer's own)
     DEAD = 9  # digests of records the sender found dead
-    LOOKUP = 10  # qid u32, hops u8, key length u8, key [, origin]
+    LOOKUP = 10  # qid u32, hops u8 (0x80: home members only), key length u8, key [, origin]
     ANSWER = 11  # qid u32, status u8 (records travel in RECORD sections)
     HELLO = 12  # u32 nonce (first contact: the sender does not know our key yet)
     HOME_HAVE = 13  # like HAVE, for records homed in the receiver's group (fetched first)
+    NEED_HOME = 14  # u16 groups: the sender's record is homed there and it knows nobody
+    WANT_LOW = 15  # like WANT, for records that are merely interesting (served as bulk)
 
 
 class Answer(IntEnum):
@@ -68,6 +71,9 @@ class Answer(IntEnum):
 
 
 PAGE_COMPLETE = 1
+_CONTENT = frozenset(
+    (Sec.RECORD, Sec.RELAY, Sec.HAVE, Sec.HOME_HAVE, Sec.PAGE, Sec.WANT, Sec.WANT_LOW)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,41 +85,31 @@ class Lookup:
     key: str
     origin_pk: bytes | None = None
     origin_addr: tuple[str, int] | None = None
+    home_only: bool = False
+    """Only a member of the key's home group may answer (not a cache): finds members."""
 
 
 class Message:
-    """A parsed datagram body: every section, grouped by type."""
+    """A parsed datagram body: every section, grouped by type.
 
-    __slots__ = (
-        "acks",
-        "answers",
-        "dead",
-        "have",
-        "hello",
-        "home_have",
-        "lookups",
-        "need",
-        "page",
-        "pings",
-        "records",
-        "relays",
-        "want",
-    )
+    Absent sections read as empty (shared immutable defaults, so parsing a small datagram
+    allocates little); the parser gives a field its own list when a section appears."""
 
-    def __init__(self) -> None:
-        self.pings: list[int] = []
-        self.acks: list[int] = []
-        self.need: bytes | None = None
-        self.page: tuple[int, int, int, list[tuple[bytes, int]]] | None = None
-        self.have: list[tuple[bytes, int]] = []
-        self.home_have: list[tuple[bytes, int]] = []
-        self.want: list[bytes] = []
-        self.records: list[bytes] = []
-        self.relays: list[bytes] = []
-        self.dead: list[tuple[bytes, int]] = []
-        self.lookups: list[Lookup] = []
-        self.answers: list[tuple[int, int]] = []
-        self.hello: int | None = None
+    pings: list[int] = []  # noqa: RUF012 - read-only defaults, replaced before any append
+    acks: list[int] = []  # noqa: RUF012
+    need: bytes | None = None
+    need_home: list[int] = []  # noqa: RUF012
+    page: tuple[int, int, int, list[tuple[bytes, int]]] | None = None
+    have: list[tuple[bytes, int]] = []  # noqa: RUF012
+    home_have: list[tuple[bytes, int]] = []  # noqa: RUF012
+    want: list[bytes] = []  # noqa: RUF012
+    want_low: list[bytes] = []  # noqa: RUF012
+    records: list[bytes] = []  # noqa: RUF012
+    relays: list[bytes] = []  # noqa: RUF012
+    dead: list[tuple[bytes, int]] = []  # noqa: RUF012
+    lookups: list[Lookup] = []  # noqa: RUF012
+    answers: list[tuple[int, int]] = []  # noqa: RUF012
+    hello: int | None = None
 
 
 def _digests(payload: bytes) -> list[tuple[bytes, int]]:
@@ -141,7 +137,8 @@ def addr_encode(addr: tuple[str, int]) -> bytes:
 def _lookup(p: bytes) -> Lookup:
     if len(p) < _LOOKUP.size:
         raise WireError("lookup")
-    qid, hops, klen = _LOOKUP.unpack_from(p, 0)
+    qid, hbyte, klen = _LOOKUP.unpack_from(p, 0)
+    hops, home_only = hbyte & 0x7F, bool(hbyte & _HOME_ONLY)
     end = _LOOKUP.size + klen
     if klen == 0 or end > len(p):
         raise WireError("lookup key")
@@ -150,14 +147,14 @@ def _lookup(p: bytes) -> Lookup:
     except UnicodeDecodeError as exc:
         raise WireError("lookup key") from exc
     if end == len(p):
-        return Lookup(qid, hops, key)
+        return Lookup(qid, hops, key, home_only=home_only)
     if end + 32 > len(p):
         raise WireError("lookup origin")
     pk = bytes(p[end : end + 32])
     addr, off = _addr_decode(p, end + 32)
     if off != len(p):
         raise WireError("lookup trailing bytes")
-    return Lookup(qid, hops, key, pk, addr)
+    return Lookup(qid, hops, key, pk, addr, home_only)
 
 
 def split(data: bytes) -> tuple[int, bytes, int]:
@@ -177,6 +174,7 @@ def split(data: bytes) -> tuple[int, bytes, int]:
 def parse(data: bytes, start: int, end: int) -> Message:
     """Parse the sections in ``data[start:end]``."""
     m = Message()
+    d = m.__dict__
     off = start
     unpack = SECTION.unpack_from
     try:
@@ -191,23 +189,36 @@ def parse(data: bytes, start: int, end: int) -> Message:
             p = data[off:nxt]
             off = nxt
             if stype == Sec.RECORD:
+                if "records" not in d:
+                    d["records"] = []
                 m.records.append(p)
             elif stype == Sec.HAVE:
+                if "have" not in d:
+                    d["have"] = []
                 m.have.extend(_digests(p))
             elif stype == Sec.HOME_HAVE:
+                if "home_have" not in d:
+                    d["home_have"] = []
                 m.home_have.extend(_digests(p))
             elif stype == Sec.PING:
                 if size != 4:
                     raise WireError("ping")
+                if "pings" not in d:
+                    d["pings"] = []
                 m.pings.append(_U32.unpack(p)[0])
             elif stype == Sec.ACK:
                 if size != 4:
                     raise WireError("ack")
+                if "acks" not in d:
+                    d["acks"] = []
                 m.acks.append(_U32.unpack(p)[0])
-            elif stype == Sec.WANT:
+            elif stype in (Sec.WANT, Sec.WANT_LOW):
                 if size % 8:
                     raise WireError("want")
-                m.want.extend(p[i : i + 8] for i in range(0, size, 8))
+                field = "want" if stype == Sec.WANT else "want_low"
+                if field not in d:
+                    d[field] = []
+                d[field].extend(p[i : i + 8] for i in range(0, size, 8))
             elif stype == Sec.PAGE:
                 if size < 3 or m.page is not None:
                     raise WireError("page")
@@ -220,14 +231,28 @@ def parse(data: bytes, start: int, end: int) -> Message:
                     raise WireError("need")
                 m.need = p
             elif stype == Sec.DEAD:
+                if "dead" not in d:
+                    d["dead"] = []
                 m.dead.extend(_digests(p))
+            elif stype == Sec.NEED_HOME:
+                if size % 2 or size > 32:
+                    raise WireError("need_home")
+                d["need_home"] = [
+                    int.from_bytes(p[i : i + 2], "big") for i in range(0, size, 2)
+                ]
             elif stype == Sec.RELAY:
+                if "relays" not in d:
+                    d["relays"] = []
                 m.relays.append(p)
             elif stype == Sec.LOOKUP:
+                if "lookups" not in d:
+                    d["lookups"] = []
                 m.lookups.append(_lookup(p))
             elif stype == Sec.ANSWER:
                 if size != _ANSWER.size:
                     raise WireError("answer")
+                if "answers" not in d:
+                    d["answers"] = []
                 m.answers.append(_ANSWER.unpack(p))
             elif stype == Sec.HELLO:
                 if size != 4:
@@ -249,12 +274,14 @@ def mac(key: bytes, data: bytes) -> bytes:
 class Builder:
     """Accumulates sections for one datagram and never lets it exceed ``limit`` bytes."""
 
-    __slots__ = ("limit", "parts", "size")
+    __slots__ = ("content", "limit", "parts", "size")
 
     def __init__(self, limit: int = MAX_DATAGRAM) -> None:
         self.parts: list[bytes] = []
         self.size = OVERHEAD
         self.limit = limit
+        self.content = False
+        """True once a section carrying records or digests was added (budget class)."""
 
     def room(self) -> int:
         """Payload bytes still available for one more section."""
@@ -268,6 +295,8 @@ class Builder:
         self.parts.append(SECTION.pack(stype, len(payload)))
         self.parts.append(payload)
         self.size += n
+        if stype in _CONTENT:
+            self.content = True
         return True
 
     def __bool__(self) -> bool:
@@ -300,7 +329,9 @@ def encode_lookup(q: Lookup) -> bytes:
     key = q.key.encode()
     if not 0 < len(key) <= MAX_KEY_LEN:
         raise WireError("lookup key")
-    out = _LOOKUP.pack(q.qid, q.hops, len(key)) + key
+    if not 0 <= q.hops < 0x80:
+        raise WireError("lookup hops")
+    out = _LOOKUP.pack(q.qid, q.hops | (_HOME_ONLY if q.home_only else 0), len(key)) + key
     if q.origin_pk is not None and q.origin_addr is not None:
         out += q.origin_pk + addr_encode(q.origin_addr)
     return out
