@@ -294,6 +294,47 @@ def test_tls_self_signed_both_sides_and_fingerprints(
     run(scenario())
 
 
+def test_tls_peer_key_check_refuses_the_wrong_node(
+    run: Run, certs: Certs, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An outgoing TLS connection whose peer key is not the one expected for that address is
+    closed before anything is written, and the send fails (the proxy then tries the next
+    target); the expected key passes."""
+    expected: dict[tuple[str, int], str] = {}
+    seen: list[tuple[tuple[str, int], str | None]] = []
+
+    def check(remote: tuple[str, int], key: str | None) -> bool:
+        seen.append((remote, key))
+        return expected.get(remote) == key
+
+    async def scenario() -> None:
+        b, b_sink = await node(("tls", "127.0.0.1"),
+                               server_ssl=server_context(certs.b_cert, certs.b_key))
+        a, a_sink = await node(client_ssl=client_context(certs.a_cert, certs.a_key),
+                               peer_key_check=check)
+        try:
+            b_addr = b.listener("tls").addr
+            expected[b_addr] = certificate_fingerprint(certs.a)  # not B's key
+            flow = Flow("tls", b_addr)
+            a.send(request(), flow)
+            assert await a_sink.error() == flow
+            assert a.connection_count() == 0 and a.counters.connections_open["tls"] == 0
+            await asyncio.sleep(0.05)
+            assert b_sink.messages.empty()  # nothing was written to the impostor
+            expected[b_addr] = certificate_fingerprint(certs.b)
+            a.send(request("z9hG4bK2"), flow)
+            data, _, _ = await b_sink.next()
+            assert b"z9hG4bK2" in data and a.counters.connections_open["tls"] == 1
+        finally:
+            await a.close()
+            await b.close()
+
+    with caplog.at_level(logging.INFO, logger="freecall.transport"):
+        run(scenario())
+    assert [key for _, key in seen] == [certificate_fingerprint(certs.b)] * 2
+    assert any("is not the key its node record names" in r.getMessage() for r in caplog.records)
+
+
 def test_tls_handshake_failure_is_logged_and_reported(
     run: Run, certs: Certs, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -682,7 +682,9 @@ class PeeringConfig:
     listen: Listener | None = setting(  # noqa: RUF009 -- frozen value
         Listener("udp", "0.0.0.0", 5064),  # noqa: S104
         "Gossip socket, `udp:HOST:PORT`. `null` turns gossip off (static `routes` and DNS "
-        "only).", parse=_listener(("udp",)), doc_type="listener or null")
+        "only). Gossip (and mDNS) run only when `sip.public` is set: a node that other nodes "
+        "cannot reach opens nothing beyond loopback.", parse=_listener(("udp",)),
+        doc_type="listener or null")
     seeds: tuple[HostPort, ...] = setting(
         (), "Nodes contacted first to join the mesh, as `HOST:PORT` (port 5064 by default).",
         parse=_host_port(5064), doc_type="list of HOST:PORT")
@@ -691,6 +693,17 @@ class PeeringConfig:
         "none.", parse=_domain, doc_type="domain name or null")
     mdns: bool = setting(
         True, "Find and announce nodes on the local network by multicast DNS.")
+    group_bits: int = setting(
+        6, "The mesh is cut into `2**group_bits` groups, each storing the records homed in it "
+        "(docs/peering.md). Must be the same on every node of a mesh: about log2(sqrt(nodes)), "
+        "6 up to a few thousand nodes, 7 for ten thousand.", check=_between(0, 12))
+    interval: float = setting(
+        1.0, "One gossip round: each node opens one exchange per round. Must be the same on "
+        "every node of a mesh.", parse=parse_duration, check=_between(0.05, 60),
+        doc_type="duration")
+    capacity: int = setting(
+        4096, "Most node records the host cache keeps (about 1 KiB each at most).",
+        check=_between(64, 1_000_000))
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,11 @@ from pathlib import Path
 
 from . import __version__
 from .config import AutoUser, Config
+from .netaddr import own_address
+from .peering.gossip import GossipConfig
+from .peering.records import Address, AddrKind, NodeIdentity
+from .peering.service import PeeringService, announcement_for
+from .routing.dns import AsyncDns
 from .routing.router import Router
 from .sip.auth import DigestServer
 from .sip.errors import SipParseError
@@ -45,7 +50,7 @@ from .sip.proxy import (
 from .sip.registrar import Registrar
 from .sip.transaction import TimerValues, TransactionLayer
 from .storage import atomic_write
-from .tls import client_context, make_self_signed, server_context
+from .tls import certificate_fingerprint, client_context, make_self_signed, server_context
 from .transport import SipTransport, Timer, TransportOptions, framing_error_response
 
 log = logging.getLogger("freecall")
@@ -91,6 +96,8 @@ class Daemon:
         self.proxy: Proxy | None = None
         self.registrar: Registrar | None = None
         self.router: Router | None = None
+        self.peering: PeeringService | None = None
+        self.dns: AsyncDns | None = None
         self._timer: Timer | None = None
         self._stopping = asyncio.Event()
         self._sides: dict[tuple[str, int], Side] = {}
@@ -111,8 +118,10 @@ class Daemon:
         ]
         server_ssl = client_ssl = None
         tls = config.sip.tls
+        tls_key: bytes | None = None
         if any(lst.transport == "tls" for lst, _ in specs):
-            make_self_signed(tls.certificate, tls.private_key, config.node.name)
+            certificate = make_self_signed(tls.certificate, tls.private_key, config.node.name)
+            tls_key = bytes.fromhex(certificate_fingerprint(certificate))
             server_ssl = server_context(
                 tls.certificate,
                 tls.private_key,
@@ -138,11 +147,15 @@ class Daemon:
         bound = await transport.start()
         self.transport = transport
         listeners: list[Listener] = []
+        advertise = self._advertise()
         for (spec, side), lst in zip(specs, bound, strict=True):
             self._sides[(lst.transport, lst.port)] = side
             host = lst.host
             if host in WILDCARDS:
-                host = config.sip.advertise or ("127.0.0.1" if host == "0.0.0.0" else "::1")  # noqa: S104
+                if side is Side.PUBLIC and advertise is not None:
+                    host = advertise
+                else:
+                    host = config.sip.advertise or ("127.0.0.1" if host == "0.0.0.0" else "::1")  # noqa: S104
             listeners.append(Listener(lst.transport, host, lst.port, side))
             del spec
         wall_offset = time.time() - loop.time()
@@ -163,7 +176,17 @@ class Daemon:
             max_bindings_per_aor=reg.max_contacts,
             wall_offset=wall_offset,
         )
-        self.router = Router.from_config(config, self._on_resolved)
+        servers = [(server.host, server.port) for server in config.dns.servers] or None
+        self.dns = AsyncDns(servers, timeout=config.dns.timeout)
+        if config.peering.listen is not None and config.sip.public:
+            self.peering = await self._start_peering(listeners, advertise, tls_key)
+            transport.peer_key_check = self.peering.tls_key_ok
+        elif config.peering.listen is not None:
+            log.info("peering is off: no sip.public listener (a node other nodes cannot reach "
+                     "opens nothing beyond loopback)")
+        self.router = Router.from_config(
+            config, self._on_resolved, peers=self.peering, dns=self.dns
+        )
         self.proxy = Proxy(
             self.layer,
             ProxySettings(
@@ -202,6 +225,59 @@ class Daemon:
             ", ".join(sorted(domains)),
         )
 
+    def _advertise(self) -> str | None:
+        """The address other nodes reach this node on (``sip.advertise``'s documented order)."""
+        config = self.config
+        if config.sip.advertise:
+            return config.sip.advertise
+        for lst in config.sip.public:
+            if lst.host not in WILDCARDS:
+                return lst.host
+        return own_address()
+
+    async def _start_peering(
+        self, listeners: list[Listener], advertise: str | None, tls_key: bytes | None
+    ) -> PeeringService:
+        """Join the mesh: announce our public SIP addresses, domains and users."""
+        config = self.config
+        listen = config.peering.listen
+        assert listen is not None
+        ip = await _an_ip(advertise, config.dns.timeout) if advertise else None
+        gossip_host = ip if listen.host in WILDCARDS else listen.host
+        sip: list[Address] = []
+        for lst in listeners:
+            host = ip if lst.host == advertise else lst.host
+            if lst.side is Side.PUBLIC and host is not None:
+                sip.append(Address(_SIP_KIND[lst.transport], host, lst.port))
+        served = list(config.sip.domains) or [config.node.name]
+        routes = [*served, *(f"{user}@{served[0]}" for user in config.users)]
+        identity = NodeIdentity.load_or_create(self.state_dir)
+        gossip_address = None
+        if gossip_host is not None:
+            gossip_address = Address(AddrKind.GOSSIP, gossip_host, listen.port)
+        announcement = announcement_for(
+            identity, gossip=gossip_address, sip=sip, routes=routes, tls_key=tls_key,
+            name=config.node.name,
+        )
+        peering = config.peering
+        service = PeeringService(
+            identity,
+            announcement,
+            listen=(listen.host, listen.port),
+            state_dir=self.state_dir,
+            config=GossipConfig(
+                interval=peering.interval, group_bits=peering.group_bits,
+                capacity=peering.capacity,
+            ),
+            seeds=[(seed.host, seed.port) for seed in peering.seeds],
+            srv_domain=peering.srv_domain,
+            mdns=peering.mdns,
+            dns=self.dns,
+            dns_timeout=config.dns.timeout,
+        )
+        await service.start()
+        return service
+
     def _domains(self, listeners: list[Listener]) -> set[str]:
         """What this node answers for: configured domains, else its own names and addresses."""
         config = self.config
@@ -227,6 +303,10 @@ class Daemon:
         """End every call with BYE, give the BYEs a moment, then close the sockets."""
         if self.router is not None:
             await self.router.close()  # lookups in flight are cancelled, never delivered
+        if self.peering is not None:
+            await self.peering.stop()  # the host cache is saved
+        if self.dns is not None:
+            await self.dns.close()
         proxy, layer = self.proxy, self.layer
         if proxy is not None and layer is not None and self._loop is not None:
             ended = proxy.hang_up_all(self._loop.time())
@@ -377,6 +457,25 @@ class Daemon:
                 event.status,
                 event.why,
             )
+
+
+_SIP_KIND = {"udp": AddrKind.SIP_UDP, "tcp": AddrKind.SIP_TCP, "tls": AddrKind.SIP_TLS}
+
+
+async def _an_ip(host: str, timeout: float) -> str | None:
+    """``host`` if an IP literal, else its first address (records carry addresses only)."""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return host.strip("[]")
+    except ValueError:
+        pass
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(loop.getaddrinfo(host, None), timeout)
+    except (OSError, TimeoutError) as error:
+        log.warning("peering: cannot resolve %s (%s); announcing no SIP address", host, error)
+        return None
+    return str(infos[0][4][0]) if infos else None
 
 
 def _describe(msg: object) -> str:

@@ -70,6 +70,9 @@ STREAM_TRANSPORTS: Final = frozenset({"tcp", "tls"})
 
 MessageCallback = Callable[[bytes, Flow, float], None]
 FlowCallback = Callable[[Flow], None]
+PeerKeyCheck = Callable[[Addr, "str | None"], bool]
+"""``check(remote, key)`` for an outgoing TLS connection once open: the peer's key fingerprint
+(None if it sent no certificate); False closes the connection and fails what waited on it."""
 FramingErrorCallback = Callable[[Flow, SipParseError, bytes], None]
 
 
@@ -571,6 +574,7 @@ class SipTransport:
         server_ssl: ssl.SSLContext | None = None,
         client_ssl: ssl.SSLContext | None = None,
         options: TransportOptions | None = None,
+        peer_key_check: PeerKeyCheck | None = None,
     ) -> None:
         self._specs = [ListenSpec(str(s.transport).lower(), s.host, int(s.port)) for s in listeners]
         for spec in self._specs:
@@ -583,6 +587,7 @@ class SipTransport:
         self.on_framing_error = on_framing_error
         self.on_flow_closed = on_flow_closed
         self.on_stun = on_stun
+        self.peer_key_check = peer_key_check
         self.server_ssl = server_ssl
         self.client_ssl = client_ssl
         self.options = options or TransportOptions()
@@ -1068,6 +1073,17 @@ class SipTransport:
             # the peer node's identity: the SHA-256 of its certificate's public key
             key = certificate_fingerprint(conn.peer_cert) if conn.peer_cert else "not presented"
             log.info("TLS %s %s open, peer key sha256:%s", direction, conn, key)
+            check = self.peer_key_check
+            if (conn.outgoing and check is not None and conn.remote is not None
+                    and not check(conn.remote, key if conn.peer_cert else None)):
+                # Whoever answers at an address the host cache names must hold the key the
+                # node's signed record names: anything else is not that node.
+                log.warning("TLS %s: peer key sha256:%s is not the key its node record names; "
+                            "closing", conn, key)
+                conn.state, conn.was_open = "closing", False
+                transport.abort()
+                self._lost(conn, ConnectionError("peer key mismatch"))
+                return
         else:
             log.debug("%s %s open", direction, conn)
         self.counters.connections_open[conn.kind] += 1

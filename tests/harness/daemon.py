@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import sys
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -20,7 +21,7 @@ import yaml
 
 from .addr import SipAddr
 from .ports import BlockSource
-from .proc import ManagedProcess, wait_port
+from .proc import ManagedProcess, wait_port, wait_until
 
 
 def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -53,6 +54,7 @@ class FreecallDaemon:
         command: Sequence[str] | None = None,
         env: Mapping[str, str] | None = None,
         public_host: str = "127.0.0.1",
+        netns: Sequence[str] = (),
     ) -> None:
         self.name = name
         self.public_host = public_host  # e.g. 127.0.0.2: each node its own "host" on loopback
@@ -72,6 +74,7 @@ class FreecallDaemon:
         self.command = list(command) if command is not None else [
             sys.executable, "-m", "freecall", "run"]
         self.env = env
+        self.netns = list(netns)  # e.g. ["ip", "netns", "exec", "h1"]: runs on that host
         self.process: ManagedProcess | None = None
 
     @property
@@ -102,7 +105,7 @@ class FreecallDaemon:
                 "domains": self.domains,
             },
             "users": {user: {"password": pw} for user, pw in self.users.items()},
-            "peering": {"listen": f"udp:127.0.0.1:{self.peering_port}", "mdns": False},
+            "peering": {"listen": f"udp:{self.public_host}:{self.peering_port}", "mdns": False},
             "media": {"address": "127.0.0.1",
                       "ports": f"{self.media_ports[0]}-{self.media_ports[1]}"},
             "control": {"listen": f"127.0.0.1:{self.control_port}"},
@@ -123,11 +126,17 @@ class FreecallDaemon:
         """Start the daemon; ready when its softphone port (and, when asked, the control port)
         is bound."""
         self.write_config()
-        self.process = ManagedProcess(
+        process = self.process = ManagedProcess(
             f"freecall-{self.name}",
-            [*self.command, "-c", str(self.config_path), "--state-dir", str(self.state_dir)],
+            [*self.netns, *self.command, "-c", str(self.config_path),
+             "--state-dir", str(self.state_dir)],
             log_path=self.log_path, cwd=self.directory, env=self.env,
         ).start()
+        if self.netns:  # its ports are in another namespace: wait for the start-up line
+            starts = _runs(self.log_text())
+            wait_until(lambda: _started(process, starts), timeout,
+                       message=f"{self.name} to start")
+            return self
         wait_port(self.sip_port, "udp", timeout, self.process)
         wait_port(self.sip_port, "tcp", timeout, self.process)
         if wait_control:
@@ -156,3 +165,15 @@ class FreecallDaemon:
 
     def __repr__(self) -> str:
         return f"<FreecallDaemon {self.name} sip={self.sip_addr} public={self.public_addr}>"
+
+
+def _started(process: ManagedProcess, earlier_runs: int) -> bool:
+    """The daemon logged its "listening on" line for this run (or died: raise)."""
+    if not process.alive():
+        raise AssertionError(f"freecall never started: {process.describe_exit()}")
+    return _runs(process.log_text()) > earlier_runs
+
+
+def _runs(log: str) -> int:
+    """Start-ups in a daemon log (the daemon's "node NAME listening on" line, once a run)."""
+    return len(re.findall(r" node \S+ listening on ", log))

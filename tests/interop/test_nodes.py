@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import Baresip, FreecallDaemon, Harness, assert_tone
+from harness import Baresip, FreecallDaemon, Harness
+from harness.calls import phone, talk_and_hang_up
 from harness.dns import BlackHoleDns, Dnsmasq, DnsZone
 
 USERS_A = {"alice": "alice-pw", "carol": "carol-pw"}
@@ -79,27 +80,6 @@ def mesh(harness: Harness) -> Iterator[Mesh]:
                     node.start()
                 del resolver
                 yield Mesh(a, b, server, harness.run_dir)
-
-
-def phone(baresip: Callable[..., Baresip], node: FreecallDaemon, user: str, password: str,
-          domain: str, tone: int) -> Baresip:
-    ua = baresip(user, registrar=node.sip_addr, password=password, tone_hz=tone, domain=domain)
-    ua.wait_registered()
-    return ua
-
-
-def talk_and_hang_up(caller: Baresip, callee: Baresip, heard_by_caller: int,
-                     heard_by_callee: int) -> None:
-    caller.wait_event("CALL_ESTABLISHED", 10)
-    callee.wait_event("CALL_ESTABLISHED", 5)
-    time.sleep(2.5)
-    caller.hangup()
-    caller.wait_event("CALL_CLOSED", 5)
-    callee.wait_event("CALL_CLOSED", 5)
-    assert caller.wait_rtp_stats()[-1].rx_packets >= 50
-    assert callee.wait_rtp_stats()[-1].rx_packets >= 50
-    assert_tone(caller.last_decoded_wav(), heard_by_caller)
-    assert_tone(callee.last_decoded_wav(), heard_by_callee)
 
 
 def test_call_by_address_through_naptr_srv_and_a(

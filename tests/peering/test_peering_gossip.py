@@ -40,6 +40,18 @@ def test_two_nodes_meet_through_hello() -> None:
     assert any(isinstance(ev, PeerAdded) and i == j for i, ev in s.events or [])
 
 
+def test_two_nodes_that_know_each_others_key_but_no_record_meet() -> None:
+    """mDNS gives a seed's key with its address: both sides seed each other that way, and
+    neither has the other's record. They must still meet (HELLO carries the record)."""
+    s = sim(1, warm=False)
+    j = s.add_node(settled=False)
+    a, b = s.nodes[0].gossip, s.nodes[j].gossip
+    a.add_seed(s.nodes[j].addr, b.identity.public_key)
+    b.add_seed(s.nodes[0].addr, a.identity.public_key)
+    s.run_rounds(4)
+    assert a.cache.get(b.node_id) is not None and b.cache.get(a.node_id) is not None
+
+
 def test_cold_start_through_seeds_then_every_route_resolves() -> None:
     s = sim(1, warm=False, events=False)
     s.add_node(settled=False, seeds=[0])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import random
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import pytest
@@ -50,6 +50,27 @@ class Peers:
     def next_hops(self, key: str) -> Sequence[SipUri]:
         self.asked.append(key)
         return [parse_sip_uri(u) for u in self.table.get(key, [])]
+
+    def prepare(self, keys: Sequence[str]) -> Awaitable[object] | None:
+        return None
+
+
+class SlowMesh(Peers):
+    """A host cache that learns ``learn`` (key -> URIs) ``after`` seconds into a lookup."""
+
+    def __init__(self, learn: dict[str, list[str]], after: float) -> None:
+        super().__init__({})
+        self.learn = learn
+        self.after = after
+        self.prepared: list[tuple[str, ...]] = []
+
+    def prepare(self, keys: Sequence[str]) -> Awaitable[object] | None:
+        self.prepared.append(tuple(keys))
+        return self._lookup()
+
+    async def _lookup(self) -> None:
+        await asyncio.sleep(self.after)
+        self.table.update(self.learn)
 
 
 def make_router(dns: FakeDns | None = None, deliver: Any = None, **kw: Any) -> Router:
@@ -263,6 +284,37 @@ def test_lookups_are_delivered_later_and_a_dead_one_blocks_nobody() -> None:
     assert flows(by_ticket[2][0])[0] == "udp:192.0.2.1:5070"
     assert by_ticket[2][1] == pytest.approx(0.05)
     assert by_ticket[1][0].status == 408 and by_ticket[1][1] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(("after", "route", "at"), [(0.3, "hostcache", 0.3),
+                                                     (5.0, "dns", 1.0)])
+def test_the_mesh_is_asked_first_within_half_the_budget(
+    after: float, route: str, at: float
+) -> None:
+    """A name the host cache does not know: the mesh lookup runs first; an answer in time
+    routes by it, a slow mesh gives way to DNS at half the budget. Addresses, static routes
+    and names already cached never wait for the mesh."""
+    dns = zone()
+    mesh = SlowMesh({"example.net": ["sip:198.51.100.7:5062"]}, after)
+    delivered: list[tuple[Resolution, float]] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        start: float = loop.time()
+        router = make_router(dns, lambda t, r: delivered.append((r, loop.time() - start)),
+                             peers=mesh, timeout=2.0, routes={"static.example": "sip:192.0.2.99"})
+        for text in ("sip:bob@192.0.2.9", "sip:x@static.example"):
+            uri = parse_uri(text)
+            assert router.resolve(uri, _request(uri), 9) is not None
+        uri = parse_uri("sip:bob@example.net")
+        assert router.resolve(uri, _request(uri), 1) is None
+        while router.pending:
+            await asyncio.sleep(0.01)
+
+    run_virtual(main())
+    assert mesh.prepared == [("bob@example.net", "example.net")]
+    [(res, when)] = delivered
+    assert res.targets[0].route == route and when == pytest.approx(at)
 
 
 def test_the_whole_chain_is_bounded_by_one_timeout() -> None:

@@ -761,8 +761,13 @@ class Gossip:
         for seed in self.rng.sample(self._seeds, min(1, len(self._seeds))):
             nonce = self.rng.getrandbits(32)
             b = Builder(cfg.max_datagram)
-            b.add(Sec.PING if seed.public_key else Sec.HELLO, wire.encode_u32(nonce))
-            if seed.public_key is None:
+            # A seed whose record we lack gets HELLO even when its key is known (mDNS gives
+            # it): a PING would carry no record either way, and the two would stay strangers.
+            known = seed.public_key is not None and (
+                node_id_of(seed.public_key)[:KEY_SIZE] in self.cache.entries
+            )
+            b.add(Sec.PING if known else Sec.HELLO, wire.encode_u32(nonce))
+            if not known or seed.public_key is None:
                 b.add(Sec.RECORD, self.local.raw)
                 data = b.finish_hello(self.identity.public_key, int(now), cfg.hello_size)
                 self._emit(data, seed.addr)

@@ -87,7 +87,7 @@ class Ext(IntEnum):
 
     OPENPGP_FINGERPRINT = 1  # v4 (20 bytes) or v6 (32 bytes) fingerprint of the node/user key
     OPENPGP_BINDING = 2  # reserved: OpenPGP signature over the node key (later issue)
-    TLS_FINGERPRINT = 3  # SHA-256 of the node's TLS certificate (DER)
+    TLS_FINGERPRINT = 3  # SHA-256 of the TLS public key (SPKI DER: tls.certificate_fingerprint)
     NAME = 4  # human-readable node name, UTF-8, informative only
 
 
@@ -329,7 +329,7 @@ class NodeRecord:
         return {
             "node_id": self.node_id.hex(),
             "addresses": [
-                {"kind": _kind_name(a.kind), "host": a.host, "port": a.port}
+                {"kind": kind_name(a.kind), "host": a.host, "port": a.port}
                 for a in self.addresses
             ],
             "routes": list(self.routes),
@@ -339,7 +339,7 @@ class NodeRecord:
         }
 
 
-def _kind_name(kind: int) -> str:
+def kind_name(kind: int) -> str:
     try:
         return AddrKind(kind).name.lower().replace("_", "-")
     except ValueError:

@@ -41,7 +41,7 @@ import contextlib
 import dataclasses
 import logging
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from ..sip.flow import Flow
@@ -51,7 +51,7 @@ from ..sip.uri import SipUri, TelUri, Uri, parse_uri
 from .dns import AsyncDns, Lookup, drive
 from .e164 import e164_of, enum_lookup
 from .plan import Batch, Outcome, Plan, parallel, start
-from .rfc3263 import TRANSPORTS, Hop, Located, locate
+from .rfc3263 import TRANSPORTS, Hop, Located, is_ip, locate
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -76,12 +76,19 @@ class PeerRoutes(Protocol):
 
     def next_hops(self, key: str) -> Sequence[SipUri]: ...
 
+    def prepare(self, keys: Sequence[str]) -> Awaitable[object] | None:
+        """Called when ``next_hops`` knows none of ``keys``: something to await while the
+        mesh is asked (the router waits at most half its time budget), or None."""
+
 
 class NoPeers:
     """The default :class:`PeerRoutes`: no host cache, no learned routes."""
 
     def next_hops(self, key: str) -> Sequence[SipUri]:
         return ()
+
+    def prepare(self, keys: Sequence[str]) -> Awaitable[object] | None:
+        return None
 
 
 def parse_routes(routes: Mapping[str, str]) -> dict[str, SipUri]:
@@ -194,23 +201,43 @@ class Router:
     def resolve(self, uri: Uri, request: Request, ticket: int) -> Resolution | None:
         """The resolution now if no DNS is needed, else None and ``deliver(ticket, ...)`` later
         (never from inside this call)."""
+        warm = self._ask_mesh(uri)
+        if warm is not None:
+            self._spawn(ticket, self._run_after(ticket, uri, warm))
+            return None
         plan = self.plan(uri)
         result, first = start(plan)
         if first is None:
             assert result is not None
             return result
-        task = asyncio.get_running_loop().create_task(self._run(ticket, plan, first))
+        self._spawn(ticket, self._run(ticket, plan, first, self.timeout))
+        return None
+
+    def _ask_mesh(self, uri: Uri) -> Awaitable[object] | None:
+        """The mesh lookup to await first: a name (not an address) with no static route whose
+        route the host cache does not hold yet (a sparse mesh keeps a record in its home group
+        only)."""
+        if not isinstance(uri, SipUri) or is_ip(uri.bare_host):
+            return None
+        keys = _keys(uri)
+        if any(key in self.routes or self.peers.next_hops(key) for key in keys):
+            return None
+        return self.peers.prepare(keys)
+
+    def _spawn(self, ticket: int, work: Coroutine[object, object, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks[ticket] = task
         task.add_done_callback(lambda t: self._forget(ticket, t))
-        return None
 
     def _forget(self, ticket: int, task: asyncio.Task[None]) -> None:
         if self._tasks.get(ticket) is task:
             del self._tasks[ticket]
 
-    async def _run(self, ticket: int, plan: Plan[Resolution], first: Batch) -> None:
+    async def _run(
+        self, ticket: int, plan: Plan[Resolution], first: Batch, timeout: float
+    ) -> None:
         try:
-            resolution = await drive(plan, self.dns, timeout=self.timeout, first=first)
+            resolution = await drive(plan, self.dns, timeout=timeout, first=first)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -220,6 +247,27 @@ class Router:
             self.deliver(ticket, resolution)
         except Exception:
             log.exception("delivering the route of ticket %d failed", ticket)
+
+    async def _run_after(self, ticket: int, uri: Uri, warm: Awaitable[object]) -> None:
+        """Wait (at most half the budget) for the mesh to answer, then run the chain in the
+        time left."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            await asyncio.wait_for(warm, timeout=self.timeout / 2)
+        except TimeoutError:
+            log.debug("the mesh did not answer for %s in time", uri)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("asking the mesh for %s failed", uri)
+        plan = self.plan(uri)
+        result, first = start(plan)
+        if first is None:
+            assert result is not None
+            self.deliver(ticket, result)
+            return
+        await self._run(ticket, plan, first, self.timeout - (loop.time() - started))
 
     @property
     def pending(self) -> int:
