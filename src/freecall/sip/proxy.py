@@ -126,6 +126,18 @@ class TargetResolver(Protocol):
     def resolve(self, uri: Uri, request: Request, ticket: int) -> Resolution | None: ...
 
 
+class MediaHook(Protocol):
+    """Sees every message with a body that crosses the node's edge (the media bridge's SDP)."""
+
+    def crossing(
+        self, message: Request | Response, key: tuple[str, str], ingress: Side, egress: Side
+    ) -> int | None:
+        """``message`` came in on an ``ingress`` listener and leaves through an ``egress`` one:
+        rewrite its body in place.  For a request, a status (488, 503) refuses it instead;
+        for a response or an ACK the hook must make the best of it (the return is ignored).
+        ``key`` is the dialog: (Call-ID, the caller's From tag)."""
+
+
 class NoRoutes:
     """The resolver of a node without routing: every other domain is unknown (404)."""
 
@@ -293,6 +305,7 @@ class Proxy:
         password_of: Callable[[str], str | None] = lambda user: None,
         side_of: Callable[[Flow], Side] = lambda flow: Side.SOFTPHONE,
         rng: random.Random | None = None,
+        media: MediaHook | None = None,
     ) -> None:
         self.layer = layer
         self.settings = settings
@@ -301,6 +314,7 @@ class Proxy:
         self.digest = digest or DigestServer(settings.realm, settings.secret)
         self.password_of = password_of
         self.side_of = side_of
+        self.media = media
         self.rng = rng or random.Random()
         self._contexts: dict[int, Context] = {}
         self._ids = itertools.count(1)
@@ -603,6 +617,13 @@ class Proxy:
         forwarded = Request(
             request.method, request.uri, [Header("via", "Via", via), *headers], request.body
         )
+        if self.media is not None and forwarded.body:
+            refused = self.media.crossing(
+                forwarded, self._media_key(forwarded), context.side, listener.side
+            )
+            if refused is not None:
+                self._branch_final(branch, self._synthetic(branch, refused), now)
+                return
         branch.state = BranchState.TRYING
         txn = self.layer.request(forwarded, flow, now)
         txn.user_data = branch
@@ -734,6 +755,8 @@ class Proxy:
         16.7 step 4 allows rewriting our own entry), and a softphone's Contact going to
         another node is replaced by a public address of ours.
         """
+        if self.media is not None and response.body and egress is not None:
+            self.media.crossing(response, self._media_key(response), egress, context.side)
         upstream = context.request.vias
         rewritten: list[Header] = [Header("via", "Via", via) for via in upstream]
         to_public = context.side is Side.PUBLIC and egress is Side.SOFTPHONE
@@ -828,6 +851,9 @@ class Proxy:
         mf = ack.max_forwards
         ack.set("Max-Forwards", 70 if mf is None else max(mf - 1, 0))
         next_flow = self._with_local(next_flow)
+        if self.media is not None and ack.body:  # the answer to an offer made in a 2xx
+            egress = self._listener_for(next_flow).side
+            self.media.crossing(ack, self._media_key(ack), self.side_of(flow), egress)
         digest = hashlib.blake2s(stamp.encode(), digest_size=8).hexdigest()
         via = self._new_via(next_flow, f"{Via.MAGIC_COOKIE}{digest}")
         ack.prepend("Via", via)
@@ -1358,6 +1384,16 @@ class Proxy:
         self.calls[key] = call
         self._events.append(CallStarted(call))
         return call
+
+    def _media_key(self, message: Request | Response) -> tuple[str, str]:
+        """The dialog a message belongs to, as (Call-ID, the caller's From tag), whichever
+        party sent it (the callee's requests carry the caller's tag in To)."""
+        call_id = message.call_id
+        for tag in (message.from_.tag, message.to.tag):
+            call = self.calls.get((call_id, tag or ""))
+            if call is not None:
+                return (call.call_id, call.from_tag)
+        return (call_id, message.from_.tag or "")
 
     def _call_id(self, call_id: str, tag: str) -> str:
         return hashlib.blake2s(

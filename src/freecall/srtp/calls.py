@@ -1,0 +1,285 @@
+"""The SDP side of the media bridge: every offer and answer that crosses the node's edge.
+
+The proxy calls :meth:`MediaCalls.rewrite` for each SIP message with a body as it leaves
+through a listener (issue 6, build 1):
+
+* softphone -> network (an offer of our caller, or our callee's answer): each live RTP stream
+  gets a bridge stream; the softphone's address becomes its target, and the SDP names our
+  media address and the stream's network ports, carries ``a=zrtp-hash`` (RFC 6189 section
+  8.1) and no ``a=crypto`` (SDES keys of the loopback leg never leave the host);
+* network -> softphone (the far end's offer, or its answer, early or final): the far end's
+  address, RTCP port and ``a=zrtp-hash`` go to the stream; the SDP names the loopback address
+  and the stream's softphone ports, without ZRTP or SDES attributes;
+* softphone -> softphone and anything else: untouched (media stays on the host).
+
+Codecs, formats and directions pass through untouched: the bridge never transcodes.  Streams
+are per dialog (Call-ID and the caller's tag) and m-line index (RFC 3264 section 8 keeps
+indexes stable across re-offers), so a re-INVITE, an UPDATE, early media and forked answers
+reuse them; a stream held (``sendonly``, ``recvonly``, ``inactive``) has no inactivity
+timeout while held.  ``a=rtcp-mux`` is removed in both directions: every leg uses RTCP on
+port + 1 (RFC 5761 section 5.1.1: without it in the answer, the offerer does not mux).  A
+stream starts (ZRTP Hello) once both its targets are known.  :meth:`MediaCalls.release` frees a
+dialog's streams (the daemon calls it when the call ends); unused allocations of a forked or
+failed offer go with it.
+
+Pure of I/O itself: the streams come from a :class:`StreamFactory` (the daemon's
+:class:`~freecall.srtp.bridge.MediaEngine`, a fake in tests).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .. import sdp
+from ..sdp import Direction, SdpError, ZrtpHash
+from ..sip.message import Request, Response
+from ..sip.proxy import Side
+
+log = logging.getLogger("freecall.media")
+
+DialogKey = tuple[str, str]
+"""(Call-ID, the caller's From tag): one call's media."""
+
+
+class Stream(Protocol):
+    """What the SDP side needs of a bridge stream (:class:`~freecall.srtp.bridge.MediaStream`)."""
+
+    @property
+    def local_softphone_rtp(self) -> tuple[str, int]: ...
+    @property
+    def local_network_rtp(self) -> tuple[str, int]: ...
+    @property
+    def zrtp_hash_attribute(self) -> str | None: ...
+    def set_softphone_target(
+        self, rtp: tuple[str, int], rtcp: tuple[str, int] | None = None
+    ) -> None: ...
+    def set_remote(
+        self,
+        rtp: tuple[str, int],
+        rtcp: tuple[str, int] | None = None,
+        *,
+        rtcp_mux: bool = False,
+        zrtp_hash: str | None = None,
+    ) -> None: ...
+    def set_rtp_timeout(self, seconds: float | None) -> None: ...
+    def start(self) -> None: ...
+    def release(self) -> None: ...
+
+
+class StreamFactory(Protocol):
+    """Makes bridge streams at once (sockets bound before the SDP naming them is sent)."""
+
+    rtp_timeout: float | None
+
+    def allocate_now(self, *, label: str = "", first: Stream | None = None) -> Stream:
+        """A stream, or MediaCapacityError (a RuntimeError) when none is free."""
+
+
+class MediaRefused(Exception):
+    """The message cannot cross: ``status`` is the answer to give (488, 503)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(eq=False)
+class _Leg:
+    """One m-line of one dialog: its bridge stream and what each side's SDP said."""
+
+    stream: Stream
+    softphone_known: bool = False
+    remote_known: bool = False
+    started: bool = False
+
+
+@dataclass(eq=False)
+class CallMedia:
+    """The media of one dialog."""
+
+    key: DialogKey
+    legs: dict[int, _Leg] = field(default_factory=dict)
+
+    def streams(self) -> Iterator[Stream]:
+        for leg in self.legs.values():
+            yield leg.stream
+
+
+class MediaCalls:
+    """Per-dialog streams and the SDP rewriting (module docstring)."""
+
+    def __init__(self, factory: StreamFactory) -> None:
+        self.factory = factory
+        self.calls: dict[DialogKey, CallMedia] = {}
+        self.broken: list[DialogKey] = []
+        """Dialogs whose answer could not be bridged (the daemon ends them)."""
+
+    # -- the proxy's hook ---------------------------------------------------------------------
+    def crossing(
+        self, message: Request | Response, key: DialogKey, ingress: Side, egress: Side
+    ) -> int | None:
+        """:class:`~freecall.sip.proxy.MediaHook`: rewrite an SDP body crossing between a
+        softphone and the network; leave everything else alone."""
+        if ingress is egress or message.content_type != "application/sdp":
+            return None
+        toward = self.toward_network if egress is Side.PUBLIC else self.toward_softphone
+        try:
+            message.body = toward(key, message.body)
+        except MediaRefused as refused:
+            what = message.method if isinstance(message, Request) else message.status
+            log.warning("call %s: %s SDP toward the %s not bridged: %s", key[0], what,
+                        egress.value, refused.reason)
+            if isinstance(message, Request) and message.method != "ACK":
+                return refused.status
+            # An answer we cannot bridge must not reach the other side as it is (its
+            # addresses would carry media around the bridge, in clear): drop it, end the call.
+            message.body = b""
+            message.remove("content-type")
+            self.broken.append(key)
+        return None
+
+    def toward_network(self, key: DialogKey, body: bytes) -> bytes:
+        """An SDP from our softphone, leaving for the far end (module docstring)."""
+        description = _parse(body)
+        call = self.calls.get(key)
+        if call is None:
+            call = self.calls[key] = CallMedia(key)
+        ports: list[tuple[int, int] | None] = []
+        first: Stream | None = None
+        try:
+            for index, media in enumerate(description.media):
+                if media.is_rejected or not media.media_line.is_rtp:
+                    if not media.is_rejected:
+                        media.reject()  # not RTP (e.g. an application stream): not bridged
+                    ports.append(None)
+                    continue
+                connection = description.effective_connection(index)
+                if connection is None or connection.is_null:
+                    raise MediaRefused(488, f"m-line {index} has no address")
+                leg = self._leg(call, index, first)
+                first = first or leg.stream
+                rtcp = media.rtcp
+                leg.stream.set_softphone_target(
+                    (connection.address, media.port),
+                    (rtcp.connection.address if rtcp.connection else connection.address,
+                     rtcp.port) if rtcp is not None else None,
+                )
+                leg.softphone_known = True
+                port = leg.stream.local_network_rtp[1]
+                ports.append((port, port + 1))
+                media.remove_attribute("crypto")
+                media.remove_attribute("rtcp-mux")
+                media.remove_attribute("zrtp-hash")
+                self._hold(leg, description.effective_direction(index))
+            if any(p is not None for p in ports):
+                description.rewrite_endpoints(self._network_address(call), ports)
+            for index, media in enumerate(description.media):
+                bridged = call.legs.get(index)
+                if bridged is not None and not media.is_rejected:
+                    value = bridged.stream.zrtp_hash_attribute
+                    media.set_zrtp_hash(ZrtpHash.parse(value) if value else None)
+                    self._maybe_start(bridged)
+        except MediaRefused:
+            if not any(leg.started for leg in call.legs.values()):
+                self.release(key)
+            raise
+        return description.to_bytes()
+
+    def toward_softphone(self, key: DialogKey, body: bytes) -> bytes:
+        """An SDP from the far end, going to our softphone (module docstring)."""
+        description = _parse(body)
+        call = self.calls.get(key)
+        if call is None:
+            call = self.calls[key] = CallMedia(key)
+        ports: list[tuple[int, int] | None] = []
+        first: Stream | None = None
+        for index, media in enumerate(description.media):
+            if media.is_rejected or not media.media_line.is_rtp:
+                if not media.is_rejected:
+                    media.reject()
+                dropped = call.legs.pop(index, None)
+                if dropped is not None:
+                    dropped.stream.release()
+                ports.append(None)
+                continue
+            connection = description.effective_connection(index)
+            if connection is None:
+                raise MediaRefused(488, f"m-line {index} has no address")
+            leg = self._leg(call, index, first)
+            first = first or leg.stream
+            hashes = media.zrtp_hashes or description.zrtp_hashes
+            rtcp = media.rtcp
+            leg.stream.set_remote(
+                (connection.address, media.port),
+                (rtcp.connection.address if rtcp.connection else connection.address, rtcp.port)
+                if rtcp is not None else None,
+                zrtp_hash=hashes[0].render() if hashes else None,
+            )
+            leg.remote_known = True
+            phone_port = leg.stream.local_softphone_rtp[1]
+            ports.append((phone_port, phone_port + 1))
+            for name in ("zrtp-hash", "crypto", "rtcp-mux"):
+                media.remove_attribute(name)
+            self._hold(leg, description.effective_direction(index))
+            self._maybe_start(leg)
+        for name in ("zrtp-hash", "crypto"):
+            description.remove_attribute(name)
+        if any(p is not None for p in ports):
+            loopback = next(iter(call.streams())).local_softphone_rtp[0]
+            description.rewrite_endpoints(loopback, ports)
+        return description.to_bytes()
+
+    def release(self, key: DialogKey) -> None:
+        """The dialog ended (BYE, a final failure, a timeout): close its streams."""
+        call = self.calls.pop(key, None)
+        if call is None:
+            return
+        for stream in call.streams():
+            stream.release()
+
+    def find(self, stream: object) -> DialogKey | None:
+        """The dialog a stream belongs to (events from the engine name the stream)."""
+        for key, call in self.calls.items():
+            if any(s is stream for s in call.streams()):
+                return key
+        return None
+
+    def close(self) -> None:
+        for key in list(self.calls):
+            self.release(key)
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _leg(self, call: CallMedia, index: int, first: Stream | None) -> _Leg:
+        leg = call.legs.get(index)
+        if leg is None:
+            try:
+                stream = self.factory.allocate_now(label=f"{call.key[0]}/{index}", first=first)
+            except RuntimeError as error:  # MediaCapacityError: no port pair, stream cap
+                raise MediaRefused(503, f"no media ports: {error}") from error
+            leg = call.legs[index] = _Leg(stream)
+        return leg
+
+    def _network_address(self, call: CallMedia) -> str:
+        return next(iter(call.streams())).local_network_rtp[0]
+
+    def _hold(self, leg: _Leg, direction: Direction) -> None:
+        """No inactivity timeout while a side does not send (hold, RFC 3264 section 8.4)."""
+        flowing = direction is Direction.SENDRECV
+        leg.stream.set_rtp_timeout(self.factory.rtp_timeout if flowing else None)
+
+    @staticmethod
+    def _maybe_start(leg: _Leg) -> None:
+        if leg.softphone_known and leg.remote_known and not leg.started:
+            leg.started = True
+            leg.stream.start()
+
+
+def _parse(body: bytes) -> sdp.SessionDescription:
+    try:
+        return sdp.parse(body)
+    except SdpError as error:
+        raise MediaRefused(488, f"malformed SDP: {error}") from error

@@ -1,0 +1,160 @@
+"""The SDP side of the media bridge (freecall.srtp.calls) with stand-in streams: what each side
+sees, when streams start, re-offers, hold, refusals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from freecall import sdp
+from freecall.sip.message import Request, Response, parse_message
+from freecall.sip.proxy import Side
+from freecall.srtp.calls import MediaCalls, MediaRefused
+
+KEY = ("call-1", "tag-a")
+HASH = "1.10 " + "ab" * 32
+
+PHONE_OFFER = (
+    "v=0\r\no=alice 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+    "m=audio 40000 RTP/AVP 0 8 101\r\na=rtpmap:101 telephone-event/8000\r\n"
+    "a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVz\r\n"
+    "a=rtcp-mux\r\na=sendrecv\r\n"
+    "m=application 40010 TCP/BFCP *\r\n"
+)
+FAR_ANSWER = (
+    "v=0\r\no=bob 7 7 IN IP4 198.51.100.9\r\ns=-\r\nc=IN IP4 198.51.100.9\r\nt=0 0\r\n"
+    f"m=audio 30000 RTP/AVP 0 101\r\na=rtcp:30005\r\na=zrtp-hash:{HASH}\r\n"
+    "m=application 0 TCP/BFCP *\r\n"
+)
+
+
+@dataclass(eq=False)
+class FakeStream:
+    phone_port: int
+    net_port: int
+    zrtp_hash_attribute: str | None = "1.10 " + "cd" * 32
+    softphone: tuple[object, ...] | None = None
+    remote: tuple[object, ...] | None = None
+    timeouts: list[float | None] = field(default_factory=list)
+    started: int = 0
+    released: bool = False
+
+    @property
+    def local_softphone_rtp(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.phone_port)
+
+    @property
+    def local_network_rtp(self) -> tuple[str, int]:
+        return ("192.0.2.10", self.net_port)
+
+    def set_softphone_target(
+        self, rtp: tuple[str, int], rtcp: tuple[str, int] | None = None
+    ) -> None:
+        self.softphone = (rtp, rtcp)
+
+    def set_remote(self, rtp: tuple[str, int], rtcp: tuple[str, int] | None = None, *,
+                   rtcp_mux: bool = False, zrtp_hash: str | None = None) -> None:
+        self.remote = (rtp, rtcp, rtcp_mux, zrtp_hash)
+
+    def set_rtp_timeout(self, seconds: float | None) -> None:
+        self.timeouts.append(seconds)
+
+    def start(self) -> None:
+        self.started += 1
+
+    def release(self) -> None:
+        self.released = True
+
+
+class FakeFactory:
+    rtp_timeout: float | None = 30.0
+
+    def __init__(self, capacity: int = 10) -> None:
+        self.capacity = capacity
+        self.made: list[FakeStream] = []
+
+    def allocate_now(self, *, label: str = "", first: object = None) -> FakeStream:
+        if len(self.made) >= self.capacity:
+            raise RuntimeError("no pair")
+        n = len(self.made)
+        stream = FakeStream(21000 + 4 * n, 21002 + 4 * n)
+        self.made.append(stream)
+        return stream
+
+
+def test_an_outgoing_call_offer_and_answer() -> None:
+    factory = FakeFactory()
+    calls = MediaCalls(factory)
+    out = sdp.parse(calls.toward_network(KEY, PHONE_OFFER.encode()))
+    [stream] = factory.made
+    audio, app = out.media
+    # the far end sees our media address and network ports, our zrtp-hash, no SDES, no mux
+    assert out.connection is not None and out.connection.address == "192.0.2.10"
+    assert out.origin.address == "192.0.2.10"
+    assert audio.port == 21002 and audio.formats == ("0", "8", "101")
+    assert [h.render() for h in audio.zrtp_hashes] == ["1.10 " + "cd" * 32]
+    assert not audio.crypto and not audio.has_attribute("rtcp-mux")
+    assert app.is_rejected  # not RTP: not bridged
+    assert "127.0.0.1" not in out.to_str()
+    assert stream.softphone == (("127.0.0.1", 40000), None)
+    assert stream.started == 0  # the far end's address is not known yet
+
+    back = sdp.parse(calls.toward_softphone(KEY, FAR_ANSWER.encode()))
+    assert back.connection is not None and back.connection.address == "127.0.0.1"
+    assert back.media[0].port == 21000
+    rtcp = back.media[0].rtcp
+    assert rtcp is not None and rtcp.port == 21001
+    assert not back.media[0].zrtp_hashes
+    assert stream.remote == (("198.51.100.9", 30000), ("198.51.100.9", 30005), False, HASH)
+    assert stream.started == 1 and len(factory.made) == 1
+
+    # a re-INVITE from the far end putting the call on hold: same stream, no idle timeout
+    hold = FAR_ANSWER.replace("a=rtcp:30005", "a=sendonly")
+    calls.toward_softphone(KEY, hold.encode())
+    assert len(factory.made) == 1 and stream.timeouts[-1] is None and stream.started == 1
+    calls.toward_softphone(KEY, FAR_ANSWER.encode())
+    assert stream.timeouts[-1] == 30.0
+    calls.release(KEY)
+    assert stream.released and KEY not in calls.calls
+
+
+def test_an_incoming_call_starts_when_the_softphone_answers() -> None:
+    factory = FakeFactory()
+    calls = MediaCalls(factory)
+    offer = FAR_ANSWER.replace("m=application 0", "m=video 0")
+    to_phone = sdp.parse(calls.toward_softphone(KEY, offer.encode()))
+    assert to_phone.media[0].port == 21000 and factory.made[0].started == 0
+    answer = PHONE_OFFER.split("m=application", maxsplit=1)[0]
+    to_far = sdp.parse(calls.toward_network(KEY, answer.encode()))
+    assert to_far.media[0].port == 21002
+    assert factory.made[0].started == 1
+
+
+def test_refusals_and_what_is_left_alone() -> None:
+    calls = MediaCalls(FakeFactory(capacity=0))
+    with pytest.raises(MediaRefused) as refused:
+        calls.toward_network(KEY, PHONE_OFFER.encode())
+    assert refused.value.status == 503 and KEY not in calls.calls
+    with pytest.raises(MediaRefused) as refused:
+        calls.toward_network(KEY, b"v=0\r\nnot sdp\r\n")
+    assert refused.value.status == 488
+
+    calls = MediaCalls(FakeFactory())
+    invite = parse_message(
+        ("INVITE sip:bob@b.test SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK1\r\n"
+         "From: <sip:alice@a.test>;tag=tag-a\r\nTo: <sip:bob@b.test>\r\nCall-ID: call-1\r\n"
+         "CSeq: 1 INVITE\r\nContent-Type: application/sdp\r\nContent-Length: "
+         f"{len(PHONE_OFFER)}\r\n\r\n{PHONE_OFFER}").encode())
+    assert isinstance(invite, Request)
+    # softphone to softphone: untouched; a non-SDP body: untouched
+    assert calls.crossing(invite, KEY, Side.SOFTPHONE, Side.SOFTPHONE) is None
+    assert invite.body == PHONE_OFFER.encode()
+    assert calls.crossing(invite, KEY, Side.SOFTPHONE, Side.PUBLIC) is None
+    assert b"192.0.2.10" in invite.body and b"127.0.0.1" not in invite.body
+    # an answer from the far end that cannot be bridged never reaches the softphone as it is
+    response = Response(200, "OK", [], b"garbage")
+    response.append("Content-Type", "application/sdp")
+    assert calls.crossing(response, KEY, Side.PUBLIC, Side.SOFTPHONE) is None
+    assert response.body == b"" and response.get("content-type") is None
+    assert calls.broken == [KEY]
