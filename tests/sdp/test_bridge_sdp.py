@@ -112,9 +112,9 @@ def test_an_outgoing_call_offer_and_answer() -> None:
     # a re-INVITE from the far end putting the call on hold: same stream, no idle timeout
     hold = FAR_ANSWER.replace("a=rtcp:30005", "a=sendonly")
     calls.toward_softphone(KEY, hold.encode())
-    assert len(factory.made) == 1 and stream.timeouts[-1] is None and stream.started == 1
-    calls.toward_softphone(KEY, FAR_ANSWER.encode())
-    assert stream.timeouts[-1] == 30.0
+    assert len(factory.made) == 1 and stream.started == 1
+    calls.toward_softphone(KEY, FAR_ANSWER.encode())  # taken off hold
+    assert stream.timeouts == [30.0, 30.0, None, 30.0]
     calls.release(KEY)
     assert stream.released and KEY not in calls.calls
 
