@@ -737,6 +737,10 @@ class MediaConfig:
         (), "TURN servers (`{server, transport, username, password}`) for when no direct path "
         "works. Relay nodes are also learned from the host cache.",
         doc_type="list of TURN servers")
+    rtp_timeout: float | None = setting(
+        30.0, "A call whose far end sends no media this long is ended with BYE (not while it is "
+        "on hold). `null`: never.", parse=parse_duration, check=_between(1, 86400),
+        doc_type="duration or null")
 
 
 @dataclass(frozen=True, slots=True)
@@ -747,6 +751,11 @@ class SecurityConfig:
         "prefer", "`require`: refuse calls whose media cannot be encrypted with ZRTP/SRTP; "
         "`prefer`: encrypt when the peer can, else proceed in clear and show the call as "
         "insecure; `off`: never negotiate encryption (testing only).")
+    zrtp_timeout: float = setting(
+        5.0, "How long ZRTP may take from the start of media. A far end that showed no sign of "
+        "ZRTP by then goes on in clear under `prefer`; one that did and did not finish is a "
+        "failure under every policy (a downgrade attempt looks like that).",
+        parse=parse_duration, check=_between(0.1, 120), doc_type="duration")
     on_mitm: Literal["hangup", "warn"] = setting(
         "hangup", "When ZRTP suspects a man in the middle (bad OpenPGP signature over the SAS, "
         "retained-secret mismatch): `hangup` ends the call, `warn` keeps it and raises an alert.")

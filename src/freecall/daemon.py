@@ -18,6 +18,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,19 @@ from .sip.proxy import (
 )
 from .sip.registrar import Registrar
 from .sip.transaction import TimerValues, TransactionLayer
+from .srtp.bridge import (
+    MediaEngine,
+    MediaEvent,
+    MediaTimeout,
+    SasSignatureNeeded,
+    StreamInsecure,
+    StreamSecure,
+    ZrtpFailure,
+    ZrtpWarning,
+)
+from .srtp.calls import DialogKey, MediaCalls
+from .srtp.keys import RetainedSecrets
+from .srtp.zrtp import ZrtpConfig
 from .storage import atomic_write
 from .tls import certificate_fingerprint, client_context, make_self_signed, server_context
 from .transport import SipTransport, Timer, TransportOptions, framing_error_response
@@ -56,6 +70,7 @@ from .transport import SipTransport, Timer, TransportOptions, framing_error_resp
 log = logging.getLogger("freecall")
 
 SECRET_FILE = "secret.key"  # noqa: S105 -- a file name, not a secret
+ZRTP_CACHE_FILE = "zrtp-cache"
 WILDCARDS = ("0.0.0.0", "::")  # noqa: S104 -- compared against, never bound here
 
 
@@ -98,6 +113,10 @@ class Daemon:
         self.router: Router | None = None
         self.peering: PeeringService | None = None
         self.dns: AsyncDns | None = None
+        self.media_engine: MediaEngine | None = None
+        self.media: MediaCalls | None = None
+        self.media_state: dict[DialogKey, dict[str, object]] = {}
+        """Each call's media security as the control API and the logs show it."""
         self._timer: Timer | None = None
         self._stopping = asyncio.Event()
         self._sides: dict[tuple[str, int], Side] = {}
@@ -178,8 +197,10 @@ class Daemon:
         )
         servers = [(server.host, server.port) for server in config.dns.servers] or None
         self.dns = AsyncDns(servers, timeout=config.dns.timeout)
+        advertise_ip = await _an_ip(advertise, config.dns.timeout) if advertise else None
+        self._start_media(loop, advertise_ip)
         if config.peering.listen is not None and config.sip.public:
-            self.peering = await self._start_peering(listeners, advertise, tls_key)
+            self.peering = await self._start_peering(listeners, advertise, advertise_ip, tls_key)
             transport.peer_key_check = self.peering.tls_key_ok
         elif config.peering.listen is not None:
             log.info("peering is off: no sip.public listener (a node other nodes cannot reach "
@@ -208,6 +229,7 @@ class Daemon:
             ),
             password_of=self.passwords.get,
             side_of=self._side_of,
+            media=self.media,
         )
         self._timer = Timer(loop, self._on_timer)
         self.stats.started = loop.time()
@@ -235,14 +257,39 @@ class Daemon:
                 return lst.host
         return own_address()
 
+    def _start_media(self, loop: asyncio.AbstractEventLoop, advertise_ip: str | None) -> None:
+        """The media bridge: streams on ``media.address`` (default: the advertised address)
+        and loopback, ZRTP with the retained secrets of the state directory."""
+        config = self.config
+        address = config.media.address or advertise_ip or "127.0.0.1"
+        secrets = RetainedSecrets(self.state_dir / ZRTP_CACHE_FILE)
+        if secrets.load_error:
+            log.warning("ZRTP cache: %s (set aside; starting a new one)", secrets.load_error)
+        local = _is_local_address(address)
+        self.media_engine = MediaEngine(
+            loop,
+            address=address,
+            port_range=config.media.ports,
+            retained_secrets=secrets,
+            bind_host=None if local else ("::" if ":" in address else "0.0.0.0"),  # noqa: S104
+            zrtp_config=ZrtpConfig(client_id=f"freecall {__version__}"[:16]),
+            policy=config.security.policy,
+            rtp_timeout=config.media.rtp_timeout,
+            zrtp_timeout=config.security.zrtp_timeout,
+            on_event=self._on_media_event,
+        )
+        self.media = MediaCalls(self.media_engine)
+        log.info("media on %s, ports %d-%d, security policy %s", address,
+                 config.media.ports.first, config.media.ports.last, config.security.policy)
+
     async def _start_peering(
-        self, listeners: list[Listener], advertise: str | None, tls_key: bytes | None
+        self, listeners: list[Listener], advertise: str | None, ip: str | None,
+        tls_key: bytes | None,
     ) -> PeeringService:
         """Join the mesh: announce our public SIP addresses, domains and users."""
         config = self.config
         listen = config.peering.listen
         assert listen is not None
-        ip = await _an_ip(advertise, config.dns.timeout) if advertise else None
         gossip_host = ip if listen.host in WILDCARDS else listen.host
         sip: list[Address] = []
         for lst in listeners:
@@ -314,6 +361,10 @@ class Daemon:
             if ended:
                 log.info("shutting down: ended %d call(s) with BYE", ended)
                 await self._drain(layer, 2.0)
+        if self.media is not None:
+            self.media.close()
+        if self.media_engine is not None:
+            self.media_engine.close()
         if self._timer is not None:
             self._timer.cancel()
         if self.transport is not None:
@@ -393,6 +444,63 @@ class Daemon:
         self.registrar.handle_timer(now)
         self._pump()
 
+    # -- media --------------------------------------------------------------------------
+    def _on_media_event(self, event: MediaEvent) -> None:
+        """Security of a call's media: log it, keep it for the control API, act on failures
+        (RFC 6189 section 4.3.2: a cache mismatch under ``on_mitm: hangup`` ends the call)."""
+        media, loop = self.media, self._loop
+        if media is None or loop is None:
+            return
+        key = media.find(event.stream)
+        call = self.proxy.calls.get(key) if self.proxy is not None and key else None
+        name = call.id if call is not None else (key[0] if key else "?")
+        now = loop.time()
+        if isinstance(event, SasSignatureNeeded):
+            event.stream.provide_signature(b"PGP ", None)  # signed SAS: the OpenPGP issue
+            return
+        state = self.media_state.setdefault(key, {}) if key else {}
+        if isinstance(event, StreamSecure):
+            state.update(state="secure", sas=event.sas, sas_type=event.sas_type,
+                         cipher=f"{event.cipher}/{event.auth_tag}",
+                         key_agreement=event.key_agreement, continuity=event.continuity,
+                         peer=event.peer_client_id, zrtp_ms=round(event.elapsed * 1000, 1))
+            log.info("call %s: media secure, SAS %s (%s), %s/%s %s, %s cache, peer %r, "
+                     "ZRTP %.0f ms", name, event.sas, event.sas_type, event.cipher,
+                     event.auth_tag, event.key_agreement, event.continuity,
+                     event.peer_client_id, event.elapsed * 1000)
+            if event.continuity == "mismatch":
+                state["warning"] = "retained secrets differ: possible man in the middle"
+                log.warning("call %s: ZRTP retained secrets differ: possible man in the "
+                            "middle (compare the SAS)", name)
+                if self.config.security.on_mitm == "hangup" and key:
+                    self._end_call(key, "ZRTP continuity mismatch", now)
+        elif isinstance(event, StreamInsecure):
+            state.update(state="insecure", reason=event.reason)
+            log.warning("call %s: media in clear: %s", name, event.reason)
+        elif isinstance(event, ZrtpFailure):
+            state.update(state="failed", reason=event.reason)
+            log.warning("call %s: media security failed (%s): ending the call", name,
+                        event.reason)
+            if key:
+                self._end_call(key, f"ZRTP failed: {event.reason}", now)
+        elif isinstance(event, MediaTimeout):
+            log.info("call %s: no media for %.0f s: ending the call", name, event.idle)
+            if key:
+                self._end_call(key, "media timeout", now)
+        elif isinstance(event, ZrtpWarning):
+            state.setdefault("warnings", [])
+            log.warning("call %s: ZRTP: %s", name, event.reason)
+        self._pump()
+
+    def _end_call(self, key: DialogKey, reason: str, now: float) -> None:
+        """End a call from the middle (BYE both ways), or at least free its media."""
+        proxy = self.proxy
+        call = proxy.calls.get(key) if proxy is not None else None
+        if proxy is not None and call is not None and proxy.hang_up(call, now, reason):
+            return
+        if self.media is not None:
+            self.media.release(key)
+
     # -- the pump -------------------------------------------------------------------------
     def _pump(self) -> None:
         layer, proxy, registrar, transport = self.layer, self.proxy, self.registrar, self.transport
@@ -411,6 +519,11 @@ class Daemon:
             while (revent := registrar.next_event()) is not None:
                 busy = True
                 log.info("%s", revent)
+            if self.media is not None and self.media.broken:
+                busy = True
+                for key in self.media.broken:
+                    self._end_call(key, "media could not be bridged", now)
+                self.media.broken.clear()
         for data, flow in layer.messages_to_send():
             transport.send(data, flow)  # the transport traces it (freecall.sip.trace, DEBUG)
         if self._timer is not None:
@@ -440,6 +553,12 @@ class Daemon:
             log.debug("call %s: %s -> %s answered", call.id, call.caller, call.callee)
         elif isinstance(event, CallEnded):
             call = event.call
+            key = (call.call_id, call.from_tag)
+            if self.media is not None:
+                self.media.release(key)
+            security = self.media_state.pop(key, None)
+            if security is not None:
+                log.info("call %s: media was %s", call.id, security.get("state"))
             log.info(
                 "call %s: %s -> %s %s, %s, duration %.0f s",
                 call.id,
@@ -476,6 +595,17 @@ async def _an_ip(host: str, timeout: float) -> str | None:
         log.warning("peering: cannot resolve %s (%s); announcing no SIP address", host, error)
         return None
     return str(infos[0][4][0]) if infos else None
+
+
+def _is_local_address(address: str) -> bool:
+    """Whether an address belongs to this host (else media binds the wildcard: NAT)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((address, 0))
+    except OSError:
+        return False
+    return True
 
 
 def _describe(msg: object) -> str:

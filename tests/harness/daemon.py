@@ -106,7 +106,7 @@ class FreecallDaemon:
             },
             "users": {user: {"password": pw} for user, pw in self.users.items()},
             "peering": {"listen": f"udp:{self.public_host}:{self.peering_port}", "mdns": False},
-            "media": {"address": "127.0.0.1",
+            "media": {"address": self.public_host,
                       "ports": f"{self.media_ports[0]}-{self.media_ports[1]}"},
             "control": {"listen": f"127.0.0.1:{self.control_port}"},
             "log": {"level": "debug", "sip_trace": True},

@@ -101,6 +101,7 @@ class Linphonec:
         reg_expires: int = 60,
         lifetime: int = 900,
         binary: str = "linphonec",
+        register: bool = True,
     ) -> None:
         self.name = name
         self.user = user or name
@@ -117,6 +118,7 @@ class Linphonec:
         self.reg_expires = reg_expires
         self.lifetime = lifetime
         self.binary = binary
+        self.register = register  # False: an outside SIP endpoint that only sends via the proxy
         self.ports = ports
         self.sip_port = ports.take(2)
         self.audio_port = ports.take(2, align=2)  # RTP + RTCP
@@ -168,7 +170,7 @@ class Linphonec:
             f"reg_identity=sip:{self.user}@"
             f"{self.domain if self.domain is not None else self.registrar}",
             f"reg_expires={self.reg_expires}",
-            "reg_sendregister=1",
+            f"reg_sendregister={int(self.register)}",
             "publish=0",
         ]
         if self.password is not None:

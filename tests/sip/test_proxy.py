@@ -667,3 +667,54 @@ def test_an_incoming_call_answers_with_a_public_contact() -> None:
     assert public_rr is not None and public_rr.host_port == "192.0.2.10:5062"
     contact = answer.contacts[0].sip_uri
     assert contact is not None and contact.host_port == "192.0.2.10:5062"
+
+
+def test_hanging_up_a_call_from_another_node_follows_each_route_set() -> None:
+    """BYEs from the middle (shutdown, media failure): toward the caller's node with its
+    Record-Route as Route; toward our softphone to its own Contact, not the public stand-in
+    the caller's node was given. That node, receiving an in-dialog request for a Contact it
+    minted itself, delivers it to its softphone."""
+    node = Node()
+    node.location.bindings["bob@a.test"] = [
+        Binding(Address.parse("<sip:bob@127.0.0.1:5083>"), BOB1)
+    ]
+    inbound = invite("sip:bob@a.test", branch="z9hG4bKrs", via_host="198.51.100.7:5062",
+                     frm="<sip:carol@b.test>;tag=c9")
+    inbound.set("Contact", Address.parse("<sip:carol@198.51.100.7:5062;fcc=x.y>"))
+    inbound.set("Record-Route", Address.parse("<sip:198.51.100.7:5062;lr;fc=tok>"))
+    ((fwd, _),) = requests(node.feed(inbound, REMOTE))
+    ok = reply(fwd, 200, "b1", contact="sip:bob@127.0.0.1:5083")
+    node.feed(ok, BOB1)
+    assert node.proxy.hang_up_all(node.now) == 1
+    byes = {f.remote: r for r, f in requests(node.pump()) if r.method == "BYE"}
+    to_carol, to_bob = byes[REMOTE.remote], byes[BOB1.remote]
+    assert [str(r) for r in to_carol.routes] == ["<sip:198.51.100.7:5062;lr;fc=tok>"]
+    assert str(to_carol.uri) == "sip:carol@198.51.100.7:5062;fcc=x.y"
+    assert str(to_bob.uri) == "sip:bob@127.0.0.1:5083" and not to_bob.routes
+
+
+
+def test_an_in_dialog_request_to_a_minted_contact_without_route_is_delivered() -> None:
+    """A node that ends a call from the middle may send its BYE straight to the Contact we
+    gave out (no Route): the Contact's own token is enough to deliver it, and a forged one
+    is refused."""
+    node = Node()
+    carol = Flow("udp", ("198.51.100.9", 5062))
+    node.resolver.answer = Resolution((Target(parse_uri("sip:carol@b.test"), (carol,), "dns"),))
+    _, out = authenticated_invite(node, to="sip:carol@b.test", branch="z9hG4bKmint")
+    ((fwd, flow),) = requests(out)
+    contact = fwd.contacts[0].sip_uri
+    node.feed(reply(fwd, 200, "c1", contact="sip:carol@198.51.100.9:5062"), flow)
+    for uri, delivered in ((f"{contact}", True),
+                           ("sip:alice@192.0.2.10:5062;fcc=c2lwOnZpY3RpbUAyMDMuMC4xMTMuNQ.aaaa",
+                            False)):
+        bye = invite(uri, method="BYE", branch=f"z9hG4bK{delivered}", cseq=7,
+                     frm="<sip:carol@b.test>;tag=c1", via_host="198.51.100.9:5062")
+        bye.set("To", Address.parse("<sip:alice@a.test>;tag=al1"))
+        out = node.feed(bye, REMOTE)
+        if delivered:
+            ((to_softphone, hop),) = requests(out)
+            assert str(to_softphone.uri) == "sip:alice@127.0.0.1:5081"
+            assert hop.remote == ALICE.remote
+        else:
+            assert not requests(out) and responses(out)[-1] >= 400

@@ -204,6 +204,9 @@ class Call:
     cseq_from_callee: int = 0
     caller_from: Address | None = None
     callee_to: Address | None = None
+    # route sets (RFC 3261 12.1) toward each party, beyond this node, for those BYEs
+    caller_route: tuple[Address, ...] = ()
+    callee_route: tuple[Address, ...] = ()
 
     @property
     def duration(self) -> float:
@@ -692,11 +695,13 @@ class Proxy:
         branch.response = response
         status = response.status
         if 200 <= status < 300:
-            # 16.7 step 5: 2xx forwarded at once; then the other branches are cancelled
+            # 16.7 step 5: 2xx forwarded at once; then the other branches are cancelled.
+            # The call learns the callee's Contact and route set first: forwarding may put
+            # public stand-ins in their place.
+            self._call_answered(context, response, now)
             self._forward_response(context, response, now, branch.egress)
             context.final_sent = True
             self._cancel_all(context, now)
-            self._call_answered(context, response, now)
         elif status >= 600 and not context.final_sent:
             self._cancel_all(context, now)  # 16.7 step 5: a 6xx ends the search
         self._maybe_finish(context, now)
@@ -863,6 +868,8 @@ class Proxy:
     def _in_dialog(
         self, txn: ServerTransaction, request: Request, side: Side, ours: bool, now: float
     ) -> None:
+        if not ours and self._minted_contact(request.uri):
+            ours = True  # sent to a Contact we gave out (its HMAC is checked on decoding)
         if not ours:
             local = self._local_user(request.uri)
             if local is not None:
@@ -940,7 +947,7 @@ class Proxy:
         used as written (RFC 3263 section 4.2).
         """
         target = request.uri
-        if isinstance(target, SipUri) and "fcc" in target.params and self._is_local_host(target):
+        if isinstance(target, SipUri) and self._minted_contact(target):
             original = self._decode_contact(target)
             if original is None:
                 return None
@@ -1155,6 +1162,16 @@ class Proxy:
         for listener in candidates:
             if flow.local is not None and (listener.host, listener.port) == flow.local:
                 return listener
+        if loopback_peer:
+            # A peer on the softphone listener's own address is a softphone; one on another
+            # loopback address is another node on this machine (tests, containers): it gets
+            # the public side, with its edge rewriting and media bridging.
+            for listener in candidates:
+                if listener.side is Side.SOFTPHONE and listener.host == remote:
+                    return listener
+            for listener in candidates:
+                if listener.side is Side.PUBLIC and _in_networks(listener.host, LOOPBACK):
+                    return listener
         for listener in candidates:
             if _in_networks(listener.host, LOOPBACK) == loopback_peer:
                 return listener
@@ -1215,6 +1232,10 @@ class Proxy:
             return parse_credentials(str(value)).realm == self.settings.realm
         except ValueError:
             return False
+
+    def _minted_contact(self, uri: Uri) -> bool:
+        """A public Contact of ours standing for a softphone's (see _public_contact)."""
+        return isinstance(uri, SipUri) and "fcc" in uri.params and self._is_local_host(uri)
 
     def _is_our_route(self, value: object) -> bool:
         uri = value.sip_uri if isinstance(value, Address) else None
@@ -1380,6 +1401,7 @@ class Proxy:
             caller_flow=context.server.request_flow,
             cseq_from_caller=request.cseq.number,
             caller_from=request.from_,
+            caller_route=tuple(request.record_routes),  # upstream of us, nearest first
         )
         self.calls[key] = call
         self._events.append(CallStarted(call))
@@ -1409,6 +1431,9 @@ class Proxy:
         call.to_tag = response.to.tag
         call.callee_to = response.to
         call.callee_contact = response.contacts[0].uri if response.contacts else None
+        routes = response.record_routes
+        ours = next((i for i, r in enumerate(routes) if self._is_our_route(r)), len(routes))
+        call.callee_route = tuple(reversed(routes[:ours]))  # downstream of us, nearest first
         for branch in context.branches:
             if branch.response is response and branch.txn is not None:
                 call.callee_flow = branch.txn.flow
@@ -1478,6 +1503,8 @@ class Proxy:
         if target is None:
             return None
         bye = Request("BYE", target)
+        for route in call.caller_route if to_caller else call.callee_route:
+            bye.append("Route", route)
         bye.append("Max-Forwards", 70)
         if to_caller:
             # as if from the callee: From = callee's To (with its tag), To = caller's From
