@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", metavar="FILE")
     show = config_commands.add_parser("show", help="print FILE with every default filled in")
     show.add_argument("file", metavar="FILE", nargs="?")
+    from .gpgverify.cli import add_parser as add_keys_parser  # noqa: PLC0415
+
+    add_keys_parser(commands)
     return parser
 
 
@@ -45,6 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run":
         return run(args)
+    if args.command == "keys":
+        return keys(args)
     if args.command == "config":
         from .config import main as config_main  # noqa: PLC0415
 
@@ -54,6 +59,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return config_main(["show", *([args.file] if args.file else [])])
     parser.print_help()
     return 2
+
+
+def keys(args: argparse.Namespace) -> int:
+    """``freecall keys ...`` on the state directory's keyrings and pins (issue 7)."""
+    try:
+        config = load_config(args.config, overrides={"node.state_dir": args.state_dir})
+    except ConfigError as error:
+        print(f"freecall: configuration error\n{error}", file=sys.stderr)
+        return 1
+    from .gpgverify.cli import main as keys_main  # noqa: PLC0415
+
+    return keys_main(args, config)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -773,6 +773,12 @@ class OpenPGPConfig:
         "", 'GnuPG home directory. `""`: `<state_dir>/gnupg`, the daemon\'s own keyring (it never '
         "touches `~/.gnupg` unless told to).", path=True)
     binary: str = setting("gpg", "GnuPG executable, looked up in `PATH` unless absolute.")
+    passphrase_file: str = setting(
+        "", 'File whose first line is the passphrase of `key` (mode 0600; never put it in this '
+        'file). `""`: no passphrase, or gpg-agent already holds it.', path=True)
+    sign: bool = setting(
+        True, "Sign the SAS hash of every call and check the peer's signature (RFC 6189 "
+        "section 7.2). `false`: calls end `unverified` unless the SAS is confirmed by voice.")
 
 
 @dataclass(frozen=True, slots=True)

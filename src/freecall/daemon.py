@@ -20,11 +20,15 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .config import AutoUser, Config
+from .gpgverify.service import KeyPaths, SasKeys
+from .gpgverify.verdict import Outcome, Verdict
 from .netaddr import own_address
 from .peering.gossip import GossipConfig
 from .peering.records import Address, AddrKind, NodeIdentity
@@ -36,6 +40,7 @@ from .sip.errors import SipParseError
 from .sip.flow import Flow
 from .sip.message import HeaderCache, Request, make_error_response, parse_message
 from .sip.proxy import (
+    Call,
     CallAnswered,
     CallEnded,
     CallStarted,
@@ -53,6 +58,7 @@ from .sip.transaction import TimerValues, TransactionLayer
 from .srtp.bridge import (
     MediaEngine,
     MediaEvent,
+    MediaStream,
     MediaTimeout,
     SasSignatureNeeded,
     StreamInsecure,
@@ -117,6 +123,9 @@ class Daemon:
         self.media: MediaCalls | None = None
         self.media_state: dict[DialogKey, dict[str, object]] = {}
         """Each call's media security as the control API and the logs show it."""
+        self.keys: SasKeys | None = None
+        """OpenPGP: our key, SAS signatures, the peer's verification (issue 7)."""
+        self._tasks: set[asyncio.Task[None]] = set()
         self._timer: Timer | None = None
         self._stopping = asyncio.Event()
         self._sides: dict[tuple[str, int], Side] = {}
@@ -198,6 +207,7 @@ class Daemon:
         servers = [(server.host, server.port) for server in config.dns.servers] or None
         self.dns = AsyncDns(servers, timeout=config.dns.timeout)
         advertise_ip = await _an_ip(advertise, config.dns.timeout) if advertise else None
+        self.keys = await self._start_openpgp(domains)
         self._start_media(loop, advertise_ip)
         if config.peering.listen is not None and config.sip.public:
             self.peering = await self._start_peering(listeners, advertise, advertise_ip, tls_key)
@@ -272,15 +282,50 @@ class Daemon:
             port_range=config.media.ports,
             retained_secrets=secrets,
             bind_host=None if local else ("::" if ":" in address else "0.0.0.0"),  # noqa: S104
-            zrtp_config=ZrtpConfig(client_id=f"freecall {__version__}"[:16]),
+            zrtp_config=ZrtpConfig(client_id=f"freecall {__version__}"[:16],
+                                   sign_sas=self.keys is not None,
+                                   signature_capable=self.keys is not None),
             policy=config.security.policy,
             rtp_timeout=config.media.rtp_timeout,
             zrtp_timeout=config.security.zrtp_timeout,
             on_event=self._on_media_event,
         )
-        self.media = MediaCalls(self.media_engine)
+        self.media = MediaCalls(self.media_engine,
+                                key_offer=self.keys.offer if self.keys is not None else None)
         log.info("media on %s, ports %d-%d, security policy %s", address,
                  config.media.ports.first, config.media.ports.last, config.security.policy)
+
+    async def _start_openpgp(self, domains: set[str]) -> SasKeys | None:
+        """Our OpenPGP key (made on first start, naming every user of every domain we
+        serve), or None when signing is off or GnuPG does not work (calls then end
+        ``unverified``; the SAS can still be compared by voice)."""
+        config = self.config
+        if not config.openpgp.sign or config.security.policy == "off":
+            return None
+        served = list(config.sip.domains) or sorted(domains)
+        addresses = [f"{user}@{domain}" for domain in served for user in config.users]
+        keys = SasKeys(
+            KeyPaths.for_state(self.state_dir, config.openpgp.home or None),
+            binary=config.openpgp.binary,
+            key=config.openpgp.key,
+            name=f"freecall {config.node.name}",
+            addresses=addresses or [f"freecall@{served[0] if served else config.node.name}"],
+            passphrase_file=config.openpgp.passphrase_file or None,
+        )
+        try:
+            fingerprint = await keys.start()
+        except (OSError, RuntimeError, ValueError) as exc:
+            log.error("OpenPGP is off: %s (calls cannot be verified by signature)", exc)
+            await keys.close()
+            return None
+        log.info("OpenPGP key %s signs the SAS of our calls", fingerprint)
+        return keys
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """A background task the daemon keeps a reference to (and cancels at stop)."""
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _start_peering(
         self, listeners: list[Listener], advertise: str | None, ip: str | None,
@@ -365,6 +410,10 @@ class Daemon:
             self.media.close()
         if self.media_engine is not None:
             self.media_engine.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self.keys is not None:
+            await self.keys.close()  # stops our gpg-agent
         if self._timer is not None:
             self._timer.cancel()
         if self.transport is not None:
@@ -456,7 +505,10 @@ class Daemon:
         name = call.id if call is not None else (key[0] if key else "?")
         now = loop.time()
         if isinstance(event, SasSignatureNeeded):
-            event.stream.provide_signature(b"PGP ", None)  # signed SAS: the OpenPGP issue
+            if self.keys is None:
+                event.stream.provide_signature(b"PGP ", None)
+            else:
+                self._spawn(self._sign(event.stream, event.sashash, name))
             return
         state = self.media_state.setdefault(key, {}) if key else {}
         if isinstance(event, StreamSecure):
@@ -472,8 +524,8 @@ class Daemon:
                 state["warning"] = "retained secrets differ: possible man in the middle"
                 log.warning("call %s: ZRTP retained secrets differ: possible man in the "
                             "middle (compare the SAS)", name)
-                if self.config.security.on_mitm == "hangup" and key:
-                    self._end_call(key, "ZRTP continuity mismatch", now)
+            if key and not event.multistream:
+                self._spawn(self._verify(key, event, name))
         elif isinstance(event, StreamInsecure):
             state.update(state="insecure", reason=event.reason)
             log.warning("call %s: media in clear: %s", name, event.reason)
@@ -490,6 +542,65 @@ class Daemon:
         elif isinstance(event, ZrtpWarning):
             state.setdefault("warnings", [])
             log.warning("call %s: ZRTP: %s", name, event.reason)
+        self._pump()
+
+    async def _sign(self, stream: MediaStream, sashash: bytes, name: str) -> None:
+        """RFC 6189 section 7.2: our signature over sashash goes in our Confirm."""
+        assert self.keys is not None
+        signature: bytes | None = None
+        try:
+            signature = await self.keys.sign(sashash)
+        except (OSError, RuntimeError, ValueError) as exc:
+            log.warning("call %s: could not sign the SAS hash: %s (sending unsigned)", name, exc)
+        stream.provide_signature(b"PGP ", signature)  # the stream sends its Confirm itself
+
+    async def _verify(self, key: DialogKey, event: StreamSecure, name: str) -> None:
+        """The peer's signature over OUR sashash, checked off the loop; the media is already
+        encrypted meanwhile. The outcome updates the call's state and may end it."""
+        call = self.proxy.calls.get(key) if self.proxy is not None else None
+        address = _peer_address(call) if call is not None else None
+        mismatch = event.continuity == "mismatch"
+        if self.keys is None or address is None:
+            reason = "no OpenPGP key here" if self.keys is None else "no peer address"
+            verdict = (Verdict(Outcome.MITM_SUSPECTED, "ZRTP retained secrets differ")
+                       if mismatch else Verdict(Outcome.UNVERIFIED, reason))
+        else:
+            signature = event.peer_signature
+            data: bytes | None = None
+            if signature is not None and signature.sig_type == b"PGP ":
+                data = signature.sig_bytes
+            elif signature is not None:
+                log.info("call %s: signature type %r not supported", name, signature.sig_type)
+            offered = self.media.calls[key].offered_key if (
+                self.media is not None and key in self.media.calls) else None
+            try:
+                verdict = await self.keys.verify(
+                    address, data, signature.sashash if signature else b"", offered, mismatch)
+            except (OSError, RuntimeError, ValueError) as exc:
+                log.warning("call %s: signature check failed: %s", name, exc)
+                verdict = (Verdict(Outcome.MITM_SUSPECTED, "ZRTP retained secrets differ")
+                           if mismatch else Verdict(Outcome.UNVERIFIED, f"gpg failed: {exc}"))
+        self._verified(key, event, verdict, name, address)
+
+    def _verified(self, key: DialogKey, event: StreamSecure, verdict: Verdict, name: str,
+                  address: str | None) -> None:
+        state = self.media_state.setdefault(key, {})
+        state.update(verification=verdict.outcome.value, verification_reason=verdict.reason,
+                     peer_key=verdict.peer_key, peer_address=address)
+        if verdict.lifts_cache_mismatch:
+            event.stream.peer_signature_verified()
+        level = logging.WARNING if verdict.outcome is Outcome.MITM_SUSPECTED else logging.INFO
+        log.log(level, "call %s: %s (%s), SAS %s", name, verdict.outcome.value, verdict.reason,
+                event.sas)
+        hang_up = (verdict.outcome is Outcome.MITM_SUSPECTED
+                   and self.config.security.on_mitm == "hangup")
+        call = self.proxy.calls.get(key) if self.proxy is not None else None
+        if call is not None and self._loop is not None and self.proxy is not None:
+            text = _tell_text(verdict, address or "the far end", event.sas, call.id, hang_up)
+            self.proxy.tell(call, call.direction == "out", text, self._loop.time())
+        if hang_up and self._loop is not None:
+            self._end_call(key, f"man in the middle suspected: {verdict.reason}",
+                           self._loop.time())
         self._pump()
 
     def _end_call(self, key: DialogKey, reason: str, now: float) -> None:
@@ -606,6 +717,34 @@ def _is_local_address(address: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def _tell_text(verdict: Verdict, address: str, sas: str | None, call_id: str,
+               hanging_up: bool) -> str:
+    """What the softphone user reads (a SIP MESSAGE): the outcome, the SAS, what to do."""
+    sas_text = f"SAS {sas}" if sas else "no SAS"
+    outcome = verdict.outcome
+    if outcome is Outcome.VERIFIED:
+        return (f"[freecall] call with {address}: encrypted and VERIFIED ({verdict.reason}). "
+                f"{sas_text}.")
+    if outcome is Outcome.TRUSTED_FIRST_USE:
+        return (f"[freecall] call with {address}: encrypted; their key was seen for the first "
+                f"time and is now remembered. To be sure, compare the {sas_text} by voice.")
+    if outcome is Outcome.UNVERIFIED:
+        return (f"[freecall] call with {address}: encrypted but NOT VERIFIED ({verdict.reason})."
+                f" Read the {sas_text} aloud; if it matches: freecall verify {call_id}")
+    action = "The call is being ended." if hanging_up else "The call goes on: beware."
+    return (f"[freecall] WARNING: call with {address}: a man in the middle is suspected "
+            f"({verdict.reason}). {action}")
+
+
+def _peer_address(call: Call) -> str | None:
+    """The far party of a call between nodes: whose key must have signed the SAS hash."""
+    if call.direction == "out":
+        return call.callee
+    if call.direction == "in":
+        return call.caller
+    return None
 
 
 def _describe(msg: object) -> str:

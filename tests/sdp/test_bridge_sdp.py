@@ -158,3 +158,30 @@ def test_refusals_and_what_is_left_alone() -> None:
     assert calls.crossing(response, KEY, Side.PUBLIC, Side.SOFTPHONE) is None
     assert response.body == b"" and response.get("content-type") is None
     assert calls.broken == [KEY]
+
+
+def test_our_openpgp_key_goes_out_and_the_far_ends_comes_in() -> None:
+    """Issue 7: ``a=freecall-openpgp`` carries the local party's key toward the network only;
+    the far end's is kept for the signature check and never reaches the softphone."""
+    asked: list[str] = []
+
+    def offer(local: str) -> str | None:
+        asked.append(local)
+        return "bXkga2V5"  # base64 of b"my key"
+
+    calls = MediaCalls(FakeFactory(), key_offer=offer)
+    out = sdp.parse(calls.toward_network(KEY, PHONE_OFFER.encode(), "sip:alice@a.test"))
+    assert out.attribute_values("freecall-openpgp") == ["bXkga2V5"]
+    assert asked == ["sip:alice@a.test"]
+    theirs = FAR_ANSWER.replace("t=0 0\r\n", "t=0 0\r\na=freecall-openpgp:dGhlaXIga2V5\r\n")
+    back = calls.toward_softphone(KEY, theirs.encode())
+    assert b"freecall-openpgp" not in back
+    assert calls.calls[KEY].offered_key == b"their key"
+    # a softphone cannot smuggle one out, and garbage from the far end is ignored
+    calls2 = MediaCalls(FakeFactory())
+    smuggled = PHONE_OFFER.replace("t=0 0\r\n", "t=0 0\r\na=freecall-openpgp:ZXZpbA==\r\n")
+    assert b"freecall-openpgp" not in calls2.toward_network(KEY, smuggled.encode(), "sip:a@b")
+    for junk in ("!!not base64!!", "A" * 20000, ""):
+        bad = FAR_ANSWER.replace("t=0 0\r\n", f"t=0 0\r\na=freecall-openpgp:{junk}\r\n")
+        calls2.toward_softphone(KEY, bad.encode())
+        assert calls2.calls[KEY].offered_key is None

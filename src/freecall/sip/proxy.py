@@ -1478,7 +1478,7 @@ class Proxy:
         if call.answered is None or call.ended is not None:
             return False
         for to_caller in (True, False):
-            bye = self._bye(call, to_caller)
+            bye = self._bye(call, to_caller, reason)
             flow = call.caller_flow if to_caller else call.callee_flow
             if bye is None or flow is None:
                 continue
@@ -1496,7 +1496,7 @@ class Proxy:
         self._finish_call(call)
         return True
 
-    def _bye(self, call: Call, to_caller: bool) -> Request | None:
+    def _bye(self, call: Call, to_caller: bool, reason: str = "") -> Request | None:
         if call.caller_from is None or call.callee_to is None:
             return None
         target = call.caller_contact if to_caller else call.callee_contact
@@ -1518,14 +1518,47 @@ class Proxy:
             call.cseq_from_caller += 1
             bye.append("CSeq", CSeq(call.cseq_from_caller, "BYE"))
         bye.append("Call-ID", call.call_id)
-        bye.append("Reason", 'SIP;cause=200;text="Call ended by the freecall node"')
+        text = _quotable(f"Call ended by the freecall node: {reason}" if reason else
+                         "Call ended by the freecall node")
+        bye.append("Reason", f'SIP;cause=200;text="{text}"')  # RFC 3326
         return bye
+
+    def tell(self, call: Call, to_caller: bool, text: str, now: float) -> bool:
+        """Tell one party of a call something (its security outcome and SAS) with a MESSAGE
+        (RFC 3428) to the contact it called from or answered with. Out of dialog: softphones
+        show it as a text message from ``freecall@<domain>``."""
+        target = call.caller_contact if to_caller else call.callee_contact
+        flow = call.caller_flow if to_caller else call.callee_flow
+        party = call.caller_from if to_caller else call.callee_to
+        if target is None or flow is None or party is None:
+            return False
+        domain = self._canonical_domain()
+        message = Request("MESSAGE", target)
+        for route in call.caller_route if to_caller else call.callee_route:
+            message.append("Route", route)
+        message.append("Via", Via(flow.via_transport, *self._sent_by(flow), {
+            "branch": f"{Via.MAGIC_COOKIE}{self.rng.getrandbits(64):016x}", "rport": None}))
+        message.append("Max-Forwards", 70)
+        message.append("From", Address.parse(
+            f'"freecall" <sip:freecall@{domain}>;tag={self.rng.getrandbits(48):012x}'))
+        message.append("To", Address(party.uri, party.display))
+        message.append("Call-ID", f"{self.rng.getrandbits(96):024x}@{domain}")
+        message.append("CSeq", CSeq(1, "MESSAGE"))
+        message.append("Content-Type", "text/plain;charset=utf-8")
+        message.body = text.encode()
+        self.layer.request(message, self._with_local(flow), now)
+        return True
 
     def hang_up_all(self, now: float) -> int:
         return sum(self.hang_up(call, now, "node shut down") for call in list(self.calls.values()))
 
 
 # -- helpers ------------------------------------------------------------------------------------
+def _quotable(text: str) -> str:
+    """Text that fits in a quoted-string (RFC 3261 25.1) and one log line."""
+    return "".join(c if c.isprintable() and c not in '"\\' else " " for c in text)[:200]
+
+
 @functools.lru_cache(maxsize=4096)
 def _in_networks(host: str, networks: tuple[Network, ...]) -> bool:
     try:

@@ -28,8 +28,10 @@ Pure of I/O itself: the streams come from a :class:`StreamFactory` (the daemon's
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -42,6 +44,12 @@ log = logging.getLogger("freecall.media")
 
 DialogKey = tuple[str, str]
 """(Call-ID, the caller's From tag): one call's media."""
+
+OPENPGP_ATTRIBUTE = "freecall-openpgp"
+"""Session-level ``a=freecall-openpgp:<base64 key>``: the local party's OpenPGP public key,
+offered to the far end so it can check our SAS signature (RFC 6189 section 7.2) on first
+contact. Added toward the network, taken out (and kept) toward the softphone."""
+MAX_OFFERED_KEY = 8192  # bytes of key; an offer larger than this is ignored
 
 
 class Stream(Protocol):
@@ -103,6 +111,7 @@ class CallMedia:
 
     key: DialogKey
     legs: dict[int, _Leg] = field(default_factory=dict)
+    offered_key: bytes | None = None  # the far end's OpenPGP key from its SDP, if any
 
     def streams(self) -> Iterator[Stream]:
         for leg in self.legs.values():
@@ -112,8 +121,12 @@ class CallMedia:
 class MediaCalls:
     """Per-dialog streams and the SDP rewriting (module docstring)."""
 
-    def __init__(self, factory: StreamFactory) -> None:
+    def __init__(
+        self, factory: StreamFactory, key_offer: Callable[[str], str | None] | None = None
+    ) -> None:
         self.factory = factory
+        self.key_offer = key_offer
+        """The base64 OpenPGP key to offer for a local address (``sip:alice@a.test``)."""
         self.calls: dict[DialogKey, CallMedia] = {}
         self.broken: list[DialogKey] = []
         """Dialogs whose answer could not be bridged (the daemon ends them)."""
@@ -126,9 +139,12 @@ class MediaCalls:
         softphone and the network; leave everything else alone."""
         if ingress is egress or message.content_type != "application/sdp":
             return None
-        toward = self.toward_network if egress is Side.PUBLIC else self.toward_softphone
         try:
-            message.body = toward(key, message.body)
+            if egress is Side.PUBLIC:
+                local = message.from_ if isinstance(message, Request) else message.to
+                message.body = self.toward_network(key, message.body, str(local.uri))
+            else:
+                message.body = self.toward_softphone(key, message.body)
         except MediaRefused as refused:
             what = message.method if isinstance(message, Request) else message.status
             log.warning("call %s: %s SDP toward the %s not bridged: %s", key[0], what,
@@ -142,8 +158,9 @@ class MediaCalls:
             self.broken.append(key)
         return None
 
-    def toward_network(self, key: DialogKey, body: bytes) -> bytes:
-        """An SDP from our softphone, leaving for the far end (module docstring)."""
+    def toward_network(self, key: DialogKey, body: bytes, local: str | None = None) -> bytes:
+        """An SDP from our softphone, leaving for the far end (module docstring); ``local``
+        is the address of our party, whose OpenPGP key goes along."""
         description = _parse(body)
         call = self.calls.get(key)
         if call is None:
@@ -187,6 +204,10 @@ class MediaCalls:
             if not any(leg.started for leg in call.legs.values()):
                 self.release(key)
             raise
+        description.remove_attribute(OPENPGP_ATTRIBUTE)
+        offer = self.key_offer(local) if self.key_offer is not None and local else None
+        if offer:
+            description.set_attribute(OPENPGP_ATTRIBUTE, offer)
         return description.to_bytes()
 
     def toward_softphone(self, key: DialogKey, body: bytes) -> bytes:
@@ -228,6 +249,9 @@ class MediaCalls:
             self._maybe_start(leg)
         for name in ("zrtp-hash", "crypto"):
             description.remove_attribute(name)
+        for value in description.attribute_values(OPENPGP_ATTRIBUTE):
+            call.offered_key = _offered_key(value) or call.offered_key
+        description.remove_attribute(OPENPGP_ATTRIBUTE)
         if any(p is not None for p in ports):
             loopback = next(iter(call.streams())).local_softphone_rtp[0]
             description.rewrite_endpoints(loopback, ports)
@@ -276,6 +300,16 @@ class MediaCalls:
         if leg.softphone_known and leg.remote_known and not leg.started:
             leg.started = True
             leg.stream.start()
+
+
+def _offered_key(value: str | None) -> bytes | None:
+    """The key bytes of an ``a=freecall-openpgp`` value, or None if absurd (it is hostile)."""
+    if not value or len(value) > MAX_OFFERED_KEY * 4 // 3 + 4:
+        return None
+    try:
+        return base64.b64decode(value, validate=True) or None
+    except (binascii.Error, ValueError):
+        return None
 
 
 def _parse(body: bytes) -> sdp.SessionDescription:

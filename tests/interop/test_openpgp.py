@@ -1,0 +1,155 @@
+"""OpenPGP-signed SAS hashes between two real daemons (issue 7), with the real GnuPG.
+
+Node A (127.0.0.2, a.test, alice) and node B (127.0.0.3, b.test, bob) route to each other by
+static routes; baresip phones on both. Each daemon makes its own key on first start; keys
+move between them only through the CLI (`freecall keys export | import | trust`), as users
+would do it. The man-in-the-middle runs are in test_mitm.py.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from harness import Baresip, FreecallDaemon, Harness
+from harness.calls import phone, talk_and_hang_up
+
+pytestmark = pytest.mark.interop
+
+USERS_A = {"alice": "alice-pw"}
+USERS_B = {"bob": "bob-pw"}
+OUTCOME = r"call (\w+): (verified|trusted-first-use|unverified|mitm-suspected) \((.*)\), SAS (\w+)"
+
+
+@dataclass
+class Nodes:
+    a: FreecallDaemon
+    b: FreecallDaemon
+    run_dir: Path
+
+
+@pytest.fixture
+def nodes(harness: Harness) -> Iterator[Nodes]:
+    a = harness.daemon("a", users=USERS_A, domains=["a.test"], public_host="127.0.0.2",
+                       start=False)
+    b = harness.daemon("b", users=USERS_B, domains=["b.test"], public_host="127.0.0.3",
+                       start=False)
+    a.extra_config["routes"] = {"b.test": f"sip:{b.public_host}:{b.public_port}"}
+    b.extra_config["routes"] = {"a.test": f"sip:{a.public_host}:{a.public_port}"}
+    for node in (a, b):
+        node.extra_config["dns"] = {"servers": ["127.0.0.1:9"], "timeout": "1s"}
+        harness.started.append(node)
+        node.start()
+    yield Nodes(a, b, harness.run_dir)
+
+
+def keys_cli(node: FreecallDaemon, *args: str, stdin: bytes | None = None) -> str:
+    done = subprocess.run([sys.executable, "-m", "freecall", "keys", *args,
+                           "-c", str(node.config_path)],
+                          input=stdin, capture_output=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    return done.stdout.decode()
+
+
+def own_fingerprint(node: FreecallDaemon) -> str:
+    match = re.search(r"OpenPGP key ([0-9A-F]{40}) signs", node.log_text())
+    assert match, "the daemon logged no OpenPGP key"
+    return match.group(1)
+
+
+def outcomes(node: FreecallDaemon) -> list[tuple[str, str, str, str]]:
+    return [(m.group(1), m.group(2), m.group(3), m.group(4))
+            for m in re.finditer(OUTCOME, node.log_text())]
+
+
+def wait_outcomes(node: FreecallDaemon, count: int, timeout: float = 10.0
+                  ) -> list[tuple[str, str, str, str]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = outcomes(node)
+        if len(found) >= count:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"{node.name}: {len(outcomes(node))} outcomes, wanted {count}\n"
+                         + "\n".join(node.log_text().splitlines()[-30:]))
+
+
+def told(node: FreecallDaemon) -> list[str]:
+    """The texts the daemon sent its softphone (from its SIP trace)."""
+    return re.findall(r"\nMESSAGE sip:[^\n]*\n(?:[^\n]+\n)*\n(\[freecall\][^\n]*)",
+                      node.log_text())
+
+
+def test_two_daemons_with_each_others_keys_end_verified(
+    nodes: Nodes, baresip: Callable[..., Baresip]
+) -> None:
+    a_key = keys_cli(nodes.a, "export")
+    b_key = keys_cli(nodes.b, "export", "bob@b.test")
+    assert "BEGIN PGP PUBLIC KEY BLOCK" in a_key
+    assert "imported" in keys_cli(nodes.b, "import", "-", stdin=a_key.encode())
+    keys_cli(nodes.a, "import", "-", stdin=b_key.encode())
+    shown = keys_cli(nodes.b, "show")
+    assert own_fingerprint(nodes.a) in shown and "alice@a.test" in shown
+
+    alice = phone(baresip, nodes.a, "alice", USERS_A["alice"], "a.test", 440)
+    bob = phone(baresip, nodes.b, "bob", USERS_B["bob"], "b.test", 880)
+    alice.dial("sip:bob@b.test")
+    talk_and_hang_up(alice, bob, 880, 440)
+    [(_, outcome_a, why_a, sas_a)] = wait_outcomes(nodes.a, 1)
+    [(_, outcome_b, why_b, sas_b)] = wait_outcomes(nodes.b, 1)
+    assert (outcome_a, outcome_b) == ("verified", "verified"), (why_a, why_b)
+    assert sas_a == sas_b
+    # each softphone user was told: a MESSAGE (RFC 3428) with the outcome and the SAS, which
+    # the real baresip accepted (it shows such messages in its UI, not in its log)
+    for node in (nodes.a, nodes.b):
+        [text] = told(node)
+        assert "VERIFIED" in text and f"SAS {sas_a}" in text, text
+        assert re.search(r"SIP/2.0 200 OK\n(?:[^\n]+\n)*?CSeq: 1 MESSAGE\n(?:[^\n]+\n)*?"
+                         r"Server: baresip", node.log_text()), "baresip did not accept it"
+
+
+def test_first_use_then_a_new_key_is_suspected_and_trust_resolves_it(
+    nodes: Nodes, baresip: Callable[..., Baresip]
+) -> None:
+    alice = phone(baresip, nodes.a, "alice", USERS_A["alice"], "a.test", 440)
+    bob = phone(baresip, nodes.b, "bob", USERS_B["bob"], "b.test", 880)
+
+    alice.dial("sip:bob@b.test")
+    talk_and_hang_up(alice, bob, 880, 440)
+    assert [o[1] for o in wait_outcomes(nodes.b, 1)] == ["trusted-first-use"]
+    assert [o[1] for o in wait_outcomes(nodes.a, 1)] == ["trusted-first-use"]
+    assert "alice@a.test" in keys_cli(nodes.b, "show")
+    old = own_fingerprint(nodes.a)
+
+    # alice's node loses its keyring (a reinstall): it makes a new key on start
+    nodes.a.stop()
+    shutil.rmtree(nodes.a.state_dir / "gnupg")
+    nodes.a.start()
+    deadline = time.monotonic() + 10
+    while len(keys := re.findall(r"OpenPGP key ([0-9A-F]{40}) signs", nodes.a.log_text())) < 2:
+        assert time.monotonic() < deadline, "the restarted daemon logged no key"
+        time.sleep(0.1)
+    new = keys[-1]
+    assert new != old
+    alice.wait_registered()
+
+    alice.dial("sip:bob@b.test")
+    found = wait_outcomes(nodes.b, 2)
+    assert found[1][1] == "mitm-suspected" and new in found[1][2], found[1]
+    # on_mitm: hangup (the default): the call is ended for both softphones
+    alice.wait_event("CALL_CLOSED", 10)
+    bob.wait_event("CALL_CLOSED", 10)
+    assert "man in the middle suspected" in nodes.b.log_text()
+
+    keys_cli(nodes.b, "trust", "alice@a.test", new)
+    alice.dial("sip:bob@b.test")
+    talk_and_hang_up(alice, bob, 880, 440)
+    assert wait_outcomes(nodes.b, 3)[2][1] == "verified"
