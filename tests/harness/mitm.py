@@ -69,6 +69,7 @@ from freecall.srtp.bridge import (
     ZrtpFailure,
     ZrtpWarning,
 )
+from freecall.srtp.calls import OPENPGP_ATTRIBUTE
 from freecall.srtp.keys import RetainedSecrets
 
 from .baresip import Baresip
@@ -82,7 +83,6 @@ Mode = Literal["strip", "forward", "own"]
 MODES: Final[tuple[Mode, ...]] = ("strip", "forward", "own")
 KeyOffer = Literal["relay", "strip", "own"]
 KEY_OFFERS: Final[tuple[KeyOffer, ...]] = ("relay", "strip", "own")
-OPENPGP_ATTRIBUTE: Final = "freecall-openpgp"  # freecall.srtp.calls.OPENPGP_ATTRIBUTE
 Side = Literal["A", "B"]
 Addr = tuple[str, int]
 PGP: Final = b"PGP "  # Signature Type Block (RFC 6189 section 5.1.7)

@@ -37,6 +37,7 @@ from freecall.srtp.bridge import (
 from freecall.srtp.keys import RetainedSecrets
 from harness import Baresip, Harness
 from harness.calls import phone
+from harness.keys import exchange_keys, wait_outcomes
 from harness.mitm import (
     OPENPGP_ATTRIBUTE,
     USERS_A,
@@ -120,6 +121,69 @@ def test_the_signing_attacker_modes_run_against_the_nodes(
         assert f"mode {mode}" in nodes.mitm.log_text()
     finally:
         stop_gpg_agent(home)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 7: the daemons detect the attacker by the OpenPGP signatures over the SAS hash
+# ---------------------------------------------------------------------------------------------
+
+RUNS = 20
+
+
+@pytest.mark.parametrize("mode", ["forward", "strip", "own"])
+def test_daemons_with_each_others_keys_detect_the_attacker_every_time(
+    mitm_nodes: MitmNodesFactory, baresip: Callable[..., Baresip], mode: Mode, tmp_path: Path
+) -> None:
+    """Keys exchanged beforehand (the CLI). Whatever the attacker does with the signatures
+    (forwards the far end's, which is over the other leg's hash; strips them; signs with
+    his own key carrying bob's user ID), both daemons say ``mitm-suspected`` on every run.
+    With ``forward`` the default policy (``on_mitm: hangup``) ends every call for both
+    softphones. With the others the first daemon to see the attack may end the call before
+    the far daemon's leg completes ZRTP, so those runs use ``on_mitm: warn`` to let both
+    daemons report, and alice hangs up."""
+    home = tmp_path / "mallory"
+    options: dict[str, Any] = {}
+    if mode == "own":
+        options = {"gpg_home": home, "gpg_key": make_gpg_key(home, "bob@b.test")}
+    ends = mode == "forward"
+    if not ends:
+        warn = {"security": {"on_mitm": "warn"}}
+        options.update(config_a=warn, config_b=warn)
+    try:
+        nodes = mitm_nodes(mode, **options)
+        exchange_keys(nodes.a, nodes.b)
+        alice, bob = phones(baresip, nodes)
+        runs = RUNS if ends else 5
+        results = [attack_call(nodes, alice, bob, alice_hears=None, bob_hears=None,
+                               hang_up=not ends, talk=0.3) for _ in range(runs)]
+        for result in results:
+            check_split(result)
+        for node in (nodes.a, nodes.b):
+            found = [o[1] for o in wait_outcomes(node, runs)]
+            assert found == ["mitm-suspected"] * runs, (node.name, found)
+            if ends:
+                assert node.log_text().count("man in the middle suspected") >= runs
+        print(f"\n{mode}: {runs} runs, all mitm-suspected on both daemons; per run (s):",
+              " ".join(f"{r.seconds:.2f}" for r in results))
+    finally:
+        stop_gpg_agent(home)
+
+
+def test_with_no_keys_the_attacker_leaves_the_calls_unverified_never_verified(
+    mitm_nodes: MitmNodesFactory, baresip: Callable[..., Baresip]
+) -> None:
+    """No keys known on either side and no signatures through the attacker: the daemons can
+    only say ``unverified`` and show the SAS, which differs between the two sides (a voice
+    check would catch him)."""
+    nodes = mitm_nodes("strip")
+    alice, bob = phones(baresip, nodes)
+    runs = 5
+    results = [attack_call(nodes, alice, bob) for _ in range(runs)]
+    for node, sas in ((nodes.a, [r.sas_a for r in results]), (nodes.b, [r.sas_b for r in results])):
+        found = wait_outcomes(node, runs)
+        assert [o[1] for o in found] == ["unverified"] * runs, (node.name, found)
+        assert [o[3] for o in found] == sas
+    assert all(r.sas_a != r.sas_b for r in results)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,12 +19,12 @@ import pytest
 
 from harness import Baresip, FreecallDaemon, Harness
 from harness.calls import phone, talk_and_hang_up
+from harness.keys import keys_cli, wait_outcomes
 
 pytestmark = pytest.mark.interop
 
 USERS_A = {"alice": "alice-pw"}
 USERS_B = {"bob": "bob-pw"}
-OUTCOME = r"call (\w+): (verified|trusted-first-use|unverified|mitm-suspected) \((.*)\), SAS (\w+)"
 
 
 @dataclass
@@ -51,35 +49,10 @@ def nodes(harness: Harness) -> Iterator[Nodes]:
     yield Nodes(a, b, harness.run_dir)
 
 
-def keys_cli(node: FreecallDaemon, *args: str, stdin: bytes | None = None) -> str:
-    done = subprocess.run([sys.executable, "-m", "freecall", "keys", *args,
-                           "-c", str(node.config_path)],
-                          input=stdin, capture_output=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stderr.decode()
-    return done.stdout.decode()
-
-
 def own_fingerprint(node: FreecallDaemon) -> str:
     match = re.search(r"OpenPGP key ([0-9A-F]{40}) signs", node.log_text())
     assert match, "the daemon logged no OpenPGP key"
     return match.group(1)
-
-
-def outcomes(node: FreecallDaemon) -> list[tuple[str, str, str, str]]:
-    return [(m.group(1), m.group(2), m.group(3), m.group(4))
-            for m in re.finditer(OUTCOME, node.log_text())]
-
-
-def wait_outcomes(node: FreecallDaemon, count: int, timeout: float = 10.0
-                  ) -> list[tuple[str, str, str, str]]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = outcomes(node)
-        if len(found) >= count:
-            return found
-        time.sleep(0.1)
-    raise AssertionError(f"{node.name}: {len(outcomes(node))} outcomes, wanted {count}\n"
-                         + "\n".join(node.log_text().splitlines()[-30:]))
 
 
 def told(node: FreecallDaemon) -> list[str]:
