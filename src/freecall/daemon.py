@@ -25,6 +25,8 @@ from pathlib import Path
 
 from . import __version__
 from .config import AutoUser, Config
+from .control.api import KeysProvider
+from .control.service import ControlService
 from .netaddr import own_address
 from .peering.gossip import GossipConfig
 from .peering.records import Address, AddrKind, NodeIdentity
@@ -121,6 +123,9 @@ class Daemon:
         self._stopping = asyncio.Event()
         self._sides: dict[tuple[str, int], Side] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.control: ControlService | None = None
+        self.keys: KeysProvider | None = None
+        """The OpenPGP key store the control API serves (issue 7 sets it before start)."""
 
     # -- life cycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -239,6 +244,7 @@ class Daemon:
         gc.collect()
         gc.freeze()
         gc.set_threshold(100_000, 50, 100)
+        await self._start_control()
         log.info(
             "freecall %s node %s listening on %s; domains: %s",
             __version__,
@@ -325,6 +331,24 @@ class Daemon:
         await service.start()
         return service
 
+    async def _start_control(self) -> None:
+        """The control API (HTTP with the token, and the Unix socket) and the dashboard."""
+        self.control = ControlService(self, keys=self.keys)
+        bound = await self.control.start()
+        if bound:
+            log.info("control API on %s", ", ".join(bound))
+
+    def hang_up(self, key: DialogKey, reason: str) -> bool:
+        """End an answered call from the middle (control API); False if it is not up."""
+        proxy, loop = self.proxy, self._loop
+        call = proxy.calls.get(key) if proxy is not None else None
+        if call is None or loop is None or proxy is None:
+            return False
+        if not proxy.hang_up(call, loop.time(), reason):
+            return False
+        self._pump()
+        return True
+
     def _domains(self, listeners: list[Listener]) -> set[str]:
         """What this node answers for: configured domains, else its own names and addresses."""
         config = self.config
@@ -348,6 +372,8 @@ class Daemon:
 
     async def stop(self) -> None:
         """End every call with BYE, give the BYEs a moment, then close the sockets."""
+        if self.control is not None:
+            await self.control.stop()
         if self.router is not None:
             await self.router.close()  # lookups in flight are cancelled, never delivered
         if self.peering is not None:
@@ -458,6 +484,8 @@ class Daemon:
         if isinstance(event, SasSignatureNeeded):
             event.stream.provide_signature(b"PGP ", None)  # signed SAS: the OpenPGP issue
             return
+        if self.control is not None and key:
+            self.control.media_event(key, event)
         state = self.media_state.setdefault(key, {}) if key else {}
         if isinstance(event, StreamSecure):
             state.update(state="secure", sas=event.sas, sas_type=event.sas_type,
@@ -519,6 +547,8 @@ class Daemon:
             while (revent := registrar.next_event()) is not None:
                 busy = True
                 log.info("%s", revent)
+                if self.control is not None:
+                    self.control.registrar_event(revent)
             if self.media is not None and self.media.broken:
                 busy = True
                 for key in self.media.broken:
@@ -535,6 +565,8 @@ class Daemon:
             self._timer.arm(min(deadlines) if deadlines else None)
 
     def _on_proxy_event(self, event: ProxyEvent, now: float) -> None:
+        if self.control is not None:
+            self.control.proxy_event(event)  # before CallEnded frees the media: figures kept
         if isinstance(event, Registered):
             assert self.registrar is not None
             response = self.registrar.register(
