@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", metavar="FILE")
     show = config_commands.add_parser("show", help="print FILE with every default filled in")
     show.add_argument("file", metavar="FILE", nargs="?")
+    # Client commands: they talk to the running daemon over its control socket. `keys` (the
+    # OpenPGP key store, issue 7) goes here too, built on freecall.control.cli.request.
+    from .control.cli import add_commands  # noqa: PLC0415
+
+    add_commands(commands)
     return parser
 
 
@@ -45,6 +50,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run":
         return run(args)
+    from .control.cli import CLIENT_COMMANDS  # noqa: PLC0415
+
+    if args.command in CLIENT_COMMANDS:
+        from .control.cli import main as client_main  # noqa: PLC0415
+
+        return client_main(args)
     if args.command == "config":
         from .config import main as config_main  # noqa: PLC0415
 
