@@ -4,7 +4,7 @@
 "use strict";
 
 const KEY = "freecall-token";
-const state = { token: null, calls: [], events: null, refreshTimer: null };
+const state = { token: null, calls: [], events: null, refreshTimer: null, ticker: null };
 
 function $(id) { return document.getElementById(id); }
 
@@ -105,7 +105,7 @@ function callCard(call) {
       el("span", { class: "call-state" }, call.state === "ended" ? `ended (${call.outcome})` : call.state),
       el("span", { class: "muted" }, `${call.direction}, ${call.route}, ${duration(call.duration_s)}`)),
     el("div", { class: `security ${v.cls}`, "data-security": v.cls },
-      el("strong", {}, v.title), " ", el("span", {}, v.text),
+      el("strong", {}, v.title), " ", live ? el("span", {}, v.text) : null,
       (sec.sas && (v.cls === "unverified" || v.cls === "mitm")) ? el("div", { class: "sas" }, sec.sas) : null,
       (sec.sas && v.cls === "verified") ? el("span", { class: "muted" }, ` (SAS ${sec.sas})`) : null),
     el("div", { class: "media muted" },
@@ -150,7 +150,8 @@ async function refresh() {
       api("GET", "/api/status"), api("GET", "/api/registrations"),
       api("GET", "/api/peers"), api("GET", "/api/calls")]);
     renderStatus(status);
-    renderTable("registrations", regs.map(r => [r.user, r.contact, r.source, `${r.expires_s} s`]));
+    renderTable("registrations", regs.map(r => [r.user, r.contact.replace(/^[^<]*<([^>]*)>.*$/, "$1"),
+                                                r.source, `${r.expires_s} s`]));
     renderTable("peers", peers.map(p => [String(p.node_id).slice(0, 16), (p.routes || []).join(", "),
       (p.addresses || []).map(a => `${a.kind}:${a.host}:${a.port}`).join(", "),
       p.last_seen_s === null ? "-" : `${p.last_seen_s} s ago`]));
@@ -208,6 +209,7 @@ function signOut(why) {
   $("main").hidden = true;
   $("login").hidden = false;
   $("login-error").textContent = why || "";
+  $("token").value = "";
 }
 
 function start() {
@@ -215,7 +217,11 @@ function start() {
   $("main").hidden = false;
   refresh();
   connectEvents();
-  setInterval(() => { if (state.calls.some(c => c.state !== "ended")) refresh(); }, 2000);
+  if (!state.ticker) {  // packet counters of live calls move without events
+    state.ticker = setInterval(() => {
+      if (state.token && state.calls.some(c => c.state !== "ended")) refresh();
+    }, 2000);
+  }
 }
 
 document.addEventListener("DOMContentLoaded", () => {
