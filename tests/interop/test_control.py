@@ -40,8 +40,12 @@ class Nodes:
 
 @pytest.fixture
 def nodes(harness: Harness) -> Iterator[Nodes]:
+    yield two_nodes(harness)
+
+
+def two_nodes(harness: Harness, **a_options: Any) -> Nodes:
     a = harness.daemon("a", users=USERS_A, domains=["a.test"], public_host="127.0.0.2",
-                       start=False)
+                       start=False, **a_options)
     b = harness.daemon("b", users=USERS_B, domains=["b.test"], public_host="127.0.0.3",
                        start=False)
     a.extra_config["routes"] = {"b.test": f"sip:{b.public_host}:{b.public_port}"}
@@ -51,7 +55,7 @@ def nodes(harness: Harness) -> Iterator[Nodes]:
         node.extra_config["dns"] = {"servers": ["127.0.0.1:9"], "timeout": "1s"}
         harness.started.append(node)
         node.start(wait_control=True)
-    yield Nodes(a, b)
+    return Nodes(a, b)
 
 
 def cli(node: FreecallDaemon, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -300,3 +304,31 @@ def test_the_control_socket_path_is_refused_when_another_daemon_serves_it(
                             text=True, timeout=20, check=False)
     assert second.returncode == 1
     assert "another daemon is serving this state directory" in second.stderr
+
+
+def test_security_changes_raise_a_desktop_notification(
+    harness: Harness, baresip: Callable[..., Baresip], tmp_path: Path
+) -> None:
+    """``control.notify: true``: ``notify-send`` (here a stand-in that records its arguments:
+    the test machine has no desktop) is told when the call becomes secure, with the SAS."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    record = tmp_path / "notifications.txt"
+    fake = bindir / "notify-send"
+    fake.write_text(f"#!/bin/sh\nprintf '%s|' \"$@\" >> {record}\necho >> {record}\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+    nodes = two_nodes(harness, env=env, config={"control": {"notify": True}})
+    alice = phone(baresip, nodes.a, "alice", USERS_A["alice"], "a.test", 440)
+    bob = phone(baresip, nodes.b, "bob", USERS_B["bob"], "b.test", 880)
+    alice.dial("sip:bob@b.test")
+    alice.wait_event("CALL_ESTABLISHED", 10)
+    bob.wait_event("CALL_ESTABLISHED", 5)
+    call = wait_until(lambda: secure_call(nodes.a), 10, message="a secure call")
+    wait_until(record.exists, 5, message="a notification")
+    [line] = record.read_text().splitlines()
+    assert "--app-name=freecall" in line and "--urgency=normal" in line
+    assert "Call with sip:bob@b.test is encrypted" in line
+    assert call["security"]["sas"] in line
+    alice.hangup()
+    bob.wait_event("CALL_CLOSED", 5)
