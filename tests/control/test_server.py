@@ -204,6 +204,15 @@ def test_a_stale_socket_is_replaced_and_a_live_one_refused(tmp_path: Path) -> No
     run(main())
 
 
+def test_a_socket_path_too_long_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    async def main() -> None:
+        server = ControlServer(Backend(), token=TOKEN, listen=None,
+                               socket_path=tmp_path / ("x" * 120) / "control.sock")
+        with pytest.raises(OSError, match="too long for a Unix socket"):
+            await server.start()
+    run(main())
+
+
 def test_token_file_is_created_once_with_mode_0600(tmp_path: Path) -> None:
     path = tmp_path / "state" / "control.token"
     token = load_or_create_token(path)

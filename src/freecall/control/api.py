@@ -187,6 +187,9 @@ class ControlServer:
     async def _start_unix(self, path: Path) -> None:
         """Bind the Unix socket with mode 0600 from the first instant (umask), replacing a
         stale socket file but never a live one or anything that is not a socket."""
+        if len(os.fsencode(path)) >= 108:  # sun_path (Linux): a clear message, not EINVAL
+            raise OSError(f"{path}: too long for a Unix socket (107 bytes at most); set "
+                          "control.socket to a shorter path")
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if path.exists() or path.is_symlink():
             if not stat.S_ISSOCK(path.lstat().st_mode):
