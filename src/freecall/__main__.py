@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .gpgverify.cli import add_parser as add_keys_parser  # noqa: PLC0415
 
     add_keys_parser(commands)
+    # Client commands: they talk to the running daemon over its control socket. `keys` (the
+    # OpenPGP key store, issue 7) goes here too, built on freecall.control.cli.request.
+    from .control.cli import add_commands  # noqa: PLC0415
+
+    add_commands(commands)
     return parser
 
 
@@ -50,6 +55,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args)
     if args.command == "keys":
         return keys(args)
+    from .control.cli import CLIENT_COMMANDS  # noqa: PLC0415
+
+    if args.command in CLIENT_COMMANDS:
+        from .control.cli import main as client_main  # noqa: PLC0415
+
+        return client_main(args)
     if args.command == "config":
         from .config import main as config_main  # noqa: PLC0415
 

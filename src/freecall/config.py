@@ -795,6 +795,15 @@ class ControlConfig:
     socket: str = setting(
         "", 'Unix socket with the same API and no token (file permissions protect it). `""`: '
         "`<state_dir>/control.sock`.", path=True)
+    allow_from: tuple[IPNetwork, ...] = setting(
+        (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
+        "Source networks (CIDR) whose HTTP requests the control API answers (with the token); "
+        "others get `403`. Loopback only by default, so a wider `listen` alone opens nothing: "
+        "widen both to reach the API from elsewhere.",
+        parse=_cidr, doc_type="list of CIDRs")
+    notify: bool = setting(
+        False, "Desktop notification (`notify-send`) when a call's security changes: secure "
+        "with the SAS to compare, insecure, or a suspected man in the middle.")
 
 
 @dataclass(frozen=True, slots=True)

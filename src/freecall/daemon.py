@@ -27,6 +27,7 @@ from typing import Any
 
 from . import __version__
 from .config import AutoUser, Config
+from .control.service import ControlService
 from .gpgverify.service import KeyPaths, SasKeys
 from .gpgverify.verdict import Outcome, Verdict
 from .netaddr import own_address
@@ -130,6 +131,8 @@ class Daemon:
         self._stopping = asyncio.Event()
         self._sides: dict[tuple[str, int], Side] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.control: ControlService | None = None
+        """The control API, the event stream and the dashboard (issue 8)."""
 
     # -- life cycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -140,6 +143,9 @@ class Daemon:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._stopping.set)
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # The slow part of a first start (making the OpenPGP key) comes before the SIP sockets
+        # open: a request arriving once they are bound is answered at once.
+        self.keys = await self._start_openpgp()
         secret = load_secret(self.state_dir)
         specs = [(lst, Side.SOFTPHONE) for lst in config.sip.listen] + [
             (lst, Side.PUBLIC) for lst in config.sip.public
@@ -207,7 +213,6 @@ class Daemon:
         servers = [(server.host, server.port) for server in config.dns.servers] or None
         self.dns = AsyncDns(servers, timeout=config.dns.timeout)
         advertise_ip = await _an_ip(advertise, config.dns.timeout) if advertise else None
-        self.keys = await self._start_openpgp(domains)
         self._start_media(loop, advertise_ip)
         if config.peering.listen is not None and config.sip.public:
             self.peering = await self._start_peering(listeners, advertise, advertise_ip, tls_key)
@@ -249,6 +254,7 @@ class Daemon:
         gc.collect()
         gc.freeze()
         gc.set_threshold(100_000, 50, 100)
+        await self._start_control()
         log.info(
             "freecall %s node %s listening on %s; domains: %s",
             __version__,
@@ -295,14 +301,14 @@ class Daemon:
         log.info("media on %s, ports %d-%d, security policy %s", address,
                  config.media.ports.first, config.media.ports.last, config.security.policy)
 
-    async def _start_openpgp(self, domains: set[str]) -> SasKeys | None:
+    async def _start_openpgp(self) -> SasKeys | None:
         """Our OpenPGP key (made on first start, naming every user of every domain we
         serve), or None when signing is off or GnuPG does not work (calls then end
         ``unverified``; the SAS can still be compared by voice)."""
         config = self.config
         if not config.openpgp.sign or config.security.policy == "off":
             return None
-        served = list(config.sip.domains) or sorted(domains)
+        served = list(config.sip.domains) or [config.node.name]
         addresses = [f"{user}@{domain}" for domain in served for user in config.users]
         keys = SasKeys(
             KeyPaths.for_state(self.state_dir, config.openpgp.home or None),
@@ -370,6 +376,24 @@ class Daemon:
         await service.start()
         return service
 
+    async def _start_control(self) -> None:
+        """The control API (HTTP with the token, and the Unix socket) and the dashboard."""
+        self.control = ControlService(self, keys=self.keys)
+        bound = await self.control.start()
+        if bound:
+            log.info("control API on %s", ", ".join(bound))
+
+    def hang_up(self, key: DialogKey, reason: str) -> bool:
+        """End an answered call from the middle (control API); False if it is not up."""
+        proxy, loop = self.proxy, self._loop
+        call = proxy.calls.get(key) if proxy is not None else None
+        if call is None or loop is None or proxy is None:
+            return False
+        if not proxy.hang_up(call, loop.time(), reason):
+            return False
+        self._pump()
+        return True
+
     def _domains(self, listeners: list[Listener]) -> set[str]:
         """What this node answers for: configured domains, else its own names and addresses."""
         config = self.config
@@ -393,6 +417,8 @@ class Daemon:
 
     async def stop(self) -> None:
         """End every call with BYE, give the BYEs a moment, then close the sockets."""
+        if self.control is not None:
+            await self.control.stop()
         if self.router is not None:
             await self.router.close()  # lookups in flight are cancelled, never delivered
         if self.peering is not None:
@@ -510,6 +536,8 @@ class Daemon:
             else:
                 self._spawn(self._sign(event.stream, event.sashash, name))
             return
+        if self.control is not None and key:
+            self.control.media_event(key, event)
         state = self.media_state.setdefault(key, {}) if key else {}
         if isinstance(event, StreamSecure):
             state.update(state="secure", sas=event.sas, sas_type=event.sas_type,
@@ -630,6 +658,8 @@ class Daemon:
             while (revent := registrar.next_event()) is not None:
                 busy = True
                 log.info("%s", revent)
+                if self.control is not None:
+                    self.control.registrar_event(revent)
             if self.media is not None and self.media.broken:
                 busy = True
                 for key in self.media.broken:
@@ -646,6 +676,8 @@ class Daemon:
             self._timer.arm(min(deadlines) if deadlines else None)
 
     def _on_proxy_event(self, event: ProxyEvent, now: float) -> None:
+        if self.control is not None:
+            self.control.proxy_event(event)  # before CallEnded frees the media: figures kept
         if isinstance(event, Registered):
             assert self.registrar is not None
             response = self.registrar.register(

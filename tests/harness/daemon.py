@@ -123,19 +123,20 @@ class FreecallDaemon:
         return self.config_path
 
     def start(self, timeout: float = 15.0, *, wait_control: bool = False) -> FreecallDaemon:
-        """Start the daemon; ready when its softphone port (and, when asked, the control port)
-        is bound."""
+        """Start the daemon; ready when it logged its start-up line and its softphone port (and,
+        when asked, the control port) is bound."""
         self.write_config()
+        starts = _runs(self.log_text())
         process = self.process = ManagedProcess(
             f"freecall-{self.name}",
             [*self.netns, *self.command, "-c", str(self.config_path),
              "--state-dir", str(self.state_dir)],
             log_path=self.log_path, cwd=self.directory, env=self.env,
         ).start()
-        if self.netns:  # its ports are in another namespace: wait for the start-up line
-            starts = _runs(self.log_text())
-            wait_until(lambda: _started(process, starts), timeout,
-                       message=f"{self.name} to start")
+        # Ready means the daemon said so (its "listening on" line, logged once every part is
+        # up), not merely that a port is bound.
+        wait_until(lambda: _started(process, starts), timeout, message=f"{self.name} to start")
+        if self.netns:  # its ports are in another namespace
             return self
         wait_port(self.sip_port, "udp", timeout, self.process)
         wait_port(self.sip_port, "tcp", timeout, self.process)

@@ -21,7 +21,9 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from freecall.control.api import ApiError
 from freecall.gpgverify.gpg import (
     MAX_KEY_BYTES,
     GpgHome,
@@ -196,6 +198,29 @@ class SasKeys:
         self.store, fingerprint, self._offers = await loop.run_in_executor(self._executor, work)
         self.fingerprint = fingerprint
         return fingerprint
+
+    # -- the control API's KeysProvider (GET /api/keys, POST /api/keys/trust|forget) --------
+
+    def own_fingerprint(self) -> str | None:
+        return self.fingerprint
+
+    def list_keys(self) -> list[dict[str, Any]]:
+        return self._store().list_keys() if self.store is not None else []
+
+    def trust(self, address: str, fingerprint: str) -> dict[str, Any]:
+        try:
+            pin = self._store().trust(address, fingerprint)
+        except ValueError as error:
+            raise ApiError(400, str(error)) from error
+        return {"address": pin.address, "fingerprint": pin.fingerprint, "pin": pin.how}
+
+    def forget(self, address: str) -> dict[str, Any]:
+        return {"address": normalise_address(address), "forgot": self._store().forget(address)}
+
+    def _store(self) -> KeyStore:
+        if self.store is None:
+            raise ApiError(503, "OpenPGP keys are not started")
+        return self.store
 
     def offer(self, local: str) -> str | None:
         """The base64 key to put in our SDP for our party ``local`` (only its user ID)."""

@@ -112,6 +112,9 @@ class CallMedia:
     key: DialogKey
     legs: dict[int, _Leg] = field(default_factory=dict)
     offered_key: bytes | None = None  # the far end's OpenPGP key from its SDP, if any
+    codec: str | None = None
+    """The first codec of the last SDP that crossed (the answer's: the one in use), for the
+    control API."""
 
     def streams(self) -> Iterator[Stream]:
         for leg in self.legs.values():
@@ -194,6 +197,7 @@ class MediaCalls:
                 self._hold(leg, description.effective_direction(index))
             if any(p is not None for p in ports):
                 description.rewrite_endpoints(self._network_address(call), ports)
+                call.codec = _first_codec(description) or call.codec
             for index, media in enumerate(description.media):
                 bridged = call.legs.get(index)
                 if bridged is not None and not media.is_rejected:
@@ -253,6 +257,7 @@ class MediaCalls:
             call.offered_key = _offered_key(value) or call.offered_key
         description.remove_attribute(OPENPGP_ATTRIBUTE)
         if any(p is not None for p in ports):
+            call.codec = _first_codec(description) or call.codec
             loopback = next(iter(call.streams())).local_softphone_rtp[0]
             description.rewrite_endpoints(loopback, ports)
         return description.to_bytes()
@@ -317,3 +322,17 @@ def _parse(body: bytes) -> sdp.SessionDescription:
         return sdp.parse(body)
     except SdpError as error:
         raise MediaRefused(488, f"malformed SDP: {error}") from error
+
+
+def _first_codec(description: sdp.SessionDescription) -> str | None:
+    """``PCMU/8000``: the first format of the first live RTP stream (RFC 3264: in an answer,
+    the one the answerer will send)."""
+    for media in description.media:
+        if media.is_rejected or not media.media_line.is_rtp or not media.formats:
+            continue
+        try:
+            codec = media.codec(media.formats[0])
+        except SdpError:
+            return None
+        return None if codec is None else f"{codec.encoding}/{codec.clock_rate}"
+    return None

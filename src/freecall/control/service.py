@@ -1,0 +1,377 @@
+"""The control API bound to the daemon: what it reads of each core, and what it feeds the model.
+
+The daemon (the composition root) owns one :class:`ControlService`. It calls
+:meth:`proxy_event`, :meth:`media_event` and :meth:`registrar_event` from its existing
+handlers (one line each) and :meth:`start`/:meth:`stop`; everything else here reads the cores
+when a request comes, so the API costs nothing while nobody asks. Peer changes are found by
+comparing the host cache every few seconds (the peering service logs them but keeps no list
+of subscribers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import __version__
+from ..sip.proxy import CallAnswered, CallEnded, CallStarted
+from ..sip.registrar import BindingAdded, BindingRefreshed
+from ..srtp.bridge import MediaStream, StreamInsecure, StreamSecure, ZrtpFailure
+from .api import ApiError, ControlServer, KeysProvider, load_or_create_token
+from .model import CallBook, EventBus, ProxyCall
+
+if TYPE_CHECKING:
+    from ..daemon import Daemon
+    from ..sip.registrar import RegistrarEvent
+    from ..srtp.bridge import MediaEvent
+    from ..srtp.calls import DialogKey
+
+log = logging.getLogger("freecall.control")
+
+PEER_POLL = 2.0
+
+
+class ControlService:
+    """The :class:`~freecall.control.api.Backend` of a running daemon (module docstring)."""
+
+    def __init__(self, daemon: Daemon, *, keys: KeysProvider | None = None) -> None:
+        self.daemon = daemon
+        self.config = daemon.config
+        self.key_store = keys
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        self.wall_offset = time.time() - loop.time()
+        self.bus = EventBus(time.time)
+        self.book = CallBook(self.bus, wall_offset=self.wall_offset,
+                             media_source=self._media_of, remote_node=self._remote_node)
+        self.server: ControlServer | None = None
+        self.token_path: Path = Path(self.config.control.token_file)
+        self.token = ""
+        self._peers: dict[str, tuple[Any, ...]] = {}
+        self._poller: asyncio.Task[None] | None = None
+        self._notify = self.config.control.notify and shutil.which("notify-send") is not None
+        self._notifying: asyncio.Task[None] | None = None
+
+    # -- life cycle ---------------------------------------------------------------------------
+    async def start(self) -> list[str]:
+        control = self.config.control
+        self.token = load_or_create_token(self.token_path)
+        listen = (control.listen.host, control.listen.port) if control.listen else None
+        self.server = ControlServer(
+            self, token=self.token, listen=listen,
+            socket_path=Path(control.socket) if control.socket else None,
+            allow_from=control.allow_from)
+        bound = await self.server.start()
+        self._peers = self._peer_index()
+        self._poller = asyncio.ensure_future(self._poll_peers())
+        return bound
+
+    async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+        if self.server is not None:
+            await self.server.stop()
+
+    @property
+    def dashboard_url(self) -> str | None:
+        server = self.server
+        listen = self.config.control.listen
+        if server is None or listen is None or server.http_port is None:
+            return None
+        host = "127.0.0.1" if listen.host in ("0.0.0.0", "::") else listen.host  # noqa: S104
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{server.http_port}/#token={self.token}"
+
+    # -- feeds from the daemon ----------------------------------------------------------------
+    def proxy_event(self, event: object) -> None:
+        if isinstance(event, CallStarted):
+            self.book.started(event.call)
+        elif isinstance(event, CallAnswered):
+            self.book.answered(event.call)
+        elif isinstance(event, CallEnded):
+            self.book.ended(event.call)  # before the daemon frees the media: figures kept
+
+    def registrar_event(self, event: RegistrarEvent) -> None:
+        now = self.loop.time()
+        binding = event.binding
+        if isinstance(event, BindingAdded):
+            action, reason = "added", None
+        elif isinstance(event, BindingRefreshed):
+            action, reason = "refreshed", None
+        else:
+            action, reason = "removed", str(event.reason)
+        self.bus.publish("registration", action=action, reason=reason,
+                         registration=binding.describe(now))
+
+    def media_event(self, key: DialogKey, event: MediaEvent) -> None:
+        """A stream's security changed: the call's security fields follow (first stream
+        decides; a second one in clear makes the call insecure)."""
+        record = self.book.find(key)
+        if record is None:
+            return
+        before = record.security.get("state")
+        if isinstance(event, StreamSecure):
+            if before in ("insecure", "failed"):
+                return
+            verification: str | None
+            if event.continuity == "mismatch":
+                verification = "mitm-suspected"
+            elif event.sas_verified:
+                verification = "verified"  # confirmed by voice in an earlier call (RFC 6189 V)
+            else:
+                verification = record.security.get("verification")
+                if verification in (None, "none"):
+                    verification = "unverified"
+            self.book.update_security(
+                key, media="srtp", keying="zrtp", sas=event.sas, state="secure",
+                verification=verification, sas_confirmed=event.sas_verified,
+                cipher=f"{event.cipher}/{event.auth_tag}", continuity=event.continuity,
+                peer_client=event.peer_client_id or None,
+                reason=("retained secrets differ: possible man in the middle"
+                        if event.continuity == "mismatch" else None))
+        elif isinstance(event, StreamInsecure):
+            self.book.update_security(key, media="clear", keying="none", state="insecure",
+                                      verification="none", reason=event.reason)
+        elif isinstance(event, ZrtpFailure):
+            self.book.update_security(key, media="clear", keying="zrtp", state="failed",
+                                      reason=event.reason)
+        else:
+            return
+        if record.security.get("state") != before:
+            self._notify_security(record.call, record.security)
+
+    def update_security(self, key_or_id: DialogKey | str, **fields: Any) -> None:
+        """For the OpenPGP layer (issue 7): ``verification=..., peer_key=...``."""
+        self.book.update_security(key_or_id, **fields)
+
+    # -- the Backend --------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        daemon = self.daemon
+        peering = daemon.peering
+        listeners: list[str] = []
+        if daemon.proxy is not None:
+            listeners += [f"sip:{lst.transport}:{_host(lst.host)}:{lst.port} ({lst.side.value})"
+                          for lst in daemon.proxy.settings.listeners]
+        if self.server is not None:
+            listeners += [f"control:{b}" for b in self.server.bound]
+        if peering is not None:
+            listeners.append(f"peering:udp:{_host(peering.listen[0])}:{peering.listen[1]}")
+        engine = daemon.media_engine
+        keys = self.key_store
+        return {
+            "version": __version__,
+            "node_id": peering.identity.node_id.hex() if peering is not None else None,
+            "uptime_s": round(self.loop.time() - daemon.stats.started, 1),
+            "listeners": listeners,
+            "key_fingerprint": keys.own_fingerprint() if keys is not None else None,
+            "role": self.config.node.role,
+            "name": self.config.node.name,
+            "domains": list(self.config.sip.domains),
+            "security_policy": self.config.security.policy,
+            "media": None if engine is None else {"address": engine.address},
+            "calls_active": len(self.book.live),
+            "calls_total": daemon.stats.calls_total,
+            "registrations": daemon.registrar.binding_count if daemon.registrar else 0,
+            "peers": peering.known_nodes() if peering is not None else 0,
+        }
+
+    def registrations(self) -> list[dict[str, Any]]:
+        registrar = self.daemon.registrar
+        if registrar is None:
+            return []
+        now = self.loop.time()
+        return [b.describe(now) for b in registrar.bindings(now)]
+
+    def peers(self) -> list[dict[str, Any]]:
+        peering = self.daemon.peering
+        return [] if peering is None else [dict(p) for p in peering.peers()]
+
+    def calls(self) -> list[dict[str, Any]]:
+        return self.book.views()
+
+    def call(self, call_id: str) -> dict[str, Any] | None:
+        record = self.book.find(call_id)
+        return None if record is None else self.book.view(record)
+
+    def hang_up(self, call_id: str) -> dict[str, Any]:
+        record = self.book.find(call_id)
+        if record is None:
+            raise ApiError(404, f"no call {call_id}")
+        if record.state == "ended":
+            raise ApiError(409, f"call {call_id} has already ended")
+        if not self.daemon.hang_up(record.key, "hung up from the control API"):
+            raise ApiError(409, f"call {call_id} is not answered yet: it cannot be ended "
+                           "from the middle (hang up on the phone)")
+        log.info("call %s: hung up from the control API", call_id)
+        return self.book.view(record)
+
+    def confirm_sas(self, call_id: str, verified: bool) -> dict[str, Any]:
+        """The user compared the SAS by voice: remember it in the ZRTP cache (the V flag,
+        RFC 6189 section 7.1), so the next call with this peer starts verified."""
+        record = self.book.find(call_id)
+        if record is None:
+            raise ApiError(404, f"no call {call_id}")
+        if record.state == "ended" or record.security.get("state") != "secure":
+            raise ApiError(409, f"call {call_id} has no secure media: no SAS to confirm")
+        media = self.daemon.media
+        streams = list(media.calls[record.key].streams()) if (
+            media is not None and record.key in media.calls) else []
+        for stream in streams:
+            if isinstance(stream, MediaStream) and stream.secure:
+                with contextlib.suppress(RuntimeError):
+                    stream.mark_sas_verified(verified)
+        current = record.security.get("verification")
+        if verified:
+            verification = "verified" if current != "mitm-suspected" else current
+        else:
+            verification = "unverified" if current == "verified" else current
+        log.info("call %s: SAS %s %s by the user", call_id, record.security.get("sas"),
+                 "confirmed" if verified else "reset")
+        self.book.update_security(record.key, sas_confirmed=verified, verification=verification)
+        return self.book.view(record)
+
+    def keys(self) -> KeysProvider | None:
+        return self.key_store
+
+    def reload(self) -> dict[str, Any]:
+        raise ApiError(501, "configuration reload is not available yet (issue 10); restart "
+                       "the daemon to apply a changed configuration")
+
+    def metrics(self) -> str:
+        """A minimal Prometheus text exposition (issue 10 extends it)."""
+        daemon = self.daemon
+        stats = daemon.stats
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, value: float, help_text: str) -> None:
+            lines.extend((f"# HELP {name} {help_text}", f"# TYPE {name} {kind}",
+                          f"{name} {value:g}"))
+
+        metric("freecall_uptime_seconds", "gauge", self.loop.time() - stats.started,
+               "Seconds since the daemon started.")
+        metric("freecall_calls_total", "counter", stats.calls_total, "Calls started.")
+        metric("freecall_calls_active", "gauge", len(self.book.live), "Calls in progress.")
+        metric("freecall_sip_messages_received_total", "counter", stats.messages_in,
+               "SIP messages received.")
+        metric("freecall_sip_parse_errors_total", "counter", stats.parse_errors,
+               "SIP messages that did not parse.")
+        metric("freecall_registrations", "gauge",
+               daemon.registrar.binding_count if daemon.registrar else 0,
+               "Live softphone registrations.")
+        metric("freecall_peers", "gauge",
+               daemon.peering.known_nodes() if daemon.peering else 0, "Nodes in the host cache.")
+        metric("freecall_control_event_subscribers", "gauge", len(self.bus.subscribers),
+               "Open event streams.")
+        return "\n".join(lines) + "\n"
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _media_of(self, key: DialogKey) -> dict[str, Any] | None:
+        media = self.daemon.media
+        call_media = media.calls.get(key) if media is not None else None
+        if call_media is None:
+            return None
+        streams = [s for s in call_media.streams() if isinstance(s, MediaStream)]
+        if not streams:
+            return None
+        first = streams[0]
+        remote = first.remote_rtp_address
+        local = first.local_network_rtp
+        return {
+            "codec": call_media.codec,
+            "local": f"{_host(local[0])}:{local[1]}",
+            "remote": f"{_host(str(remote[0]))}:{remote[1]}" if remote else None,
+            "packets_in": sum(s.net_rtp_in for s in streams),
+            "packets_out": sum(s.net_rtp_out for s in streams),
+            "lost": sum(s.reception.lost for s in streams),
+            "softphone": f"{_host(first.local_softphone_rtp[0])}:{first.local_softphone_rtp[1]}",
+        }
+
+    def _remote_node(self, call: ProxyCall) -> str | None:
+        """The far node of a call between nodes: its node id when the host cache knows its
+        address, else the address; None for calls between local phones."""
+        flow = None
+        if call.direction == "out":
+            flow = getattr(call, "callee_flow", None)
+        elif call.direction == "in":
+            flow = getattr(call, "caller_flow", None)
+        if flow is None:
+            return None
+        host, port = str(flow.remote[0]), int(flow.remote[1])
+        peering = self.daemon.peering
+        if peering is not None:
+            for peer in peering.peers():
+                addresses = peer.get("addresses")
+                if isinstance(addresses, list) and any(
+                        isinstance(a, dict) and a.get("host") == host for a in addresses):
+                    return str(peer["node_id"])
+        return f"{_host(host)}:{port}"
+
+    def _peer_index(self) -> dict[str, tuple[Any, ...]]:
+        out: dict[str, tuple[Any, ...]] = {}
+        for peer in self.peers():
+            out[str(peer["node_id"])] = (repr(peer.get("addresses")), repr(peer.get("routes")),
+                                         peer.get("relay"))
+        return out
+
+    async def _poll_peers(self) -> None:
+        """``peer`` events: joined, updated (addresses, routes, relay role), left."""
+        while True:
+            await asyncio.sleep(PEER_POLL)
+            try:
+                current = self._peer_index()
+            except Exception:  # the cache being rebuilt must not end the poller
+                log.exception("control API: reading the host cache failed")
+                continue
+            old = self._peers
+            self._peers = current
+            if current == old:
+                continue
+            by_id = {str(p["node_id"]): p for p in self.peers()}
+            for node_id, shape in current.items():
+                if node_id not in old:
+                    self.bus.publish("peer", action="joined", node_id=node_id,
+                                     peer=by_id.get(node_id))
+                elif old[node_id] != shape:
+                    self.bus.publish("peer", action="updated", node_id=node_id,
+                                     peer=by_id.get(node_id))
+            for node_id in old.keys() - current.keys():
+                self.bus.publish("peer", action="left", node_id=node_id, peer=None)
+
+    def _notify_security(self, call: ProxyCall, security: dict[str, Any]) -> None:
+        """``notify-send`` when configured; one at a time, never waited for."""
+        if not self._notify or (self._notifying is not None and not self._notifying.done()):
+            return
+        other = call.callee if call.direction != "in" else call.caller
+        state = security.get("state")
+        if state == "secure" and security.get("verification") == "mitm-suspected":
+            title, urgency = f"Call with {other}: man in the middle suspected", "critical"
+            text = str(security.get("reason") or "compare the SAS")
+        elif state == "secure":
+            title, urgency = f"Call with {other} is encrypted", "normal"
+            text = f"Compare the words aloud: {security.get('sas')}"
+        else:
+            title, urgency = f"Call with {other} is NOT encrypted", "critical"
+            text = str(security.get("reason") or "")
+        self._notifying = asyncio.ensure_future(_notify_send(title, text, urgency))
+
+
+async def _notify_send(title: str, text: str, urgency: str) -> None:
+    with contextlib.suppress(OSError, TimeoutError):
+        process = await asyncio.create_subprocess_exec(
+            "notify-send", "--app-name=freecall", f"--urgency={urgency}", title, text,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL)
+        try:
+            async with asyncio.timeout(5.0):
+                await process.wait()
+        except TimeoutError:
+            process.kill()
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
