@@ -615,6 +615,10 @@ class Daemon:
         state = self.media_state.setdefault(key, {})
         state.update(verification=verdict.outcome.value, verification_reason=verdict.reason,
                      peer_key=verdict.peer_key, peer_address=address)
+        if self.control is not None:
+            self.control.update_security(key, verification=verdict.outcome.value,
+                                         peer_key=verdict.peer_key,
+                                         verification_reason=verdict.reason)
         if verdict.lifts_cache_mismatch:
             event.stream.peer_signature_verified()
         level = logging.WARNING if verdict.outcome is Outcome.MITM_SUSPECTED else logging.INFO

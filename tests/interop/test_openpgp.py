@@ -80,6 +80,14 @@ def test_two_daemons_with_each_others_keys_end_verified(
     [(_, outcome_b, why_b, sas_b)] = wait_outcomes(nodes.b, 1)
     assert (outcome_a, outcome_b) == ("verified", "verified"), (why_a, why_b)
     assert sas_a == sas_b
+    # the control API shows it too (issue 8's call resource, filled by the OpenPGP layer)
+    [call] = nodes.a.api("GET", "/api/calls")
+    assert call["security"]["verification"] == "verified"
+    assert call["security"]["peer_key"] == own_fingerprint(nodes.b)
+    assert call["security"]["sas"] == sas_a
+    assert nodes.a.api("GET", "/api/status")["key_fingerprint"] == own_fingerprint(nodes.a)
+    assert any(k["fingerprint"] == own_fingerprint(nodes.b)
+               for k in nodes.a.api("GET", "/api/keys"))
     # each softphone user was told: a MESSAGE (RFC 3428) with the outcome and the SAS, which
     # the real baresip accepted (it shows such messages in its UI, not in its log)
     for node in (nodes.a, nodes.b):
