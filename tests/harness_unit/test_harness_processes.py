@@ -111,6 +111,7 @@ t = socket.socket(); t.bind((host, int(port))); t.listen()
 c = socket.socket(); c.bind(tuple(cfg["control"]["listen"].split(":")[:1]) +
                             (int(cfg["control"]["listen"].split(":")[1]),)); c.listen()
 print("fake daemon up", args, flush=True)
+print("freecall 0.0 node n1 listening on udp", flush=True)  # the real one's start-up line
 time.sleep(60)
 """
 

@@ -53,6 +53,9 @@ def two_nodes(harness: Harness, **a_options: Any) -> Nodes:
     a.extra_config["peering"] = {"seeds": [f"{b.public_host}:{b.peering_port}"]}
     for node in (b, a):
         node.extra_config["dns"] = {"servers": ["127.0.0.1:9"], "timeout": "1s"}
+        # no SAS signatures: the call stays "unverified", the state whose SAS a person
+        # confirms by voice (the signed outcomes are tests/interop/test_openpgp.py's)
+        node.extra_config["openpgp"] = {"sign": False}
         harness.started.append(node)
         node.start(wait_control=True)
     return Nodes(a, b)

@@ -70,6 +70,9 @@ def nodes(harness: Harness) -> tuple[FreecallDaemon, FreecallDaemon]:
     a.extra_config["peering"] = {"seeds": [f"{b.public_host}:{b.peering_port}"]}
     for node in (b, a):
         node.extra_config["dns"] = {"servers": ["127.0.0.1:9"], "timeout": "1s"}
+        # no SAS signatures: the call stays "unverified", the state whose SAS a person
+        # confirms by voice (the signed outcomes are tests/interop/test_openpgp.py's)
+        node.extra_config["openpgp"] = {"sign": False}
         harness.started.append(node)
         node.start(wait_control=True)
     return a, b
