@@ -681,6 +681,10 @@ def parse_message(
     start = lines[0]
     is_request = not start.startswith("SIP/")
     try:
+        if len(lines) > 1 and head.count("\n") != len(lines) - 1:
+            # CRLF line ends with a bare LF among them: no reading of that line is safe (it
+            # would change meaning when forwarded), so the message is malformed.
+            raise SipParseError("a bare LF inside a header line")
         msg: Request | Response
         known = cache.start_lines.get(start) if cache is not None else None
         if known is not None:
