@@ -499,7 +499,7 @@ def _only(method: str, allowed: str) -> None:
 def _keys(backend: Backend) -> KeysProvider:
     keys = backend.keys()
     if keys is None:
-        raise ApiError(501, "no key store in this daemon yet (OpenPGP verification: issue 7)")
+        raise ApiError(501, "no OpenPGP key store: signing is off (openpgp.sign) or GnuPG failed")
     return keys
 
 
