@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 from .baresip import Baresip
 from .daemon import FreecallDaemon
+from .session import Harness
 from .wav import assert_tone
 
 
@@ -30,3 +33,31 @@ def talk_and_hang_up(caller: Baresip, callee: Baresip, heard_by_caller: int,
     assert callee.wait_rtp_stats()[-1].rx_packets >= 50
     assert_tone(caller.last_decoded_wav(), heard_by_caller)
     assert_tone(callee.last_decoded_wav(), heard_by_callee)
+
+
+USERS_A = {"alice": "alice-pw"}
+USERS_B = {"bob": "bob-pw"}
+
+
+@dataclass
+class Nodes:
+    """Two nodes that route to each other by static routes: A (127.0.0.2, a.test, alice) and
+    B (127.0.0.3, b.test, bob); DNS points at a port nothing answers on."""
+
+    a: FreecallDaemon
+    b: FreecallDaemon
+    run_dir: Path
+
+
+def static_pair(harness: Harness) -> Nodes:
+    a = harness.daemon("a", users=USERS_A, domains=["a.test"], public_host="127.0.0.2",
+                       start=False)
+    b = harness.daemon("b", users=USERS_B, domains=["b.test"], public_host="127.0.0.3",
+                       start=False)
+    a.extra_config["routes"] = {"b.test": f"sip:{b.public_host}:{b.public_port}"}
+    b.extra_config["routes"] = {"a.test": f"sip:{a.public_host}:{a.public_port}"}
+    for node in (a, b):
+        node.extra_config["dns"] = {"servers": ["127.0.0.1:9"], "timeout": "1s"}
+        harness.started.append(node)
+        node.start()
+    return Nodes(a, b, harness.run_dir)

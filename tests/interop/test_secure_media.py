@@ -12,41 +12,21 @@ from __future__ import annotations
 import re
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from harness import Baresip, FreecallDaemon, Harness, Linphonec, assert_tone
-from harness.calls import phone, talk_and_hang_up
+from harness.calls import USERS_A, USERS_B, Nodes, phone, static_pair, talk_and_hang_up
 from harness.pcap import Datagram, udp_datagrams
 
-USERS_A = {"alice": "alice-pw"}
-USERS_B = {"bob": "bob-pw"}
 SECURE = r"call (\w+): media secure, SAS (\w+) \((B32|B256)\)"
 
 
-@dataclass
-class Nodes:
-    a: FreecallDaemon
-    b: FreecallDaemon
-    run_dir: Path
-
-
 @pytest.fixture
-def nodes(harness: Harness) -> Iterator[Nodes]:
-    a = harness.daemon("a", users=USERS_A, domains=["a.test"], public_host="127.0.0.2",
-                       start=False)
-    b = harness.daemon("b", users=USERS_B, domains=["b.test"], public_host="127.0.0.3",
-                       start=False)
-    a.extra_config["routes"] = {"b.test": f"sip:{b.public_host}:{b.public_port}"}
-    b.extra_config["routes"] = {"a.test": f"sip:{a.public_host}:{a.public_port}"}
-    for node in (a, b):
-        node.extra_config["dns"] = {"servers": ["127.0.0.1:9"], "timeout": "1s"}
-        harness.started.append(node)
-        node.start()
-    yield Nodes(a, b, harness.run_dir)
+def nodes(harness: Harness) -> Nodes:
+    return static_pair(harness)
 
 
 class Capture:
