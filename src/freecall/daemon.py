@@ -29,7 +29,7 @@ from . import __version__
 from .config import AutoUser, Config
 from .control.service import ControlService
 from .gpgverify.service import KeyPaths, SasKeys
-from .gpgverify.verdict import Outcome, Verdict
+from .gpgverify.verdict import Outcome, Verdict, with_voice_check
 from .netaddr import own_address
 from .peering.gossip import GossipConfig
 from .peering.records import Address, AddrKind, NodeIdentity
@@ -608,7 +608,7 @@ class Daemon:
                 log.warning("call %s: signature check failed: %s", name, exc)
                 verdict = (Verdict(Outcome.MITM_SUSPECTED, "ZRTP retained secrets differ")
                            if mismatch else Verdict(Outcome.UNVERIFIED, f"gpg failed: {exc}"))
-        self._verified(key, event, verdict, name, address)
+        self._verified(key, event, with_voice_check(verdict, event.sas_verified), name, address)
 
     def _verified(self, key: DialogKey, event: StreamSecure, verdict: Verdict, name: str,
                   address: str | None) -> None:

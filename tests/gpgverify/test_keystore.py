@@ -268,3 +268,14 @@ async def _async_face(tmp_path: Path) -> None:
     assert verdict.outcome is Outcome.MITM_SUSPECTED  # our own signature is never the peer's
     assert fingerprint
     await keys.close()
+
+
+def test_a_voice_check_from_an_earlier_call_counts_unless_an_attack_shows() -> None:
+    from freecall.gpgverify.verdict import Verdict, with_voice_check
+
+    unverified = Verdict(Outcome.UNVERIFIED, "no signature and no key")
+    assert with_voice_check(unverified, True).outcome is Outcome.VERIFIED
+    assert with_voice_check(unverified, False) is unverified
+    for outcome in (Outcome.MITM_SUSPECTED, Outcome.TRUSTED_FIRST_USE, Outcome.VERIFIED):
+        verdict = Verdict(outcome, "why")
+        assert with_voice_check(verdict, True) is verdict

@@ -117,3 +117,14 @@ def _decide_signature(
     return Verdict(Outcome.TRUSTED_FIRST_USE,
                    f"first key seen for {address}: {fingerprint}, now pinned", fingerprint,
                    pin="first-use")
+
+
+def with_voice_check(verdict: Verdict, sas_verified: bool) -> Verdict:
+    """An ``unverified`` call whose SAS the users compared by voice in an earlier call (ZRTP's V
+    flag, RFC 6189 section 7.1, kept with the retained secret) counts as verified. Evidence of
+    an attacker is never overridden, and a first-use key stays first use."""
+    if sas_verified and verdict.outcome is Outcome.UNVERIFIED:
+        return Verdict(Outcome.VERIFIED, "the SAS was confirmed by voice in an earlier call "
+                       f"({verdict.reason})", verdict.peer_key)
+    return verdict
+
