@@ -122,8 +122,9 @@ class Daemon:
         self.dns: AsyncDns | None = None
         self.media_engine: MediaEngine | None = None
         self.media: MediaCalls | None = None
-        self.media_state: dict[DialogKey, dict[str, object]] = {}
-        """Each call's media security as the control API and the logs show it."""
+        self.media_state: dict[DialogKey, str] = {}
+        """Each live call's media state (secure, insecure, failed) for its end-of-call log line;
+        the details live in the control API's call records."""
         self.keys: SasKeys | None = None
         """OpenPGP: our key, SAS signatures, the peer's verification (issue 7)."""
         self._tasks: set[asyncio.Task[None]] = set()
@@ -538,27 +539,25 @@ class Daemon:
             return
         if self.control is not None and key:
             self.control.media_event(key, event)
-        state = self.media_state.setdefault(key, {}) if key else {}
         if isinstance(event, StreamSecure):
-            state.update(state="secure", sas=event.sas, sas_type=event.sas_type,
-                         cipher=f"{event.cipher}/{event.auth_tag}",
-                         key_agreement=event.key_agreement, continuity=event.continuity,
-                         peer=event.peer_client_id, zrtp_ms=round(event.elapsed * 1000, 1))
+            if key:
+                self.media_state[key] = "secure"
             log.info("call %s: media secure, SAS %s (%s), %s/%s %s, %s cache, peer %r, "
                      "ZRTP %.0f ms", name, event.sas, event.sas_type, event.cipher,
                      event.auth_tag, event.key_agreement, event.continuity,
                      event.peer_client_id, event.elapsed * 1000)
             if event.continuity == "mismatch":
-                state["warning"] = "retained secrets differ: possible man in the middle"
                 log.warning("call %s: ZRTP retained secrets differ: possible man in the "
                             "middle (compare the SAS)", name)
             if key and not event.multistream:
                 self._spawn(self._verify(key, event, name))
         elif isinstance(event, StreamInsecure):
-            state.update(state="insecure", reason=event.reason)
+            if key:
+                self.media_state[key] = "insecure"
             log.warning("call %s: media in clear: %s", name, event.reason)
         elif isinstance(event, ZrtpFailure):
-            state.update(state="failed", reason=event.reason)
+            if key:
+                self.media_state[key] = "failed"
             log.warning("call %s: media security failed (%s): ending the call", name,
                         event.reason)
             if key:
@@ -568,7 +567,6 @@ class Daemon:
             if key:
                 self._end_call(key, "media timeout", now)
         elif isinstance(event, ZrtpWarning):
-            state.setdefault("warnings", [])
             log.warning("call %s: ZRTP: %s", name, event.reason)
         self._pump()
 
@@ -612,9 +610,6 @@ class Daemon:
 
     def _verified(self, key: DialogKey, event: StreamSecure, verdict: Verdict, name: str,
                   address: str | None) -> None:
-        state = self.media_state.setdefault(key, {})
-        state.update(verification=verdict.outcome.value, verification_reason=verdict.reason,
-                     peer_key=verdict.peer_key, peer_address=address)
         if self.control is not None:
             self.control.update_security(key, verification=verdict.outcome.value,
                                          peer_key=verdict.peer_key,
@@ -703,9 +698,9 @@ class Daemon:
             key = (call.call_id, call.from_tag)
             if self.media is not None:
                 self.media.release(key)
-            security = self.media_state.pop(key, None)
-            if security is not None:
-                log.info("call %s: media was %s", call.id, security.get("state"))
+            media_state = self.media_state.pop(key, None)
+            if media_state is not None:
+                log.info("call %s: media was %s", call.id, media_state)
             log.info(
                 "call %s: %s -> %s %s, %s, duration %.0f s",
                 call.id,
