@@ -73,7 +73,7 @@ def _dispatch(args: argparse.Namespace, config: Config, store: KeyStore) -> int:
             print(f"{row['fingerprint']}  {addresses}  [{'; '.join(flags)}]")
         return 0
     if command == "export":
-        own = [k for k in store.keyring.list_keys(secret=True)]
+        own = store.keyring.list_keys(secret=True)
         wanted = config.openpgp.key
         key = next((k for k in own if wanted is None or k.fingerprint == wanted), None)
         if key is None:

@@ -1377,6 +1377,15 @@ class ZrtpSession:
         if plain.disclosure:
             self._events.append(SecurityWarning("peer discloses its session keys (D flag)"))
 
+    def _check_dhpart_chain(self, h0: bytes, h1: bytes, confirm: str, dhpart: str) -> None:
+        """The peer's H0 from its Confirm hashes to the H1 of its DHPart, and H0 keys that
+        DHPart's MAC (RFC 6189 section 9: the hash chain authenticates the earlier message)."""
+        assert self._dhpart_peer is not None
+        if not ct_equal(h1, self._dhpart_peer.h1):
+            raise _Fatal(f"{confirm} H0 does not hash to {dhpart}'s H1", ErrorCode.BAD_CONFIRM_MAC)
+        if not _mac_ok(self._dhpart_peer_raw, h0):
+            raise _Fatal(f"{dhpart} MAC does not verify", ErrorCode.BAD_CONFIRM_MAC)
+
     def _on_confirm1(self, msg: Confirm, raw: bytes, now: float) -> None:
         """Initiator: authenticate Confirm1, close the hash chain, send Confirm2."""
         expected_state = State.DHPART2_SENT if self._ms is None else State.COMMIT_SENT
@@ -1386,11 +1395,7 @@ class ZrtpSession:
         plain = self._open_confirm(msg, peer_is_initiator=False)
         h1 = implicit_hash(plain.h0)
         if self._ms is None:
-            assert self._dhpart_peer is not None
-            if not ct_equal(h1, self._dhpart_peer.h1):
-                raise _Fatal("Confirm1 H0 does not hash to DHPart1's H1", ErrorCode.BAD_CONFIRM_MAC)
-            if not _mac_ok(self._dhpart_peer_raw, plain.h0):
-                raise _Fatal("DHPart1 MAC does not verify", ErrorCode.BAD_CONFIRM_MAC)
+            self._check_dhpart_chain(plain.h0, h1, "Confirm1", "DHPart1")
         else:
             h2 = implicit_hash(h1)
             if not ct_equal(implicit_hash(h2), self._peer_hello.h3):
@@ -1415,11 +1420,7 @@ class ZrtpSession:
         plain = self._open_confirm(msg, peer_is_initiator=True)
         h1 = implicit_hash(plain.h0)
         if self._ms is None:
-            assert self._dhpart_peer is not None
-            if not ct_equal(h1, self._dhpart_peer.h1):
-                raise _Fatal("Confirm2 H0 does not hash to DHPart2's H1", ErrorCode.BAD_CONFIRM_MAC)
-            if not _mac_ok(self._dhpart_peer_raw, plain.h0):
-                raise _Fatal("DHPart2 MAC does not verify", ErrorCode.BAD_CONFIRM_MAC)
+            self._check_dhpart_chain(plain.h0, h1, "Confirm2", "DHPart2")
         else:
             if not ct_equal(implicit_hash(h1), self._commit.h2):
                 raise _Fatal("Confirm2 H0 does not lead to Commit's H2", ErrorCode.BAD_CONFIRM_MAC)
