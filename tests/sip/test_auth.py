@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from freecall.sip import auth
@@ -323,6 +323,7 @@ def auth_values(draw: st.DrawFn) -> Credentials:
 
 
 @given(auth_values())
+@example(Credentials("0", (AuthParam("0", "=", quoted=False),)))  # found by CI: reads as token68
 @settings(max_examples=200, deadline=None)
 def test_render_then_parse_round_trips(creds: Credentials) -> None:
     assert parse_credentials(creds.render()) == creds

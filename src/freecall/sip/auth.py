@@ -244,7 +244,14 @@ class _AuthValue:
             return f"{self.scheme} {self.token68}"
         if not self.params:
             return self.scheme
-        return f"{self.scheme} " + ", ".join(p.render() for p in self.params)
+        rendered = ", ".join(p.render() for p in self.params)
+        if _TOKEN68_RE.fullmatch(rendered):
+            # One bare param such as ``a==`` also reads as token68 (RFC 7235 section 2.1),
+            # and recipients try token68 first; the optional white space around "=" (BWS)
+            # keeps it an auth-param.
+            only = self.params[0]
+            rendered = f"{only.name} = {only.value}"
+        return f"{self.scheme} {rendered}"
 
     __str__ = render
 
