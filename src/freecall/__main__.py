@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
 from .config import ConfigError, ensure_auto_user, load_config, softphone_instructions
@@ -37,6 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", metavar="FILE")
     show = config_commands.add_parser("show", help="print FILE with every default filled in")
     show.add_argument("file", metavar="FILE", nargs="?")
+    install = commands.add_parser(
+        "install-service", help="write and enable the systemd unit (user or system service)")
+    scope = install.add_mutually_exclusive_group()
+    scope.add_argument("--user", dest="scope", action="store_const", const="user",
+                       help="a user service for this desktop (default)")
+    scope.add_argument("--system", dest="scope", action="store_const", const="system",
+                       help="a system service with its own user (run as root)")
+    install.add_argument("-c", "--config", metavar="FILE", help="configuration file to run with")
+    install.add_argument("--no-enable", action="store_true",
+                         help="write the unit only; do not run systemctl")
+    install.add_argument("--print", action="store_true", dest="print_only",
+                         help="print the unit instead of writing it")
     from .gpgverify.cli import add_parser as add_keys_parser  # noqa: PLC0415
 
     add_keys_parser(commands)
@@ -55,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args)
     if args.command == "keys":
         return keys(args)
+    if args.command == "install-service":
+        return install_service(args)
     from .control.cli import CLIENT_COMMANDS  # noqa: PLC0415
 
     if args.command in CLIENT_COMMANDS:
@@ -84,6 +99,55 @@ def keys(args: argparse.Namespace) -> int:
     return keys_main(args, config)
 
 
+def install_service(args: argparse.Namespace) -> int:
+    """``freecall install-service [--user|--system]`` (issue 10)."""
+    import subprocess  # noqa: PLC0415
+
+    from .ops import units  # noqa: PLC0415
+
+    scope = args.scope or "user"
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        print(f"freecall: configuration error\n{error}", file=sys.stderr)
+        return 1
+    if args.print_only:
+        options = units.UnitOptions(
+            units.this_executable(),
+            config=str(Path(args.config).resolve()) if args.config else None,
+            privileged_ports=units.privileged_ports(config))
+        if scope == "user":
+            print(units.render_user_unit(options), end="")
+        else:
+            print(units.render_system_unit(units.UnitOptions(
+                options.executable, config=options.config or units.SYSTEM_CONFIG,
+                state_dir=units.SYSTEM_STATE, privileged_ports=options.privileged_ports)), end="")
+        return 0
+    try:
+        if scope == "user":
+            result = units.install_user(args.config, enable=not args.no_enable)
+        else:
+            import os  # noqa: PLC0415
+
+            if os.geteuid() != 0:
+                print("freecall: install-service --system needs root", file=sys.stderr)
+                return 1
+            result = units.install_system(config, args.config, enable=not args.no_enable)
+    except (OSError, subprocess.CalledProcessError) as error:
+        print(f"freecall: cannot install the service: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {result.unit_path}")
+    for note in result.notes:
+        print(note)
+    for command in result.commands:
+        done = subprocess.run(command, check=False)  # noqa: S603 -- fixed systemctl commands
+        if done.returncode != 0:
+            print(f"freecall: `{' '.join(command)}` failed (exit {done.returncode}); the unit "
+                  "is written, run it by hand once systemd is there", file=sys.stderr)
+            return 1
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(
@@ -104,7 +168,11 @@ def run(args: argparse.Namespace) -> int:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    logging.basicConfig(level=config.log.level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    from .ops.logformat import make_formatter  # noqa: PLC0415
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(make_formatter(config.log.format))
+    logging.basicConfig(level=config.log.level.upper(), handlers=[handler])
     trace = logging.getLogger("freecall.sip.trace")
     trace.setLevel(logging.DEBUG if config.log.sip_trace else logging.WARNING)
     if config.node.role == "relay":
@@ -114,7 +182,9 @@ def run(args: argparse.Namespace) -> int:
     from .transport import install_event_loop_policy  # noqa: PLC0415
 
     loop_name = install_event_loop_policy()
-    daemon = Daemon(config, auto_user=auto_user)
+    daemon = Daemon(config, auto_user=auto_user, config_path=args.config,
+                    overrides={"node.state_dir": args.state_dir, "node.role": args.role,
+                               "log.level": args.log_level})
 
     async def serve() -> int:
         try:

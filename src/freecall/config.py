@@ -815,6 +815,20 @@ class LogConfig:
     sip_trace: bool = setting(
         False, "Log every SIP message sent and received (at level info). Messages contain "
         "credentials digests and addresses: for debugging only.")
+    format: Literal["auto", "text", "journal"] = setting(
+        "auto", "`text`: time, level, logger and message on each line. `journal`: the level as "
+        "a syslog priority prefix (`<6>`) and no time stamp, which systemd's journal reads "
+        "(`journalctl -p warning` then works). `auto`: `journal` when standard error is the "
+        "journal (`$JOURNAL_STREAM`), else `text`. Every event is one line either way.")
+    call_records: bool = setting(
+        True, "Write one JSON line per finished call to `<state_dir>/calls.jsonl` (time, "
+        "parties, duration, route, security outcome; never the SAS or keys).")
+    call_records_max_size: int = setting(
+        10 << 20, "Size in bytes at which `calls.jsonl` is rotated to `calls.jsonl.1`.",
+        check=_between(4096, 1 << 40))
+    call_records_keep: int = setting(
+        5, "Rotated call record files kept (`calls.jsonl.1` to `.N`); `0` keeps none.",
+        check=_between(0, 1000))
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import gc
 import ipaddress
@@ -21,21 +22,24 @@ import signal
 import socket
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import AutoUser, Config
+from .config import AutoUser, Config, ConfigError, ensure_auto_user, load_config
 from .control.service import ControlService
 from .gpgverify.service import KeyPaths, SasKeys
 from .gpgverify.verdict import Outcome, Verdict, with_voice_check
 from .netaddr import own_address
+from .ops.callrecords import RECORDS_FILE, CallRecordLog, record_of
+from .ops.reload import effective_config, plan_reload
+from .ops.sdnotify import Notifier
 from .peering.gossip import GossipConfig
 from .peering.records import Address, AddrKind, NodeIdentity
 from .peering.service import PeeringService, announcement_for
 from .routing.dns import AsyncDns
-from .routing.router import Router
+from .routing.router import Router, parse_routes
 from .sip.auth import DigestServer
 from .sip.errors import SipParseError
 from .sip.flow import Flow
@@ -95,20 +99,44 @@ def load_secret(state_dir: Path) -> bytes:
     return secret
 
 
+KNOWN_METHODS = frozenset({"INVITE", "ACK", "BYE", "CANCEL", "REGISTER", "OPTIONS", "INFO",
+                           "UPDATE", "PRACK", "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE",
+                           "PUBLISH"})
+"""Methods counted by name in the metrics; any other counts as ``other`` (bounded labels)."""
+
+
 @dataclass
 class Stats:
     started: float = 0.0
     parse_errors: int = 0
     messages_in: int = 0
     calls_total: int = 0
+    requests_in: dict[str, int] = field(default_factory=dict)
+    """Requests received by method (``other`` for unknown ones)."""
+    responses_in: dict[str, int] = field(default_factory=dict)
+    """Responses received by class (``1xx`` ... ``6xx``)."""
+    calls_ended: dict[tuple[str, str], int] = field(default_factory=dict)
+    """Finished calls by (outcome, verification)."""
+    reloads: int = 0
+    reload_failures: int = 0
 
 
 class Daemon:
     """One freecall node (see the module docstring)."""
 
-    def __init__(self, config: Config, *, auto_user: AutoUser | None = None) -> None:
+    def __init__(self, config: Config, *, auto_user: AutoUser | None = None,
+                 config_path: str | None = None,
+                 overrides: dict[str, object] | None = None,
+                 notifier: Notifier | None = None) -> None:
         self.config = config
         self.auto_user = auto_user
+        self.config_path = config_path
+        """Where a reload re-reads the configuration (None: the embedded defaults)."""
+        self.overrides = dict(overrides or {})
+        self.notifier = notifier or Notifier()
+        """systemd's notification socket (``Type=notify``), a no-op outside systemd."""
+        self.records: CallRecordLog | None = None
+        """``calls.jsonl``: one line per finished call (issue 10)."""
         self.stats = Stats()
         self.cache = HeaderCache()
         self.passwords = {name: user.password for name, user in config.users.items()}
@@ -143,6 +171,8 @@ class Daemon:
         for sig in (signal.SIGINT, signal.SIGTERM):  # first: a signal during start-up is clean
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._stopping.set)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         # The slow part of a first start (making the OpenPGP key) comes before the SIP sockets
         # open: a request arriving once they are bound is answered at once.
@@ -255,6 +285,10 @@ class Daemon:
         gc.collect()
         gc.freeze()
         gc.set_threshold(100_000, 50, 100)
+        if config.log.call_records:
+            self.records = CallRecordLog(self.state_dir / RECORDS_FILE,
+                                         max_bytes=config.log.call_records_max_size,
+                                         keep=config.log.call_records_keep, loop=loop)
         await self._start_control()
         log.info(
             "freecall %s node %s listening on %s; domains: %s",
@@ -263,6 +297,10 @@ class Daemon:
             ", ".join(str(lst) for lst in bound),
             ", ".join(sorted(domains)),
         )
+        # Type=notify: systemd starts units ordered after us only now, with every socket bound.
+        self.notifier.ready(f"serving {len(self.passwords)} user(s) on "
+                            + ", ".join(str(lst) for lst in bound))
+        self.notifier.start_watchdog(loop)
 
     def _advertise(self) -> str | None:
         """The address other nodes reach this node on (``sip.advertise``'s documented order)."""
@@ -395,6 +433,100 @@ class Daemon:
         self._pump()
         return True
 
+    # -- reload (SIGHUP, POST /api/reload) ------------------------------------------------
+    def _on_sighup(self) -> None:
+        """``systemctl reload freecall``: re-read the configuration; errors keep the old one."""
+        with contextlib.suppress(ConfigError):  # reload() logged it
+            self.reload()
+
+    def reload(self) -> dict[str, Any]:
+        """Re-read the configuration and apply what can change live (freecall.ops.reload);
+        every call in progress stays up. Raises ConfigError (and changes nothing) on a bad
+        file."""
+        self.notifier.reloading()
+        try:
+            loaded = load_config(self.config_path, overrides=self.overrides)
+            loaded, _ = ensure_auto_user(loaded)
+        except ConfigError as error:
+            self.stats.reload_failures += 1
+            log.error("reload: the configuration has errors; keeping the running one: %s",
+                      error)
+            self.notifier.ready("serving (the last reload failed)")
+            raise
+        self.stats.reloads += 1
+        plan = plan_reload(self.config, loaded)
+        new = effective_config(self.config, loaded, plan)
+        self._apply_live(new, plan.live)
+        self.config = new
+        if self.control is not None:
+            self.control.config = new
+        summary = plan.summary()
+        if not plan.changed:
+            log.info("reload: configuration unchanged")
+        else:
+            log.info("reload: applied %s%s; needs a restart: %s",
+                     ", ".join(plan.live) or "nothing",
+                     f" (users added: {', '.join(plan.users_added)})" if plan.users_added
+                     else "", ", ".join(plan.restart) or "nothing")
+        summary["calls_kept"] = len(self.proxy.calls) if self.proxy is not None else 0
+        self.notifier.ready("serving")
+        if self.control is not None:
+            self.control.bus.publish("reload", **summary)
+        return summary
+
+    def _apply_live(self, new: Config, keys: list[str]) -> None:
+        """Push the live settings of ``new`` into the running cores (nothing is restarted)."""
+        changed = set(keys)
+        if "users" in changed:
+            self.passwords.clear()  # the proxy reads this very dict (password_of)
+            self.passwords.update({name: user.password for name, user in new.users.items()})
+            if self.registrar is not None and self._loop is not None:
+                for name in set(self.config.users) - set(new.users):
+                    self.registrar.remove_user(name, self._loop.time())
+        if self.peering is not None:
+            served = list(new.sip.domains) or [new.node.name]
+            self.peering.reconfigure(
+                seeds=[(seed.host, seed.port) for seed in new.peering.seeds],
+                srv_domain=new.peering.srv_domain,
+                routes=[*served, *(f"{user}@{served[0]}" for user in new.users)])
+        if "routes" in changed and self.router is not None:
+            self.router.routes = parse_routes(new.routes)
+        engine = self.media_engine
+        if engine is not None:  # new calls take these; calls in progress keep theirs
+            engine.policy = new.security.policy
+            engine.zrtp_timeout = new.security.zrtp_timeout
+            engine.rtp_timeout = new.media.rtp_timeout
+        if self.proxy is not None:
+            self.proxy.settings = dataclasses.replace(
+                self.proxy.settings, trusted=tuple(new.sip.trusted),
+                allow_register_from=tuple(new.sip.allow_register_from))
+        if self.registrar is not None:
+            reg = new.sip.registration
+            registrar = self.registrar
+            registrar.min_expires, registrar.max_expires = reg.min_expires, reg.max_expires
+            registrar.default_expires = min(max(reg.default_expires, reg.min_expires),
+                                            reg.max_expires)
+            registrar.max_bindings_per_aor = reg.max_contacts
+        logging.getLogger().setLevel(new.log.level.upper())
+        logging.getLogger("freecall.sip.trace").setLevel(
+            logging.DEBUG if new.log.sip_trace else logging.WARNING)
+        if new.log.call_records and self.records is None:
+            self.records = CallRecordLog(self.state_dir / RECORDS_FILE,
+                                         max_bytes=new.log.call_records_max_size,
+                                         keep=new.log.call_records_keep, loop=self._loop)
+        elif not new.log.call_records and self.records is not None:
+            self.records.close()
+            self.records = None
+
+    def _record_call(self, call: Call) -> None:
+        """A finished call's line in calls.jsonl, from the control API's view of it."""
+        if self.records is None or self.control is None:
+            return
+        record = self.control.book.find(call.id)
+        if record is None:
+            return
+        self.records.append(record_of(self.control.book.view(record), self.config.node.name))
+
     def _domains(self, listeners: list[Listener]) -> set[str]:
         """What this node answers for: configured domains, else its own names and addresses."""
         config = self.config
@@ -418,6 +550,7 @@ class Daemon:
 
     async def stop(self) -> None:
         """End every call with BYE, give the BYEs a moment, then close the sockets."""
+        self.notifier.stopping()
         if self.control is not None:
             await self.control.stop()
         if self.router is not None:
@@ -445,6 +578,9 @@ class Daemon:
             self._timer.cancel()
         if self.transport is not None:
             await self.transport.close()
+        if self.records is not None:
+            self.records.close()
+        self.notifier.close()
         log.info("freecall stopped")
 
     async def _drain(self, layer: TransactionLayer, limit: float) -> None:
@@ -480,6 +616,13 @@ class Daemon:
                 if error.fatal:
                     transport.close_flow(flow)
             return
+        stats = self.stats
+        if isinstance(msg, Request):
+            method = msg.method if msg.method in KNOWN_METHODS else "other"
+            stats.requests_in[method] = stats.requests_in.get(method, 0) + 1
+        else:
+            kind = f"{msg.status // 100}xx"
+            stats.responses_in[kind] = stats.responses_in.get(kind, 0) + 1
         try:
             layer.receive(msg, flow, now)
         except (LookupError, ValueError) as error:
@@ -696,6 +839,13 @@ class Daemon:
         elif isinstance(event, CallEnded):
             call = event.call
             key = (call.call_id, call.from_tag)
+            self._record_call(call)
+            ended = self.control.book.find(call.id) if self.control is not None else None
+            verification = str(ended.security.get("verification")) if ended else "none"
+            result = ("answered" if call.answered is not None
+                      else "cancelled" if call.outcome == "cancelled" else "failed")
+            slot = (result, verification)
+            self.stats.calls_ended[slot] = self.stats.calls_ended.get(slot, 0) + 1
             if self.media is not None:
                 self.media.release(key)
             media_state = self.media_state.pop(key, None)

@@ -239,37 +239,115 @@ class ControlService:
         return self.key_store
 
     def reload(self) -> dict[str, Any]:
-        raise ApiError(501, "configuration reload is not available yet (issue 10); restart "
-                       "the daemon to apply a changed configuration")
+        """Re-read the configuration (like SIGHUP): what was applied, what needs a restart."""
+        from ..config import ConfigError  # noqa: PLC0415
+
+        try:
+            return self.daemon.reload()
+        except ConfigError as error:
+            raise ApiError(
+                400, f"the configuration has errors; nothing was changed: {error}") from None
 
     def metrics(self) -> str:
-        """A minimal Prometheus text exposition (issue 10 extends it)."""
+        """Prometheus text exposition format 0.0.4 (docs/operations.md lists every metric)."""
         daemon = self.daemon
         stats = daemon.stats
-        lines: list[str] = []
+        out = _Exposition()
+        out.add("freecall_uptime_seconds", "gauge", "Seconds since the daemon started.",
+                self.loop.time() - stats.started)
+        out.add("freecall_registrations", "gauge", "Live softphone registrations.",
+                daemon.registrar.binding_count if daemon.registrar else 0)
+        out.add("freecall_calls_total", "counter", "Calls started.", stats.calls_total)
+        out.add("freecall_calls_active", "gauge", "Calls in progress.", len(self.book.live))
+        by_state: dict[str, int] = {"trying": 0, "active": 0}
+        by_security: dict[str, int] = {}
+        for record in self.book.live.values():
+            by_state[record.state] = by_state.get(record.state, 0) + 1
+            verification = str(record.security.get("verification") or "none")
+            by_security[verification] = by_security.get(verification, 0) + 1
+        out.labelled("freecall_calls", "gauge", "Calls in progress by state.",
+                     {(("state", k),): v for k, v in by_state.items()})
+        out.labelled("freecall_calls_by_verification", "gauge",
+                     "Calls in progress by security outcome.",
+                     {(("verification", k),): v for k, v in by_security.items()})
+        out.labelled("freecall_calls_ended_total", "counter",
+                     "Finished calls by result and security outcome.",
+                     {(("result", r), ("verification", v)): n
+                      for (r, v), n in stats.calls_ended.items()})
+        out.add("freecall_sip_messages_received_total", "counter", "SIP messages received.",
+                stats.messages_in)
+        out.labelled("freecall_sip_requests_received_total", "counter",
+                     "SIP requests received by method.",
+                     {(("method", k),): v for k, v in stats.requests_in.items()})
+        out.labelled("freecall_sip_responses_received_total", "counter",
+                     "SIP responses received by status class.",
+                     {(("class", k),): v for k, v in stats.responses_in.items()})
+        out.add("freecall_sip_parse_errors_total", "counter", "SIP messages that did not parse.",
+                stats.parse_errors)
+        transport = daemon.transport
+        if transport is not None:
+            counters = transport.counters
+            for name, help_text in (("messages_in", "SIP messages received"),
+                                    ("messages_out", "SIP messages sent"),
+                                    ("bytes_in", "SIP bytes received"),
+                                    ("bytes_out", "SIP bytes sent")):
+                out.labelled(f"freecall_sip_transport_{name}_total", "counter",
+                             f"{help_text} by transport.",
+                             {(("transport", k),): v for k, v in getattr(counters, name).items()})
+            out.labelled("freecall_sip_transport_errors_total", "counter",
+                         "Transport-level errors by kind.",
+                         {(("kind", k),): getattr(counters, k) for k in (
+                             "send_errors", "framing_errors", "connect_failures",
+                             "connections_refused", "dropped_datagrams")})
+        engine = daemon.media_engine
+        if engine is not None:
+            media = engine.stats()
+            totals = media["totals"]
+            retired = engine.retired
 
-        def metric(name: str, kind: str, value: float, help_text: str) -> None:
-            lines.extend((f"# HELP {name} {help_text}", f"# TYPE {name} {kind}",
-                          f"{name} {value:g}"))
+            def total(name: str) -> int:
+                return int(totals.get(name, 0)) + int(retired.get(name, 0))
 
-        metric("freecall_uptime_seconds", "gauge", self.loop.time() - stats.started,
-               "Seconds since the daemon started.")
-        metric("freecall_calls_total", "counter", stats.calls_total, "Calls started.")
-        metric("freecall_calls_active", "gauge", len(self.book.live), "Calls in progress.")
-        metric("freecall_sip_messages_received_total", "counter", stats.messages_in,
-               "SIP messages received.")
-        metric("freecall_sip_parse_errors_total", "counter", stats.parse_errors,
-               "SIP messages that did not parse.")
-        metric("freecall_registrations", "gauge",
-               daemon.registrar.binding_count if daemon.registrar else 0,
-               "Live softphone registrations.")
-        metric("freecall_peers", "gauge",
-               daemon.peering.known_nodes() if daemon.peering else 0, "Nodes in the host cache.")
-        metric("freecall_control_event_subscribers", "gauge", len(self.bus.subscribers),
-               "Open event streams.")
-        return "\n".join(lines) + "\n"
+            out.add("freecall_media_streams", "gauge", "Media streams bridged now.",
+                    media["streams"])
+            out.labelled("freecall_media_packets_total", "counter",
+                         "RTP packets bridged, by leg (phone: loopback RTP; net: SRTP between "
+                         "nodes) and direction.",
+                         {(("leg", leg), ("direction", d)): total(f"{leg}_rtp_{d}")
+                          for leg in ("phone", "net") for d in ("in", "out")})
+            out.add("freecall_media_packets_lost_total", "counter",
+                    "RTP packets the far end sent that never arrived (RFC 3550 A.3).",
+                    total("lost"))
+            out.labelled("freecall_media_dropped_total", "counter",
+                         "Media packets dropped, by reason.",
+                         {(("reason", k),): total(k) for k in (
+                             "auth_failures", "replays", "dropped_insecure", "dropped_other")})
+            out.add("freecall_media_port_pairs_free", "gauge", "Media port pairs free.",
+                    media["port_pairs_free"])
+        peering = daemon.peering
+        out.add("freecall_peers", "gauge", "Nodes in the host cache.",
+                peering.known_nodes() if peering else 0)
+        gossip = peering.gossip if peering is not None else None
+        if gossip is not None:
+            out.labelled("freecall_gossip_events_total", "counter",
+                         "Gossip traffic and drops by kind (docs/peering.md).",
+                         {(("kind", k),): v for k, v in sorted(gossip.stats.items())})
+        records = daemon.records
+        out.add("freecall_call_records_written_total", "counter",
+                "Lines written to calls.jsonl.", records.written if records else 0)
+        out.add("freecall_call_records_failures_total", "counter",
+                "Failed writes to calls.jsonl (disk full?); the records are retried.",
+                records.failures if records else 0)
+        out.add("freecall_call_records_pending", "gauge",
+                "Call records held back by a failed write.",
+                len(records.pending) if records else 0)
+        out.add("freecall_reloads_total", "counter", "Configuration reloads.", stats.reloads)
+        out.add("freecall_reload_failures_total", "counter",
+                "Reloads refused because the configuration had errors.", stats.reload_failures)
+        out.add("freecall_control_event_subscribers", "gauge", "Open event streams.",
+                len(self.bus.subscribers))
+        return out.text()
 
-    # -- helpers ------------------------------------------------------------------------------
     def _media_of(self, key: DialogKey) -> dict[str, Any] | None:
         media = self.daemon.media
         call_media = media.calls.get(key) if media is not None else None
@@ -375,3 +453,28 @@ async def _notify_send(title: str, text: str, urgency: str) -> None:
 
 def _host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+class _Exposition:
+    """Prometheus text format: HELP and TYPE once per family, label values escaped."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, name: str, kind: str, help_text: str, value: float) -> None:
+        self.lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}",
+                       f"{name} {value:g}"]
+
+    def labelled(self, name: str, kind: str, help_text: str,
+                 samples: dict[tuple[tuple[str, str], ...], float]) -> None:
+        self.lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        for labels, value in sorted(samples.items()):
+            text = ",".join(f'{key}="{_escape_label(val)}"' for key, val in labels)
+            self.lines.append(f"{name}{{{text}}} {value:g}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import random
@@ -295,6 +296,27 @@ class PeeringService:
         log.debug("seed %s:%d from %s", addr[0], addr[1], source)
         self.gossip.add_seed(addr, public_key)
         self._flush()
+
+    def reconfigure(self, *, seeds: Sequence[tuple[str, int]], srv_domain: str | None,
+                    routes: Sequence[str]) -> None:
+        """A configuration reload: new seeds are contacted at once; changed routes (users
+        added or removed) are re-signed into our record and spread (a new sequence number)."""
+        added = [seed for seed in seeds if seed not in self.seeds]
+        self.seeds = tuple(seeds)
+        self.srv_domain = srv_domain
+        if added:
+            self._spawn(self._add_seeds(added))
+        if self.gossip is not None and tuple(routes) != tuple(self.announcement.routes):
+            self.announcement = dataclasses.replace(self.announcement, routes=tuple(routes))
+            self.gossip.update_local(self.clock(), routes=tuple(routes))
+            log.info("peering: now announcing routes %s", ", ".join(routes) or "none")
+            self._dirty = True
+            self._flush()
+
+    async def _add_seeds(self, seeds: Sequence[tuple[str, int]]) -> None:
+        for host, port in seeds:
+            for address in await self._addresses(host):
+                self.add_seed((address, port), None, "peering.seeds (reload)")
 
     async def _addresses(self, host: str) -> list[str]:
         if _is_ip(host):

@@ -70,7 +70,7 @@ from .headers import Address
 from .message import Request, Response, make_response
 from .uri import SipUri, Uri, parse_uri, unescape
 
-RemovalReason = Literal["unregistered", "expired", "replaced", "flow-closed"]
+RemovalReason = Literal["unregistered", "expired", "replaced", "flow-closed", "account-removed"]
 
 MAX_DELTA_SECONDS: Final = 2**32 - 1
 """RFC 3261 section 20.19 / 10.2.1.1: larger delta-seconds are read as 2**32-1."""
@@ -734,6 +734,15 @@ class Registrar:
             removed += len(events)
             self._commit(aor, kept, events)
         return removed
+
+    def remove_user(self, user: str, now: float) -> int:
+        """The account is gone (configuration reload): drop its bindings at once, so that
+        nothing is delivered to a user this node no longer has. Returns how many went."""
+        del now  # the removal is immediate; kept for the cores' uniform signature
+        aor = f"{user}@{self.canonical_domain}"
+        bindings = self._aors.get(aor, [])
+        self._commit(aor, [], [BindingRemoved(b, "account-removed") for b in bindings])
+        return len(bindings)
 
     # -- timers and events ----------------------------------------------------------------
     def get_timer(self) -> float | None:

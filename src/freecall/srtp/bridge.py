@@ -345,6 +345,8 @@ class MediaEngine:
         self._timer = Timer(loop, self._on_timer)
         self._closed = False
         self.allocations_failed = 0
+        self.retired: dict[str, int] = dict.fromkeys((*_COUNTERS, "lost"), 0)
+        """Counters of released streams, so that totals (metrics) never go backwards."""
 
     # -- streams -------------------------------------------------------------------------------
 
@@ -430,6 +432,10 @@ class MediaEngine:
 
     def _forget(self, stream: MediaStream) -> None:
         if self._streams.pop(stream.id, None) is not None:
+            retired = self.retired
+            for name in _COUNTERS:
+                retired[name] += getattr(stream, name)
+            retired["lost"] += max(0, stream.reception.lost)
             self._ports.give_back(stream._phone_port)
             self._ports.give_back(stream._net_port)
 
@@ -488,6 +494,7 @@ class MediaEngine:
             by_state[stream.state] = by_state.get(stream.state, 0) + 1
             for name in _COUNTERS:
                 totals[name] = totals.get(name, 0) + getattr(stream, name)
+            totals["lost"] = totals.get("lost", 0) + max(0, stream.reception.lost)
         return {
             "streams": len(self._streams),
             "max_streams": self.max_streams,
