@@ -1,0 +1,1 @@
+"""Operations: systemd integration, configuration reload, call records, log formats (issue 10)."""
