@@ -82,6 +82,11 @@ log = logging.getLogger("freecall")
 
 SECRET_FILE = "secret.key"  # noqa: S105 -- a file name, not a secret
 ZRTP_CACHE_FILE = "zrtp-cache"
+REGISTRATIONS_FILE = "registrations.json"
+REGISTRATIONS_SAVE_INTERVAL = 5.0
+"""Bindings are saved this often when they changed (and at stop): after a crash or a restart
+(an upgrade, ``systemctl restart``) UDP softphones are reachable at once, without waiting for
+their next REGISTER."""
 WILDCARDS = ("0.0.0.0", "::")  # noqa: S104 -- compared against, never bound here
 
 
@@ -118,6 +123,8 @@ class Stats:
     calls_ended: dict[tuple[str, str], int] = field(default_factory=dict)
     """Finished calls by (outcome, verification)."""
     reloads: int = 0
+    state_write_failures: int = 0
+    """Failed writes of state files (disk full, read-only): logged once a streak, counted."""
     reload_failures: int = 0
 
 
@@ -158,6 +165,8 @@ class Daemon:
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: Timer | None = None
         self._stopping = asyncio.Event()
+        self._registrations_dirty = False
+        self._registrations_failing = False
         self._sides: dict[tuple[str, int], Side] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.control: ControlService | None = None
@@ -241,6 +250,7 @@ class Daemon:
             max_bindings_per_aor=reg.max_contacts,
             wall_offset=wall_offset,
         )
+        self._load_registrations(loop.time())
         servers = [(server.host, server.port) for server in config.dns.servers] or None
         self.dns = AsyncDns(servers, timeout=config.dns.timeout)
         advertise_ip = await _an_ip(advertise, config.dns.timeout) if advertise else None
@@ -285,6 +295,7 @@ class Daemon:
         gc.collect()
         gc.freeze()
         gc.set_threshold(100_000, 50, 100)
+        self._spawn(self._save_registrations_periodically())
         if config.log.call_records:
             self.records = CallRecordLog(self.state_dir / RECORDS_FILE,
                                          max_bytes=config.log.call_records_max_size,
@@ -433,6 +444,59 @@ class Daemon:
         self._pump()
         return True
 
+    # -- registrations across restarts ----------------------------------------------------
+    def _load_registrations(self, now: float) -> None:
+        registrar = self.registrar
+        path = self.state_dir / REGISTRATIONS_FILE
+        if registrar is None or not path.exists():
+            return
+        try:
+            restored = registrar.from_json(path.read_text(encoding="utf-8"), now)
+        except (OSError, ValueError, UnicodeDecodeError) as error:
+            log.warning("%s: %s (set aside; softphones register again)", path.name, error)
+            with contextlib.suppress(OSError):
+                path.replace(path.with_name(path.name + ".bad"))
+            return
+        for aor in {b.aor for b in registrar.bindings(now)}:
+            user = aor.rpartition("@")[0]
+            if user not in self.passwords:  # the account went while we were down
+                registrar.remove_user(user, now)
+        while registrar.next_event() is not None:
+            pass
+        if restored:
+            log.info("%d registration(s) restored from %s", registrar.binding_count, path.name)
+
+    def _save_registrations(self) -> None:
+        if self.registrar is None or not self._registrations_dirty:
+            return
+        self._registrations_dirty = False
+        self._write_registrations(self.registrar.to_json().encode())
+
+    def _write_registrations(self, data: bytes) -> None:
+        """Atomic write; a failure (disk full) is logged once until a write works again."""
+        try:
+            atomic_write(self.state_dir / REGISTRATIONS_FILE, data)
+        except OSError as error:
+            self._registrations_dirty = True
+            self.stats.state_write_failures += 1
+            if not self._registrations_failing:
+                log.error("cannot save the registrations: %s (retrying; calls go on)", error)
+            self._registrations_failing = True
+        else:
+            if self._registrations_failing:
+                log.info("registrations saved again")
+            self._registrations_failing = False
+
+    async def _save_registrations_periodically(self) -> None:
+        """The snapshot is taken on the loop, written (and fsynced) in a worker thread."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(REGISTRATIONS_SAVE_INTERVAL)
+            if self.registrar is not None and self._registrations_dirty:
+                self._registrations_dirty = False
+                data = self.registrar.to_json().encode()
+                await loop.run_in_executor(None, self._write_registrations, data)
+
     # -- reload (SIGHUP, POST /api/reload) ------------------------------------------------
     def _on_sighup(self) -> None:
         """``systemctl reload freecall``: re-read the configuration; errors keep the old one."""
@@ -580,6 +644,7 @@ class Daemon:
             await self.transport.close()
         if self.records is not None:
             self.records.close()
+        self._save_registrations()
         self.notifier.close()
         log.info("freecall stopped")
 
@@ -799,6 +864,7 @@ class Daemon:
                 self._on_proxy_event(pevent, now)
             while (revent := registrar.next_event()) is not None:
                 busy = True
+                self._registrations_dirty = True
                 log.info("%s", revent)
                 if self.control is not None:
                     self.control.registrar_event(revent)

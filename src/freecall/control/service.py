@@ -341,6 +341,9 @@ class ControlService:
         out.add("freecall_call_records_pending", "gauge",
                 "Call records held back by a failed write.",
                 len(records.pending) if records else 0)
+        out.add("freecall_state_write_failures_total", "counter",
+                "Failed writes of state files (registrations; disk full?).",
+                stats.state_write_failures)
         out.add("freecall_reloads_total", "counter", "Configuration reloads.", stats.reloads)
         out.add("freecall_reload_failures_total", "counter",
                 "Reloads refused because the configuration had errors.", stats.reload_failures)
