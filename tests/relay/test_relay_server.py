@@ -28,7 +28,7 @@ from freecall.relay.stun import (
     encode_xor_address,
     parse_message,
 )
-from relay.turnclient import WALL, Client, FakePorts, error_of, make_server, tid
+from turnclient import WALL, Client, FakePorts, error_of, make_server, tid
 
 PEER = ("192.0.2.99", 6000)  # documentation range: not global, so tests allow it explicitly
 ALLOW = (ipaddress.ip_network("192.0.2.0/24"),)

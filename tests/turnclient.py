@@ -1,5 +1,6 @@
-"""A tiny in-memory TURN client for the core's unit tests: builds signed requests with the
-relay's own codec (aioice cross-checks the codec separately) and a fake port allocator."""
+"""A tiny in-memory TURN client for the relay core's unit tests (tests/relay): signed requests
+built with the relay's own codec (aioice cross-checks the codec separately), a fake port
+allocator."""
 
 from __future__ import annotations
 

@@ -1,1 +1,0 @@
-"""Tests of the relay role (STUN, TURN, the relay daemon)."""
