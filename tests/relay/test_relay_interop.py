@@ -314,3 +314,44 @@ def test_bare_config_relay_starts(tmp_path: Path) -> None:
             assert (state / "relay-secret").stat().st_mode & 0o777 == 0o600
     finally:
         process.stop(5)
+
+
+def test_service_edge_frees_the_relayed_socket_when_the_allocation_is_deleted(
+        allocator: PortAllocator) -> None:
+    """In process: the asyncio edge binds one socket per allocation and closes it when aioice
+    deletes the allocation (Refresh with LIFETIME 0 on close)."""
+    from freecall.config import PortRange
+    from freecall.relay.server import TurnSettings
+    from freecall.relay.service import RelayService
+
+    block = allocator.block(32)
+    port = block.take(1)
+    first = block.take(1)
+    secret = "in-process-secret-0123456789"
+
+    async def scenario() -> tuple[int, int, int]:
+        service = RelayService(
+            TurnSettings(realm="relay.test", secret=secret), ("127.0.0.1", port),
+            "127.0.0.1", PortRange(first, block.last))
+        await service.start()
+        assert service.ports is not None and service.core is not None
+        try:
+            username, password = node_credentials(secret, "node-a", time.time(), 600)
+            turn, _ = await create_turn_endpoint(Inbox, ("127.0.0.1", port), username,
+                                                 password)
+            relayed = turn.get_extra_info("sockname")
+            assert first <= relayed[1] <= block.last
+            during = len(service.ports.sockets)
+            turn.close()
+            for _ in range(50):
+                await asyncio.sleep(0.05)
+                if not service.ports.sockets:
+                    break
+            return during, len(service.ports.sockets), service.core.allocations
+        finally:
+            service.close()
+
+    try:
+        assert asyncio.run(scenario()) == (1, 0, 0)
+    finally:
+        block.release()
