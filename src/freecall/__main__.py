@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .config import ConfigError, ensure_auto_user, load_config, softphone_instructions
+from .config import Config, ConfigError, ensure_auto_user, load_config, softphone_instructions
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
@@ -158,7 +158,9 @@ def run(args: argparse.Namespace) -> int:
                 "log.level": args.log_level,
             },
         )
-        config, auto_user = ensure_auto_user(config)
+        auto_user = None
+        if config.node.role != "relay":  # a relay serves no softphone, so it has no users
+            config, auto_user = ensure_auto_user(config)
     except ConfigError as error:
         print(f"freecall: configuration error\n{error}", file=sys.stderr)
         return 1
@@ -176,8 +178,7 @@ def run(args: argparse.Namespace) -> int:
     trace = logging.getLogger("freecall.sip.trace")
     trace.setLevel(logging.DEBUG if config.log.sip_trace else logging.WARNING)
     if config.node.role == "relay":
-        print("freecall: the relay role is not available yet", file=sys.stderr)
-        return 1
+        return run_relay(config)
     from .daemon import Daemon  # noqa: PLC0415 -- keeps `freecall --version` fast
     from .transport import install_event_loop_policy  # noqa: PLC0415
 
@@ -197,6 +198,31 @@ def run(args: argparse.Namespace) -> int:
         if user:
             password = auto_user.password if auto_user else ""
             print(softphone_instructions(config, user, password=password), file=sys.stderr)
+        await daemon.run()
+        return 0
+
+    try:
+        return asyncio.run(serve())
+    except KeyboardInterrupt:
+        return 130
+
+
+def run_relay(config: Config) -> int:
+    """The headless relay node (freecall.relay.daemon): STUN, TURN and the host-cache seed."""
+    from .relay.daemon import RelayDaemon  # noqa: PLC0415
+    from .transport import install_event_loop_policy  # noqa: PLC0415
+
+    loop_name = install_event_loop_policy()
+    daemon = RelayDaemon(config)
+
+    async def serve() -> int:
+        try:
+            await daemon.start()
+        except (OSError, ValueError) as error:
+            logging.getLogger("freecall").error("cannot start: %s", error)
+            await daemon.stop()
+            return 1
+        logging.getLogger("freecall").info("event loop: %s", loop_name)
         await daemon.run()
         return 0
 

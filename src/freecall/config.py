@@ -61,6 +61,7 @@ __all__ = [
     "PortRange",
     "Problem",
     "RegistrationConfig",
+    "RelayConfig",
     "SecurityConfig",
     "SipConfig",
     "TimersConfig",
@@ -743,6 +744,63 @@ class MediaConfig:
         doc_type="duration or null")
 
 
+def _relay_ports(text: str) -> PortRange:
+    ports = PortRange.parse(text)
+    if ports.first < 1024:
+        raise ValueError(f"relayed ports must be 1024 or above, got {text!r}")
+    return ports
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """The relay role (`node.role: relay`): STUN (RFC 5389) and TURN (RFC 5766) for nodes that
+    cannot reach each other directly (docs/relay.md). Ignored by endpoints."""
+
+    listen: Listener = setting(  # noqa: RUF009 -- frozen value
+        Listener("udp", "0.0.0.0", 3478),  # noqa: S104
+        "STUN and TURN socket, `udp:HOST:PORT` (3478 is the standard port).",
+        parse=_listener(("udp",)), doc_type="listener")
+    address: str | None = setting(
+        None, "Public IP address of the relay: put in XOR-RELAYED-ADDRESS (where peers send "
+        "media) and in the node record. `null`: the `listen` host if it is not a wildcard, "
+        "else `sip.advertise`, else the address of the interface with the default route.",
+        parse=_unicast_ip, doc_type="IP address or null")
+    realm: str = setting(
+        "", 'TURN realm (RFC 5389 section 15.7) in challenges. `""`: `node.name`.',
+        parse=_realm)
+    secret_file: str = setting(
+        "", "File holding the shared secret TURN credentials are derived from (TURN REST: "
+        "user name `EXPIRY:NODE`, password base64(HMAC-SHA1(secret, user name)), the scheme "
+        "of coturn's `static-auth-secret`). `\"\"`: `<state_dir>/relay-secret`, generated "
+        "(mode 0600) on first start.", path=True)
+    ports: PortRange = setting(  # noqa: RUF009 -- frozen value
+        PortRange(49152, 65535), "UDP ports for relayed transport addresses, `FIRST-LAST`; "
+        "one per allocation. Open them in the firewall.",
+        parse=_relay_ports, doc_type="port range")
+    max_allocations: int = setting(
+        1000, "Most allocations in total; more get `508 Insufficient Capacity`.",
+        check=_between(1, 1_000_000))
+    allocations_per_user: int = setting(
+        10, "Most allocations one node (the part of the user name after the expiry) may "
+        "hold; more get `486 Allocation Quota Reached`.", check=_between(1, 10_000))
+    bandwidth_kbps: int = setting(
+        2000, "Bandwidth of one allocation, both directions together, in kbit/s (a token "
+        "bucket with one second of burst); excess packets are dropped. A G.711 call through a "
+        "relay uses about 200. `0`: unlimited.", check=_between(0, 10_000_000))
+    max_lifetime: int = setting(
+        3600, "Longest lifetime granted to an Allocate or Refresh (RFC 5766 section 6.2); "
+        "clients refresh before it ends.", parse=_duration_int, check=_between(600, 86400),
+        doc_type="duration (whole seconds)")
+    max_permissions: int = setting(
+        64, "Most permissions (peer IP addresses) and, separately, channels per allocation; "
+        "more get `508`.", check=_between(1, 16383))
+    allow_peers: tuple[IPNetwork, ...] = setting(
+        (), "Peer networks (CIDR) the relay may send to although they are loopback, private, "
+        "link-local or otherwise not global (refused with `403` by default, so the relay "
+        "cannot be turned against the network it sits in). Tests use `127.0.0.0/8`.",
+        parse=_cidr, doc_type="list of CIDRs")
+
+
 @dataclass(frozen=True, slots=True)
 class SecurityConfig:
     """What to do about media encryption and authentication."""
@@ -848,6 +906,7 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig, metadata=_SECTION)
     peering: PeeringConfig = field(default_factory=PeeringConfig, metadata=_SECTION)
     media: MediaConfig = field(default_factory=MediaConfig, metadata=_SECTION)
+    relay: RelayConfig = field(default_factory=RelayConfig, metadata=_SECTION)
     security: SecurityConfig = field(default_factory=SecurityConfig, metadata=_SECTION)
     openpgp: OpenPGPConfig = field(default_factory=OpenPGPConfig, metadata=_SECTION)
     control: ControlConfig = field(default_factory=ControlConfig, metadata=_SECTION)
@@ -1175,6 +1234,12 @@ def _check(config: Config, lines: Mapping[str, int], tainted: set[str]) -> list[
     if config.control.listen is not None:
         ctl = config.control.listen
         bound.append(("control.listen", "tcp", ctl.host, ctl.port))
+    if config.node.role == "relay":
+        lst = config.relay.listen
+        bound.append(("relay.listen", "udp", lst.host, lst.port))
+        if lst.port in config.relay.ports:
+            add("relay.listen", f"udp port {lst.port} lies inside relay.ports "
+                f"({config.relay.ports})")
     bound = [b for b in bound if not is_tainted(b[0])]
     for i, (path, kind, host, port) in enumerate(bound):
         if port == 0:
@@ -1183,7 +1248,7 @@ def _check(config: Config, lines: Mapping[str, int], tainted: set[str]) -> list[
             if kind == other_kind and port == other_port and _hosts_overlap(host, other_host):
                 add(path, f"{kind} port {port} on {host} is already used by {other_path}")
                 break
-        if kind == "udp" and port in config.media.ports:
+        if kind == "udp" and port in config.media.ports and path != "relay.listen":
             add(path, f"udp port {port} lies inside media.ports ({config.media.ports})")
     return problems
 
@@ -1379,6 +1444,11 @@ def resolve_config(
             config.control,
             token_file=path_in_state(config.control.token_file, "control.token"),
             socket=path_in_state(config.control.socket, "control.sock"),
+        ),
+        relay=dataclasses.replace(
+            config.relay,
+            realm=config.relay.realm or name,
+            secret_file=path_in_state(config.relay.secret_file, "relay-secret"),
         ),
     )
 
