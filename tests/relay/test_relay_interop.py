@@ -7,9 +7,11 @@ import asyncio
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -355,3 +357,35 @@ def test_service_edge_frees_the_relayed_socket_when_the_allocation_is_deleted(
         assert asyncio.run(scenario()) == (1, 0, 0)
     finally:
         block.release()
+
+
+def test_relay_tells_systemd_it_is_ready_survives_sighup_and_says_it_stops(
+        tmp_path: Path) -> None:
+    """The system unit is Type=notify for both roles: a relay must send READY=1, and SIGHUP
+    (``systemctl reload``) must not kill it."""
+    config = tmp_path / "relay.yaml"
+    config.write_text("node: {role: relay}\nrelay: {listen: 'udp:127.0.0.1:0'}\n"
+                      "peering: {listen: null}\n")
+    with tempfile.TemporaryDirectory(prefix="fcr") as directory:
+        path = os.path.join(directory, "notify")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind(path)
+            sock.settimeout(20)
+            process = ManagedProcess(
+                "notify-relay", [sys.executable, "-m", "freecall", "run", "-c", str(config),
+                                 "--state-dir", str(tmp_path / "state")],
+                log_path=tmp_path / "relay.log", cwd=tmp_path,
+                env={**os.environ, "NOTIFY_SOCKET": path}).start()
+            try:
+                ready = sock.recv(4096).decode().split("\n")
+                assert "READY=1" in ready, ready
+                assert any(f.startswith("STATUS=relay on udp:127.0.0.1:") for f in ready)
+                os.kill(process.pid, signal.SIGHUP)
+                assert sock.recv(4096).decode().startswith("RELOADING=1")
+                assert "READY=1" in sock.recv(4096).decode().split("\n")
+                assert process.alive()
+                os.kill(process.pid, signal.SIGTERM)
+                assert sock.recv(4096).decode().startswith("STOPPING=1")
+                assert process.wait(10) == 0
+            finally:
+                process.stop(5)

@@ -18,6 +18,7 @@ import time
 from freecall import __version__
 from freecall.config import Config
 from freecall.netaddr import own_address
+from freecall.ops.sdnotify import Notifier
 from freecall.peering.gossip import GossipConfig
 from freecall.peering.records import Address, AddrKind, Flag, NodeIdentity
 from freecall.peering.service import Announcement, PeeringService, announcement_for
@@ -57,6 +58,8 @@ class RelayDaemon:
         self.peering: PeeringService | None = None
         self._stopping = asyncio.Event()
         self._stats_task: asyncio.Task[None] | None = None
+        self.notifier = Notifier()
+        """systemd's Type=notify (the same units as the endpoint, freecall.ops.units)."""
 
     async def start(self) -> None:
         config = self.config
@@ -64,6 +67,8 @@ class RelayDaemon:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._stopping.set)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         relay = config.relay
         secret = load_or_create_secret(relay.secret_file)
@@ -95,6 +100,15 @@ class RelayDaemon:
                  public, relay.realm, relay.ports, relay.secret_file)
         log.info("freecall %s node %s listening on %s; role: relay", __version__,
                  config.node.name, ", ".join(listening))
+        self.notifier.ready("relay on " + ", ".join(listening))
+        self.notifier.start_watchdog(loop)
+
+    def _on_sighup(self) -> None:
+        """``systemctl reload``: a relay has nothing to apply live yet; it says so instead of
+        dying of the signal's default action."""
+        self.notifier.reloading()
+        log.info("reload: a relay node applies configuration changes on restart only")
+        self.notifier.ready("relay (reload: restart to apply changes)")
 
     async def _start_peering(self, public: str, relay_port: int) -> PeeringService:
         """Join the mesh as a seed that announces STUN and TURN (flags and addresses)."""
@@ -148,10 +162,12 @@ class RelayDaemon:
         self._stopping.set()
 
     async def stop(self) -> None:
+        self.notifier.stopping()
         if self._stats_task is not None:
             self._stats_task.cancel()
         if self.peering is not None:
             await self.peering.stop()
         if self.relay is not None:
             self.relay.close()
+        self.notifier.close()
         log.info("freecall stopped")
