@@ -85,6 +85,7 @@ class RelayProcess:
             config = {
                 "node": {"name": "bench-relay", "role": "relay"},
                 "peering": {"listen": None},
+                "control": {"listen": None},
                 "relay": {"listen": f"udp:{HOST_RELAY}:{self.port}", "realm": REALM,
                           "secret_file": str(workdir / "secret"), "ports": "27000-31999",
                           "max_allocations": 10000, "allocations_per_user": 10000,

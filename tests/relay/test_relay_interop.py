@@ -4,6 +4,7 @@ aioice's TURN client, coturn's ``turnutils_uclient`` and ``turnutils_stunclient`
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ class Relay:
         self.gossip_port = block.take(1)
         first = block.take(1)
         self.spare = block.take(1)
+        self.control_port = block.take(1)
         last = block.last
         self.directory = directory
         self.state = directory / "state"
@@ -47,6 +50,7 @@ class Relay:
             "relay": {"listen": f"udp:127.0.0.1:{self.port}", "realm": "relay.test",
                       "ports": f"{first}-{last}", **relay},
             "log": {"level": "debug"},
+            "control": {"listen": f"127.0.0.1:{self.control_port}"},
         }
         self.config_path = directory / "relay.yaml"
         directory.mkdir(parents=True, exist_ok=True)
@@ -152,6 +156,27 @@ def test_aioice_turn_client_relays_both_ways(relays: list[Relay], tmp_path: Path
     log = relay.process.log_text()
     assert re.search(rf"announcing gossip:127\.0\.0\.1:{relay.gossip_port}, "
                      rf"stun:127\.0\.0\.1:{relay.port}, relay:127\.0\.0\.1:{relay.port}", log)
+    # the operator's view: status (the CLI's), and the allocations and traffic in /metrics
+    token = (relay.state / "control.token").read_text().strip()
+
+    def get(path: str) -> bytes:
+        req = urllib.request.Request(f"http://127.0.0.1:{relay.control_port}{path}",
+                                     headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return bytes(resp.read())
+
+    status = json.loads(get("/api/status"))
+    assert status["role"] == "relay" and len(status["node_id"]) == 32
+    assert f"udp:127.0.0.1:{relay.port} (STUN, TURN)" in status["listeners"]
+    metrics = get("/metrics").decode()
+    created = re.search(r"^freecall_relay_allocations_created_total (\d+)$", metrics, re.M)
+    relayed = re.search(r"^freecall_relay_packets_total (\d+)$", metrics, re.M)
+    assert created and int(created.group(1)) >= 1, metrics
+    assert relayed and int(relayed.group(1)) >= 40, metrics
+    done = subprocess.run([sys.executable, "-m", "freecall", "status", "--state-dir",
+                           str(relay.state)], capture_output=True, text=True, timeout=30,
+                          check=False)
+    assert done.returncode == 0 and "relay" in done.stdout, done.stdout + done.stderr
 
 
 async def _raw_requests(relay: Relay, username: str, password: str) -> dict[str, Any]:
@@ -365,7 +390,7 @@ def test_relay_tells_systemd_it_is_ready_survives_sighup_and_says_it_stops(
     (``systemctl reload``) must not kill it."""
     config = tmp_path / "relay.yaml"
     config.write_text("node: {role: relay}\nrelay: {listen: 'udp:127.0.0.1:0'}\n"
-                      "peering: {listen: null}\n")
+                      "peering: {listen: null}\ncontrol: {listen: null}\n")
     with tempfile.TemporaryDirectory(prefix="fcr") as directory:
         path = os.path.join(directory, "notify")
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:

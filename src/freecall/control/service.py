@@ -252,7 +252,7 @@ class ControlService:
         """Prometheus text exposition format 0.0.4 (docs/operations.md lists every metric)."""
         daemon = self.daemon
         stats = daemon.stats
-        out = _Exposition()
+        out = Exposition()
         out.add("freecall_uptime_seconds", "gauge", "Seconds since the daemon started.",
                 self.loop.time() - stats.started)
         out.add("freecall_registrations", "gauge", "Live softphone registrations.",
@@ -458,7 +458,7 @@ def _host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-class _Exposition:
+class Exposition:
     """Prometheus text format: HELP and TYPE once per family, label values escaped."""
 
     def __init__(self) -> None:

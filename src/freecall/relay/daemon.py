@@ -23,6 +23,7 @@ from freecall.peering.gossip import GossipConfig
 from freecall.peering.records import Address, AddrKind, Flag, NodeIdentity
 from freecall.peering.service import Announcement, PeeringService, announcement_for
 
+from .control import RelayControl
 from .credentials import load_or_create_secret
 from .server import TurnSettings
 from .service import RelayService
@@ -59,6 +60,9 @@ class RelayDaemon:
         self._stopping = asyncio.Event()
         self._stats_task: asyncio.Task[None] | None = None
         self.notifier = Notifier()
+        self.listening: list[str] = []
+        self.control: RelayControl | None = None
+        """``/api/status``, ``/api/peers`` and ``/metrics`` (control.* keys)."""
         """systemd's Type=notify (the same units as the endpoint, freecall.ops.units)."""
 
     async def start(self) -> None:
@@ -95,7 +99,12 @@ class RelayDaemon:
             if self.peering.bound is not None:
                 host, port = self.peering.bound
                 listening.append(f"udp:{host}:{port} (gossip)")
+        self.listening = list(listening)
         self._stats_task = asyncio.ensure_future(self._log_stats())
+        self.control = RelayControl(self)
+        bound_control = await self.control.start()
+        if bound_control:
+            log.info("control API on %s", ", ".join(bound_control))
         log.info("relay: public address %s, realm %s, relayed ports %s, shared secret in %s",
                  public, relay.realm, relay.ports, relay.secret_file)
         log.info("freecall %s node %s listening on %s; role: relay", __version__,
@@ -163,6 +172,8 @@ class RelayDaemon:
 
     async def stop(self) -> None:
         self.notifier.stopping()
+        if self.control is not None:
+            await self.control.stop()
         if self._stats_task is not None:
             self._stats_task.cancel()
         if self.peering is not None:
