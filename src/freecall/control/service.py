@@ -267,6 +267,17 @@ class ControlService:
                daemon.peering.known_nodes() if daemon.peering else 0, "Nodes in the host cache.")
         metric("freecall_control_event_subscribers", "gauge", len(self.bus.subscribers),
                "Open event streams.")
+        limiter, lockout = stats.limiter, stats.lockout  # issue 11: scanners and floods
+        metric("freecall_ratelimit_blocked_total", "counter",
+               limiter.blocked_total if limiter else 0, "Sources blocked by the rate limit.")
+        metric("freecall_ratelimit_dropped_total", "counter",
+               limiter.dropped_total if limiter else 0,
+               "Messages dropped unanswered from blocked sources.")
+        metric("freecall_ratelimit_blocked_sources", "gauge",
+               len(limiter.blocked(self.loop.time())) if limiter else 0,
+               "Sources blocked now.")
+        metric("freecall_auth_lockouts_total", "counter", lockout.lockouts_total if lockout else 0,
+               "Sources locked out after repeated failed authentication.")
         return "\n".join(lines) + "\n"
 
     # -- helpers ------------------------------------------------------------------------------
