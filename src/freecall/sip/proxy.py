@@ -501,9 +501,9 @@ class Proxy:
         if side is Side.PUBLIC and not self._trusted(flow) and self._from_us(request):
             # Our own users' requests come from the softphone side; one from another node
             # claiming our domain is spoofed (a scanner such as svwar puts the probed user in
-            # From). Refused before any user lookup, so every user, registered, offline or
-            # unknown, gets this same answer (no enumeration).
-            self._refuse(txn, request, 403, "From names this node's domain", now)
+            # From). Answered before any user lookup with what an unknown user gets (404), so
+            # every user, registered, offline or unknown, looks the same (no enumeration).
+            self._refuse(txn, request, 404, "spoofed: From names this node's domain", now)
             return
         user = None
         local_target = self._local_user(uri)
