@@ -310,6 +310,13 @@ def test_durations(text: str, seconds: float) -> None:
     ("node:\n  name: 'my node'\n", "bad node name"),
     ("security:\n  policy: required\n", "did you mean 'require'?"),
     ("log:\n  level: 3\n", "bad value '3' (expected debug, info, warning or error)"),
+    ("security:\n  auth_failures: -1\n", "security.auth_failures: line 2: must be between 0"),
+    ("security:\n  lockout: 0\n", "security.lockout: line 2: must be between 1"),
+    ("security:\n  rate_window: fast\n", "security.rate_window: line 2: bad duration 'fast'"),
+    ("security:\n  rate_limit: many\n", "security.rate_limit: line 2:"),
+    ("security:\n  rate_exempt: [10.0.0.1/8]\n",
+     "security.rate_exempt[0]: line 2: bad CIDR '10.0.0.1/8' (host bits set"),
+    ("security:\n  max_sources: 0\n", "security.max_sources: line 2: must be between 1"),
 ])
 def test_bad_values(yaml_text: str, message: str) -> None:
     found = problems_of(yaml_text)
@@ -498,3 +505,20 @@ def test_auto_user_name_falls_back_when_user_is_unset(tmp_path: Path) -> None:
     _, auto = ensure_auto_user(cfg, environ={})
     assert auto is not None and auto.name  # the passwd entry's name, sanitised
     assert stat.S_IMODE(os.stat(state).st_mode) == 0o700  # a new state directory is private
+
+
+def test_security_limits() -> None:
+    """Lockout and rate-limit keys (issue 11): defaults, durations and CIDRs as written."""
+    default = Config().security
+    assert (default.auth_failures, default.auth_window, default.lockout) == (5, 60.0, 300.0)
+    assert (default.rate_limit, default.rate_window, default.rate_block) == (200, 2.0, 60.0)
+    assert default.rate_softphones is False and default.rate_exempt == ()
+    cfg = parse_config("security:\n  auth_failures: 3\n  auth_window: 2m\n  lockout: 1h\n"
+                       "  rate_limit: 0\n  rate_window: 500ms\n  rate_block: 10s\n"
+                       "  rate_softphones: true\n  rate_exempt: [192.0.2.0/24]\n"
+                       "  max_sources: 50\n")
+    sec = cfg.security
+    assert (sec.auth_failures, sec.auth_window, sec.lockout) == (3, 120.0, 3600.0)
+    assert (sec.rate_limit, sec.rate_window, sec.rate_block) == (0, 0.5, 10.0)
+    assert sec.rate_softphones is True and sec.max_sources == 50
+    assert sec.rate_exempt == (ipaddress.ip_network("192.0.2.0/24"),)

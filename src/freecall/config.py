@@ -817,6 +817,40 @@ class SecurityConfig:
     on_mitm: Literal["hangup", "warn"] = setting(
         "hangup", "When ZRTP suspects a man in the middle (bad OpenPGP signature over the SAS, "
         "retained-secret mismatch): `hangup` ends the call, `warn` keeps it and raises an alert.")
+    auth_failures: int = setting(
+        5, "Failed digest answers (wrong password or unknown user) one source IP may give within "
+        "`auth_window` before it is locked out (password guessing such as sipvicious `svcrack`). "
+        "A locked-out source gets a plain challenge for every attempt, right password or not. "
+        "`0`: never lock out.", check=_between(0, 1000))
+    auth_window: float = setting(
+        60.0, "Time over which `auth_failures` are counted.",
+        parse=parse_duration, check=_between(0.1, 86400), doc_type="duration")
+    lockout: float = setting(
+        300.0, "How long a source that reached `auth_failures` stays locked out; other sources "
+        "(a legitimate softphone elsewhere) are not affected.",
+        parse=parse_duration, check=_between(1, 7 * 86400), doc_type="duration")
+    rate_limit: int = setting(
+        200, "Requests and responses one source IP may send to the public SIP listeners within "
+        "`rate_window` (a token bucket, like Kamailio's pike module). A source over it is "
+        "blocked: its messages are dropped unanswered for `rate_block`, with one log line and "
+        "the `freecall_ratelimit_blocked_total` metric per block. `0`: no limit.",
+        check=_between(0, 10_000_000))
+    rate_window: float = setting(
+        2.0, "Time over which `rate_limit` messages are allowed.",
+        parse=parse_duration, check=_between(0.01, 3600), doc_type="duration")
+    rate_block: float = setting(
+        60.0, "How long a source over `rate_limit` is dropped; then it is counted afresh.",
+        parse=parse_duration, check=_between(1, 86400), doc_type="duration")
+    rate_softphones: bool = setting(
+        False, "Apply `rate_limit` to the softphone listeners (`sip.listen`) as well. Off: "
+        "local softphones and load tests on loopback are never limited.")
+    rate_exempt: tuple[IPNetwork, ...] = setting(
+        (), "Source networks (CIDR) never rate limited, e.g. a known busy peer node or gateway.",
+        parse=_cidr, doc_type="list of CIDRs")
+    max_sources: int = setting(
+        10_000, "Most source IPs the rate limiter and the lockout each remember (least recently "
+        "seen forgotten first), so a flood from spoofed addresses cannot grow memory.",
+        check=_between(1, 10_000_000))
 
 
 @dataclass(frozen=True, slots=True)

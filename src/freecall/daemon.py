@@ -58,6 +58,7 @@ from .sip.proxy import (
     Resolution,
     Side,
 )
+from .sip.ratelimit import AuthLockout, Decision, SourceLimiter
 from .sip.registrar import Registrar
 from .sip.transaction import TimerValues, TransactionLayer
 from .srtp.bridge import (
@@ -126,6 +127,11 @@ class Stats:
     state_write_failures: int = 0
     """Failed writes of state files (disk full, read-only): logged once a streak, counted."""
     reload_failures: int = 0
+    limiter: SourceLimiter | None = None
+    """Per-source rate limit on the public listeners (``security.rate_limit``); its counters
+    are the metrics ``freecall_ratelimit_blocked_total`` and ``..._dropped_total``."""
+    lockout: AuthLockout | None = None
+    """Password-guessing lockout (``security.auth_failures``): ``freecall_auth_lockouts_total``."""
 
 
 class Daemon:
@@ -145,6 +151,13 @@ class Daemon:
         self.records: CallRecordLog | None = None
         """``calls.jsonl``: one line per finished call (issue 10)."""
         self.stats = Stats()
+        sec = config.security
+        if sec.rate_limit:
+            self.stats.limiter = SourceLimiter(sec.rate_limit, sec.rate_window, sec.rate_block,
+                                               max_sources=sec.max_sources)
+        if sec.auth_failures:
+            self.stats.lockout = AuthLockout(sec.auth_failures, sec.auth_window, sec.lockout,
+                                             max_sources=sec.max_sources)
         self.cache = HeaderCache()
         self.passwords = {name: user.password for name, user in config.users.items()}
         self.state_dir = config.state_dir
@@ -274,7 +287,7 @@ class Daemon:
                 timer_c=timers.timer_c,
                 trusted=tuple(config.sip.trusted),
                 allow_register_from=tuple(config.sip.allow_register_from),
-                server_name=config.sip.user_agent or "freecall",
+                server_name=config.sip.user_agent,
                 wall_offset=wall_offset,
                 canonical_domain=canonical,
             ),
@@ -286,6 +299,7 @@ class Daemon:
             password_of=self.passwords.get,
             side_of=self._side_of,
             media=self.media,
+            lockout=self.stats.lockout,
         )
         self._timer = Timer(loop, self._on_timer)
         self.stats.started = loop.time()
@@ -668,6 +682,8 @@ class Daemon:
         if layer is None:
             return
         self.stats.messages_in += 1
+        if self.stats.limiter is not None and not self._within_rate(flow, now):
+            return
         try:
             msg = parse_message(data, datagram=not flow.reliable, cache=self.cache)
         except SipParseError as error:
@@ -694,6 +710,22 @@ class Daemon:
             # A message that parsed but that a core could not use: never let it escape.
             log.warning("dropped %s from %s: %s", _describe(msg), flow, error)
         self._pump()
+
+    def _within_rate(self, flow: Flow, now: float) -> bool:
+        """Pike-style flood guard: False drops the message unanswered (one log line per
+        block). Only public listeners, unless ``security.rate_softphones``."""
+        limiter, sec = self.stats.limiter, self.config.security
+        assert limiter is not None
+        if not sec.rate_softphones and self._side_of(flow) is Side.SOFTPHONE:
+            return True
+        source = str(flow.remote[0])
+        if sec.rate_exempt and _in_cidrs(source, sec.rate_exempt):
+            return True
+        decision = limiter.check(source, now)
+        if decision is Decision.BLOCKED:
+            log.warning("rate limit: %s sent over %d messages in %g s: dropping it for %g s",
+                        source, limiter.limit, limiter.window, limiter.block)
+        return decision is Decision.PASS
 
     def _on_resolved(self, ticket: int, resolution: Resolution) -> None:
         """A route came back from DNS (or the host cache): hand it to the proxy and pump."""
@@ -998,6 +1030,16 @@ def _describe(msg: object) -> str:
     if isinstance(msg, Request):
         return f"{msg.method} {msg.uri}"
     return type(msg).__name__
+
+
+@functools.lru_cache(maxsize=4096)
+def _in_cidrs(host: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+              ) -> bool:
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -25,6 +25,7 @@ from freecall.sip.proxy import (
     Target,
     choose_best,
 )
+from freecall.sip.ratelimit import AuthLockout
 from freecall.sip.transaction import TransactionLayer
 from freecall.sip.uri import Uri, parse_uri
 
@@ -76,7 +77,8 @@ class Resolver:
 class Node:
     """A transaction layer and a proxy, pumped like the daemon pumps them."""
 
-    def __init__(self, *, trusted: bool = False) -> None:
+    def __init__(self, *, trusted: bool = False, lockout: AuthLockout | None = None,
+                 server_name: str = "freecall") -> None:
         import ipaddress
 
         self.layer = TransactionLayer()
@@ -88,6 +90,7 @@ class Node:
             secret=b"k" * 32,
             realm="a.test",
             trusted=(ipaddress.ip_network("127.0.0.0/8"),) if trusted else (),
+            server_name=server_name,
         )
         self.proxy = Proxy(
             self.layer,
@@ -100,6 +103,7 @@ class Node:
                 Side.PUBLIC if flow.local == ("192.0.2.10", 5062) else Side.SOFTPHONE
             ),
             rng=random.Random(1),
+            lockout=lockout,
         )
         self.events: list[ProxyEvent] = []
         self.now = 0.0
@@ -358,11 +362,13 @@ def test_ack_for_2xx_is_forwarded_along_the_route() -> None:
 def test_not_an_open_relay() -> None:
     node = Node()
     # from another node to a foreign domain: refused
-    out = node.feed(invite("sip:carol@elsewhere.test", via_host="198.51.100.7:5062"), REMOTE)
+    out = node.feed(invite("sip:carol@elsewhere.test", via_host="198.51.100.7:5062",
+                           frm="<sip:dave@b.test>;tag=d1"), REMOTE)
     assert responses(out)[-1] == 403
     # from another node to a local user: allowed without digest (404: bob is offline)
     out = node.feed(
-        invite("sip:bob@a.test", branch="z9hG4bKr2", via_host="198.51.100.7:5062"), REMOTE
+        invite("sip:bob@a.test", branch="z9hG4bKr2", via_host="198.51.100.7:5062",
+               frm="<sip:carol@b.test>;tag=c2"), REMOTE
     )
     assert responses(out) == [100, 404]
     # an authenticated local user may call out: the resolver is asked (and answers 404 here)
@@ -718,3 +724,85 @@ def test_an_in_dialog_request_to_a_minted_contact_without_route_is_delivered() -
             assert hop.remote == ALICE.remote
         else:
             assert not requests(out) and responses(out)[-1] >= 400
+
+
+# -- issue 11: scanners ---------------------------------------------------------------------------
+
+
+def _probe(node: Node, method: str, user: str, n: int, frm: str | None = None) -> Response:
+    """What a scanner (sipvicious svwar) gets back for ``user`` from another node."""
+    request = invite(f"sip:{user}@a.test", method=method, branch=f"z9hG4bKscan{n}",
+                     via_host="198.51.100.7:5062",
+                     frm=frm or f'"{user}" <sip:{user}@a.test>;tag=s{n}')
+    final = [m for m, _ in node.feed(request, REMOTE) if isinstance(m, Response)]
+    return final[-1]
+
+
+def _shape(response: Response) -> tuple[int, str, tuple[str, ...]]:
+    """Status, reason and header names: what must not differ between users."""
+    return response.status, response.reason, tuple(h.name for h in response.headers)
+
+
+@pytest.mark.parametrize("method", ["INVITE", "OPTIONS", "REGISTER", "MESSAGE"])
+def test_scanner_gets_one_answer_for_registered_offline_and_unknown_users(method: str) -> None:
+    """svwar puts the probed user in From at our own domain: refused before any lookup, so a
+    registered user (bob), an offline one (alice) and a missing one look the same: 404 (as
+    for an unknown user), and 403 for every REGISTER from outside."""
+    node = Node()
+    register_bob(node)
+    shapes = {_shape(_probe(node, method, user, i))
+              for i, user in enumerate(["bob", "alice", "nobody", "100"])}
+    assert len(shapes) == 1, shapes
+    assert next(iter(shapes))[0] == (403 if method == "REGISTER" else 404)
+    assert not requests(node.feed(invite(method=method, branch="z9hG4bKx"), REMOTE))
+
+
+def test_a_foreign_caller_sees_offline_and_unknown_users_alike() -> None:
+    node = Node()
+    shapes = {_shape(_probe(node, "INVITE", user, i, frm=f"<sip:x@b.test>;tag=f{i}"))
+              for i, user in enumerate(["alice", "nobody"])}
+    assert len(shapes) == 1 and next(iter(shapes))[0] == 404, shapes
+
+
+def test_no_version_in_server_and_none_when_configured_empty() -> None:
+    response = _probe(Node(), "OPTIONS", "nobody", 1)
+    assert response.get("Server") == "freecall"
+    quiet = Node(server_name="").feed(invite("sip:a.test", method="OPTIONS"), ALICE)[-1][0]
+    assert isinstance(quiet, Response) and quiet.status == 200 and not quiet.has("Server")
+
+
+def _register_with(node: Node, flow: Flow, password: str, n: int) -> int:
+    """One REGISTER answered by a challenge, then with ``password``: the final status."""
+    reg = invite("sip:a.test", method="REGISTER", frm=f"<sip:alice@a.test>;tag=r{n}",
+                 branch=f"z9hG4bKreg{n}", via_host=f"{flow.remote[0]}:{flow.remote[1]}")
+    reg.set("To", Address.parse("<sip:alice@a.test>"))
+    challenge = node.feed(reg, flow)[-1][0]
+    assert isinstance(challenge, Response) and challenge.status == 401
+    saved = PASSWORDS["alice"]
+    PASSWORDS["alice"] = password
+    try:
+        answer = authorize(node, reg, challenge)
+    finally:
+        PASSWORDS["alice"] = saved
+    before = len([e for e in node.events if isinstance(e, Registered)])
+    out = node.feed(answer, flow)
+    if len([e for e in node.events if isinstance(e, Registered)]) > before:
+        return 200  # the registrar (the daemon) answers a Registered event
+    return responses(out)[-1]
+
+
+def test_password_guessing_is_locked_out_per_source() -> None:
+    lockout = AuthLockout(3, 60.0, 300.0)
+    node = Node(lockout=lockout)
+    cracker = Flow("udp", ("127.0.0.66", 5070), ("127.0.0.1", 5060))
+    phone = Flow("udp", ("127.0.0.7", 5071), ("127.0.0.1", 5060))
+    assert [_register_with(node, cracker, f"guess{i}", i) for i in range(3)] == [401] * 3
+    assert lockout.lockouts_total == 1
+    # locked: the right password gets exactly what a wrong one gets
+    assert _register_with(node, cracker, PASSWORDS["alice"], 10) == 401
+    assert _register_with(node, cracker, "guess10", 11) == 401
+    # another source (the user's real softphone) registers meanwhile
+    assert _register_with(node, phone, PASSWORDS["alice"], 20) == 200
+    # the lockout expires
+    node.advance(301.0)
+    assert _register_with(node, cracker, PASSWORDS["alice"], 30) == 200

@@ -349,6 +349,17 @@ class ControlService:
                 "Reloads refused because the configuration had errors.", stats.reload_failures)
         out.add("freecall_control_event_subscribers", "gauge", "Open event streams.",
                 len(self.bus.subscribers))
+        limiter, lockout = daemon.stats.limiter, daemon.stats.lockout  # issue 11
+        out.add("freecall_ratelimit_blocked_total", "counter",
+                "Sources blocked by the rate limit.", limiter.blocked_total if limiter else 0)
+        out.add("freecall_ratelimit_dropped_total", "counter",
+                "Messages dropped unanswered from blocked sources.",
+                limiter.dropped_total if limiter else 0)
+        out.add("freecall_ratelimit_blocked_sources", "gauge", "Sources blocked now.",
+                len(limiter.blocked(self.loop.time())) if limiter else 0)
+        out.add("freecall_auth_lockouts_total", "counter",
+                "Sources locked out after repeated failed authentication.",
+                lockout.lockouts_total if lockout else 0)
         return out.text()
 
     def _media_of(self, key: DialogKey) -> dict[str, Any] | None:

@@ -38,6 +38,7 @@ from .errors import SipParseError
 from .flow import Flow
 from .headers import Address, CSeq, Via
 from .message import Header, Request, Response, make_response
+from .ratelimit import AuthLockout
 from .transaction import (
     AckReceived,
     ClientTransaction,
@@ -309,8 +310,11 @@ class Proxy:
         side_of: Callable[[Flow], Side] = lambda flow: Side.SOFTPHONE,
         rng: random.Random | None = None,
         media: MediaHook | None = None,
+        lockout: AuthLockout | None = None,
     ) -> None:
         self.layer = layer
+        self.lockout = lockout
+        """Failed digest answers per source (password guessing); None: never lock out."""
         self.settings = settings
         self.location = location
         self.resolver: TargetResolver = resolver or NoRoutes()
@@ -333,6 +337,10 @@ class Proxy:
         self._listener_ports = {lst.port for lst in settings.listeners}
         self._sent_bys = frozenset(lst.sent_by.lower() for lst in settings.listeners)
         self._listener_cache: dict[tuple[str, str, tuple[str, int] | None], Listener] = {}
+        # A generic product token, never a version (scanners such as svmap fingerprint it);
+        # "" leaves the header out (sip.user_agent).
+        self._server_header: tuple[tuple[str, str], ...] = (
+            (("Server", settings.server_name),) if settings.server_name else ())
         for listener in settings.listeners:
             host = listener.host.lower().strip("[]")
             self._local_names.add(host)
@@ -419,7 +427,7 @@ class Proxy:
             status,
             reason,
             to_tag=self._to_tag(request) if status > 100 else None,
-            headers=[*headers, ("Server", self.settings.server_name)],
+            headers=[*headers, *self._server_header],
         )
         txn.respond(response, now)
 
@@ -486,8 +494,16 @@ class Proxy:
         if self._looped(request, loop_hash):
             self._refuse(txn, request, 482, "loop detected", now)
             return
-        if method == "REGISTER" and to_us:
+        if method == "REGISTER" and (to_us or side is Side.PUBLIC):
+            # from another node, never proxied to a user (nor telling whether one exists)
             self._on_register(txn, request, flow, side, now)
+            return
+        if side is Side.PUBLIC and not self._trusted(flow) and self._from_us(request):
+            # Our own users' requests come from the softphone side; one from another node
+            # claiming our domain is spoofed (a scanner such as svwar puts the probed user in
+            # From). Answered before any user lookup with what an unknown user gets (404), so
+            # every user, registered, offline or unknown, looks the same (no enumeration).
+            self._refuse(txn, request, 404, "spoofed: From names this node's domain", now)
             return
         user = None
         local_target = self._local_user(uri)
@@ -733,7 +749,8 @@ class Proxy:
         for name in ("Contact", "Record-Route", "WWW-Authenticate", "Proxy-Authenticate"):
             for value in response.get_all(name):
                 rebuilt.append(name, value)
-        rebuilt.append("Server", self.settings.server_name)
+        for name, value in self._server_header:
+            rebuilt.append(name, value)
         if response.body:
             rebuilt.body = response.body
             content_type = response.get("Content-Type")
@@ -793,7 +810,8 @@ class Proxy:
     def _synthetic(self, branch: Branch, status: int) -> Response:
         """A response the proxy makes up for a branch (16.8 Timer C, 16.9 transport errors)."""
         response = make_response(branch.context.request, status)
-        response.append("Server", self.settings.server_name)
+        for name, value in self._server_header:
+            response.append(name, value)
         return response
 
     # -- CANCEL (16.10 and 9.1) -----------------------------------------------------------
@@ -1055,6 +1073,13 @@ class Proxy:
         """Digest (RFC 3261 section 22): the user, or None after answering 401/407/400."""
         header = "Proxy-Authorization" if proxy else "Authorization"
         wall = now + self.settings.wall_offset
+        source = txn.request_flow.remote[0]
+        lockout = self.lockout
+        if lockout is not None and lockout.locked(source, now):
+            # Locked out: the credentials are not even checked, so the answer (a plain
+            # challenge) is the same for a right and a wrong password.
+            self._challenge(txn, request, now, proxy=proxy, stale=False, failed=False)
+            return None
         for value in request.get_all(header):
             try:
                 credentials = parse_credentials(str(value))
@@ -1080,6 +1105,11 @@ class Proxy:
                 self._refuse(txn, request, 400, f"malformed credentials: {result.reason}", now)
                 return None
             stale = result.status in (AuthStatus.STALE, AuthStatus.REPLAYED)
+            if (result.status is AuthStatus.INVALID and lockout is not None
+                    and lockout.failed(source, now)):
+                log.warning("authentication: %s locked out for %.0f s after %d failed attempts "
+                            "within %.0f s", source, lockout.lockout, lockout.failures,
+                            lockout.window)
             self._challenge(txn, request, now, proxy=proxy, stale=stale, failed=not stale)
             return None
         self._challenge(txn, request, now, proxy=proxy, stale=False, failed=False)
@@ -1125,6 +1155,11 @@ class Proxy:
         return port in self._listener_ports and (
             host in self._local_names or (host, port) in self._local_addrs
         )
+
+    def _from_us(self, request: Request) -> bool:
+        """Does the From name this node (one of our domains or listener addresses)?"""
+        uri = request.from_.uri
+        return isinstance(uri, SipUri) and self._is_local_host(uri)
 
     def _local_user(self, uri: Uri) -> str | None:
         """The local user a Request-URI names, if it is one of ours (user@our-domain)."""
