@@ -166,7 +166,7 @@ def _probe(sock: socket.socket, target: tuple[str, int], method: str, user: str,
 def test_existing_and_missing_users_answer_alike_and_as_fast(node: Node, method: str) -> None:
     """The svwar-style From (the probed user at our domain) and a foreign From: status line and
     header names equal for bob (registered), alice (offline) and missing users; the median
-    response times of existing and missing users differ by less than 1 ms."""
+    response times of existing and missing users differ by less than 0.5 ms."""
     daemon = node.daemon
     target = (daemon.public_host, daemon.public_port)
     rounds = 60
@@ -190,7 +190,10 @@ def test_existing_and_missing_users_answer_alike_and_as_fast(node: Node, method:
             assert len(shapes) == 1, (from_kind, shapes)
             existing = statistics.median(times["existing"])
             missing = statistics.median(times["missing"])
-            assert abs(existing - missing) < 0.001, (from_kind, existing, missing)
+            print(f"\n[timing] {method} From {from_kind}: {len(times['existing'])} existing "
+                  f"{existing * 1000:.3f} ms, {len(times['missing'])} missing "
+                  f"{missing * 1000:.3f} ms (medians)")
+            assert abs(existing - missing) < 0.0005, (from_kind, existing, missing)
 
 
 # -- svcrack and the lockout -------------------------------------------------------------------
