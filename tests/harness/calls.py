@@ -4,12 +4,13 @@ through and checked (both ways' packets and tones), then hung up."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .baresip import Baresip
-from .daemon import FreecallDaemon
+from .daemon import FreecallDaemon, deep_merge
 from .session import Harness
 from .wav import assert_tone
 
@@ -49,15 +50,21 @@ class Nodes:
     run_dir: Path
 
 
-def static_pair(harness: Harness) -> Nodes:
+def static_pair(harness: Harness, *, config: Mapping[str, Any] | None = None,
+                seed: bool = False, wait_control: bool = False) -> Nodes:
+    """A and B started; ``config`` is merged into both nodes' configuration; ``seed``
+    makes B A's gossip seed (A learns B's record)."""
     a = harness.daemon("a", users=USERS_A, domains=["a.test"], public_host="127.0.0.2",
                        start=False)
     b = harness.daemon("b", users=USERS_B, domains=["b.test"], public_host="127.0.0.3",
                        start=False)
     a.extra_config["routes"] = {"b.test": f"sip:{b.public_host}:{b.public_port}"}
     b.extra_config["routes"] = {"a.test": f"sip:{a.public_host}:{a.public_port}"}
-    for node in (a, b):
+    if seed:
+        a.extra_config["peering"] = {"seeds": [f"{b.public_host}:{b.peering_port}"]}
+    for node in (b, a):
         node.extra_config["dns"] = {"servers": ["127.0.0.1:9"], "timeout": "1s"}
+        node.extra_config = deep_merge(node.extra_config, config or {})
         harness.started.append(node)
-        node.start()
+        node.start(wait_control=wait_control)
     return Nodes(a, b, harness.run_dir)

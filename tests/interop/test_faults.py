@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from harness import Baresip, FreecallDaemon, Harness, Sipp, wait_until
-from harness.calls import phone
+from harness.calls import phone, static_pair
 from harness.keys import exchange_keys
 
 SCENARIOS = Path(__file__).parent / "scenarios"
@@ -39,18 +39,9 @@ def _metric(node: FreecallDaemon, name: str) -> float:
 def test_the_far_daemon_killed_mid_call_ends_the_call_within_the_rtp_timeout(
     harness: Harness, baresip: Callable[..., Baresip],
 ) -> None:
-    a = harness.daemon("a", users={"alice": "alice-pw"}, domains=["a.test"],
-                       public_host="127.0.0.2", start=False)
-    b = harness.daemon("b", users={"bob": "bob-pw"}, domains=["b.test"],
-                       public_host="127.0.0.3", start=False)
-    a.extra_config["routes"] = {"b.test": f"sip:{b.public_host}:{b.public_port}"}
-    b.extra_config["routes"] = {"a.test": f"sip:{a.public_host}:{a.public_port}"}
-    for node in (a, b):
-        node.extra_config["dns"] = {"servers": ["127.0.0.1:9"], "timeout": "1s"}
-        node.extra_config["openpgp"] = {"sign": False}
-        node.extra_config["media"] = {"rtp_timeout": f"{RTP_TIMEOUT}s"}
-        harness.started.append(node)
-        node.start(wait_control=True)
+    nodes = static_pair(harness, wait_control=True, config={
+        "openpgp": {"sign": False}, "media": {"rtp_timeout": f"{RTP_TIMEOUT}s"}})
+    a, b = nodes.a, nodes.b
     alice = phone(baresip, a, "alice", "alice-pw", "a.test", 440)
     phone(baresip, b, "bob", "bob-pw", "b.test", 880)
     alice.dial("sip:bob@b.test")
@@ -184,17 +175,9 @@ def test_calls_set_up_and_zrtp_completes_with_20_percent_loss_between_nodes(
     """20% of every UDP datagram between the nodes is dropped by the kernel (nftables; this
     kernel has no sch_netem, so the 200 ms jitter half of issue 11's fault is not reproduced
     here): SIP retransmissions and ZRTP's own timers still get each call up and secure."""
-    a = harness.daemon("a", users={"alice": "alice-pw"}, domains=["a.test"],
-                       public_host="127.0.0.2", start=False)
-    b = harness.daemon("b", users={"bob": "bob-pw"}, domains=["b.test"],
-                       public_host="127.0.0.3", start=False)
-    a.extra_config["routes"] = {"b.test": f"sip:{b.public_host}:{b.public_port}"}
-    b.extra_config["routes"] = {"a.test": f"sip:{a.public_host}:{a.public_port}"}
-    for node in (a, b):
-        node.extra_config["dns"] = {"servers": ["127.0.0.1:9"], "timeout": "1s"}
-        node.extra_config["security"] = {"policy": "require", "zrtp_timeout": "20s"}
-        harness.started.append(node)
-        node.start(wait_control=True)
+    nodes = static_pair(harness, wait_control=True, config={
+        "security": {"policy": "require", "zrtp_timeout": "20s"}})
+    a, b = nodes.a, nodes.b
     exchange_keys(a, b)  # each expects the other's key: the signatures must verify
     alice = phone(baresip, a, "alice", "alice-pw", "a.test", 440)
     bob = phone(baresip, b, "bob", "bob-pw", "b.test", 880)

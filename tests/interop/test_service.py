@@ -28,30 +28,21 @@ import pytest
 import yaml
 
 from harness import Baresip, FreecallDaemon, Harness, Sipp, wait_until
-from harness.calls import phone
+from harness.calls import phone, static_pair
 
 USERS_A = {"alice": "alice-pw"}
 USERS_B = {"bob": "bob-pw"}
 SCENARIOS = Path(__file__).parent / "scenarios"
 
 
-def _pair(harness: Harness, *, sign: bool = False, log: dict[str, Any] | None = None,
+def _pair(harness: Harness, *, log: dict[str, Any] | None = None,
           ) -> tuple[FreecallDaemon, FreecallDaemon]:
-    a = harness.daemon("a", users=USERS_A, domains=["a.test"], public_host="127.0.0.2",
-                       start=False)
-    b = harness.daemon("b", users=USERS_B, domains=["b.test"], public_host="127.0.0.3",
-                       start=False)
-    a.extra_config["routes"] = {"b.test": f"sip:{b.public_host}:{b.public_port}"}
-    b.extra_config["routes"] = {"a.test": f"sip:{a.public_host}:{a.public_port}"}
-    a.extra_config["peering"] = {"seeds": [f"{b.public_host}:{b.peering_port}"]}
-    for node in (b, a):
-        node.extra_config["dns"] = {"servers": ["127.0.0.1:9"], "timeout": "1s"}
-        node.extra_config["openpgp"] = {"sign": sign}
-        if log is not None:
-            node.extra_config["log"] = log
-        harness.started.append(node)
-        node.start(wait_control=True)
-    return a, b
+    """A and B by static routes, B A's seed, no SAS signatures (the call stays unverified)."""
+    config: dict[str, Any] = {"openpgp": {"sign": False}}
+    if log is not None:
+        config["log"] = log
+    nodes = static_pair(harness, config=config, seed=True, wait_control=True)
+    return nodes.a, nodes.b
 
 
 def _metrics(node: FreecallDaemon) -> str:
