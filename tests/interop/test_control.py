@@ -25,11 +25,8 @@ from typing import Any
 import pytest
 
 from harness import Baresip, FreecallDaemon, Harness, ManagedProcess, wait_until
-from harness.calls import phone
+from harness.calls import USERS_A, USERS_B, phone, static_pair
 from harness.netns import Lan
-
-USERS_A = {"alice": "alice-pw"}
-USERS_B = {"bob": "bob-pw"}
 
 
 @dataclass
@@ -43,22 +40,14 @@ def nodes(harness: Harness) -> Iterator[Nodes]:
     yield two_nodes(harness)
 
 
-def two_nodes(harness: Harness, **a_options: Any) -> Nodes:
-    a = harness.daemon("a", users=USERS_A, domains=["a.test"], public_host="127.0.0.2",
-                       start=False, **a_options)
-    b = harness.daemon("b", users=USERS_B, domains=["b.test"], public_host="127.0.0.3",
-                       start=False)
-    a.extra_config["routes"] = {"b.test": f"sip:{b.public_host}:{b.public_port}"}
-    b.extra_config["routes"] = {"a.test": f"sip:{a.public_host}:{a.public_port}"}
-    a.extra_config["peering"] = {"seeds": [f"{b.public_host}:{b.peering_port}"]}
-    for node in (b, a):
-        node.extra_config["dns"] = {"servers": ["127.0.0.1:9"], "timeout": "1s"}
-        # no SAS signatures: the call stays "unverified", the state whose SAS a person
-        # confirms by voice (the signed outcomes are tests/interop/test_openpgp.py's)
-        node.extra_config["openpgp"] = {"sign": False}
-        harness.started.append(node)
-        node.start(wait_control=True)
-    return Nodes(a, b)
+def two_nodes(harness: Harness, *, env: dict[str, str] | None = None,
+              config: dict[str, Any] | None = None) -> Nodes:
+    """A and B (B A's seed); ``env`` and ``config`` go to A only. No SAS signatures: the
+    call stays "unverified", the state whose SAS a person confirms by voice (the signed
+    outcomes are tests/interop/test_openpgp.py's)."""
+    pair = static_pair(harness, config={"openpgp": {"sign": False}}, a_config=config,
+                       a_env=env, seed=True, wait_control=True)
+    return Nodes(pair.a, pair.b)
 
 
 def cli(node: FreecallDaemon, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

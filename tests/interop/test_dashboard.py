@@ -22,10 +22,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
 
 from harness import Baresip, FreecallDaemon, Harness, wait_until
-from harness.calls import phone
+from harness.calls import USERS_A, USERS_B, phone, static_pair
 
-USERS_A = {"alice": "alice-pw"}
-USERS_B = {"bob": "bob-pw"}
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -61,21 +59,12 @@ def shots(request: pytest.FixtureRequest) -> Path:
 
 
 def nodes(harness: Harness) -> tuple[FreecallDaemon, FreecallDaemon]:
-    a = harness.daemon("a", users=USERS_A, domains=["a.test"], public_host="127.0.0.2",
-                       start=False)
-    b = harness.daemon("b", users=USERS_B, domains=["b.test"], public_host="127.0.0.3",
-                       start=False)
-    a.extra_config["routes"] = {"b.test": f"sip:{b.public_host}:{b.public_port}"}
-    b.extra_config["routes"] = {"a.test": f"sip:{a.public_host}:{a.public_port}"}
-    a.extra_config["peering"] = {"seeds": [f"{b.public_host}:{b.peering_port}"]}
-    for node in (b, a):
-        node.extra_config["dns"] = {"servers": ["127.0.0.1:9"], "timeout": "1s"}
-        # no SAS signatures: the call stays "unverified", the state whose SAS a person
-        # confirms by voice (the signed outcomes are tests/interop/test_openpgp.py's)
-        node.extra_config["openpgp"] = {"sign": False}
-        harness.started.append(node)
-        node.start(wait_control=True)
-    return a, b
+    """A and B (B A's seed) with no SAS signatures: the call stays "unverified", the state
+    whose SAS a person confirms by voice (the signed outcomes are tests/interop/
+    test_openpgp.py's)."""
+    pair = static_pair(harness, config={"openpgp": {"sign": False}}, seed=True,
+                       wait_control=True)
+    return pair.a, pair.b
 
 
 def card(driver: webdriver.Chrome, call_id: str) -> WebElement | None:

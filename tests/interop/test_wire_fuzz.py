@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from harness import Baresip, FreecallDaemon, Harness, wait_until
-from harness.calls import USERS_A, USERS_B, phone
+from harness.calls import USERS_A, USERS_B, phone, static_pair
 from harness.fuzz import Mutator, seed_messages
 
 FUZZ_SEED = 11
@@ -43,22 +43,12 @@ REGRESSIONS = Path(__file__).resolve().parents[1] / "vectors" / "regressions"
 
 def _pair(harness: Harness) -> tuple[FreecallDaemon, FreecallDaemon]:
     """harness.calls.static_pair, with quieter logs and the fuzzer exempt on B."""
-    a = harness.daemon("a", users=USERS_A, domains=["a.test"], public_host="127.0.0.2",
-                       start=False)
-    b = harness.daemon("b", users=USERS_B, domains=["b.test"], public_host="127.0.0.3",
-                       start=False)
-    a.extra_config["routes"] = {"b.test": f"sip:{b.public_host}:{b.public_port}"}
-    b.extra_config["routes"] = {"a.test": f"sip:{a.public_host}:{a.public_port}"}
-    b.extra_config["users"] = {"bob": {"password": USERS_B["bob"]},
-                               "carol": {"password": "carol-pw"}}  # exists, never online
-    b.extra_config["security"] = {"rate_exempt": [f"{FUZZ_SOURCE}/32"]}
-    for node in (a, b):
-        node.extra_config["dns"] = {"servers": ["127.0.0.1:9"], "timeout": "1s"}
-        node.extra_config["log"] = {"level": "info", "sip_trace": False}
-        node.extra_config["openpgp"] = {"sign": False}
-        harness.started.append(node)
-        node.start(wait_control=True)
-    return a, b
+    pair = static_pair(
+        harness, wait_control=True,
+        config={"log": {"level": "info", "sip_trace": False}, "openpgp": {"sign": False}},
+        b_config={"users": {"carol": {"password": "carol-pw"}},  # exists, never online
+                  "security": {"rate_exempt": [f"{FUZZ_SOURCE}/32"]}})
+    return pair.a, pair.b
 
 
 def _rss_kb(pid: int) -> int:
