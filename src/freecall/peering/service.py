@@ -40,7 +40,7 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 
 from ..routing.dns import Lookup, drive
 from ..routing.plan import Plan, Query, ask
-from ..routing.rfc3263 import addresses_of, order_srv
+from ..routing.rfc3263 import addresses_of, is_ip, order_srv
 from ..sip.uri import SipUri, parse_sip_uri
 from .gossip import (
     Gossip,
@@ -319,7 +319,7 @@ class PeeringService:
                 self.add_seed((address, port), None, "peering.seeds (reload)")
 
     async def _addresses(self, host: str) -> list[str]:
-        if _is_ip(host):
+        if is_ip(host):
             return [host]
         loop = asyncio.get_running_loop()
         try:
@@ -480,14 +480,6 @@ def _addresses(addresses: Sequence[Address]) -> str:
 
 def _describe(record: NodeRecord) -> str:
     return f"routes [{', '.join(record.routes)}] at {_addresses(record.addresses)}"
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _norm_ip(host: str) -> str:
