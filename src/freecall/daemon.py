@@ -28,6 +28,7 @@ from typing import Any
 
 from . import __version__
 from .config import AutoUser, Config, ConfigError, ensure_auto_user, load_config
+from .control.model import CallRecord
 from .control.service import ControlService
 from .gpgverify.service import KeyPaths, SasKeys
 from .gpgverify.verdict import Outcome, Verdict, with_voice_check
@@ -596,12 +597,9 @@ class Daemon:
             self.records.close()
             self.records = None
 
-    def _record_call(self, call: Call) -> None:
+    def _record_call(self, record: CallRecord | None) -> None:
         """A finished call's line in calls.jsonl, from the control API's view of it."""
-        if self.records is None or self.control is None:
-            return
-        record = self.control.book.find(call.id)
-        if record is None:
+        if self.records is None or self.control is None or record is None:
             return
         self.records.append(record_of(self.control.book.view(record), self.config.node.name))
 
@@ -916,8 +914,8 @@ class Daemon:
             self._timer.arm(min(deadlines) if deadlines else None)
 
     def _on_proxy_event(self, event: ProxyEvent, now: float) -> None:
-        if self.control is not None:
-            self.control.proxy_event(event)  # before CallEnded frees the media: figures kept
+        # the call book first: before CallEnded frees the media, so its figures are kept
+        record = self.control.proxy_event(event) if self.control is not None else None
         if isinstance(event, Registered):
             assert self.registrar is not None
             response = self.registrar.register(
@@ -937,9 +935,8 @@ class Daemon:
         elif isinstance(event, CallEnded):
             call = event.call
             key = (call.call_id, call.from_tag)
-            self._record_call(call)
-            ended = self.control.book.find(call.id) if self.control is not None else None
-            verification = str(ended.security.get("verification")) if ended else "none"
+            self._record_call(record)
+            verification = str(record.security.get("verification")) if record else "none"
             result = ("answered" if call.answered is not None
                       else "cancelled" if call.outcome == "cancelled" else "failed")
             slot = (result, verification)

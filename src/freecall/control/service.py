@@ -23,7 +23,7 @@ from ..sip.proxy import CallAnswered, CallEnded, CallStarted
 from ..sip.registrar import BindingAdded, BindingRefreshed
 from ..srtp.bridge import MediaStream, StreamInsecure, StreamSecure, ZrtpFailure
 from .api import ApiError, ControlServer, KeysProvider, load_or_create_token
-from .model import CallBook, EventBus, ProxyCall
+from .model import CallBook, CallRecord, EventBus, ProxyCall
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
@@ -88,13 +88,15 @@ class ControlService:
         return f"http://{host}:{server.http_port}/#token={self.token}"
 
     # -- feeds from the daemon ----------------------------------------------------------------
-    def proxy_event(self, event: object) -> None:
+    def proxy_event(self, event: object) -> CallRecord | None:
+        """Feed the call book; the record of the call the event is about, if any."""
         if isinstance(event, CallStarted):
-            self.book.started(event.call)
-        elif isinstance(event, CallAnswered):
-            self.book.answered(event.call)
-        elif isinstance(event, CallEnded):
-            self.book.ended(event.call)  # before the daemon frees the media: figures kept
+            return self.book.started(event.call)
+        if isinstance(event, CallAnswered):
+            return self.book.answered(event.call)
+        if isinstance(event, CallEnded):
+            return self.book.ended(event.call)  # before the daemon frees the media
+        return None
 
     def registrar_event(self, event: RegistrarEvent) -> None:
         now = self.loop.time()
