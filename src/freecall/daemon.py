@@ -481,11 +481,17 @@ class Daemon:
         if restored:
             log.info("%d registration(s) restored from %s", registrar.binding_count, path.name)
 
-    def _save_registrations(self) -> None:
+    def _registrations_snapshot(self) -> bytes | None:
+        """The bindings as JSON if they changed since the last snapshot (taken on the loop)."""
         if self.registrar is None or not self._registrations_dirty:
-            return
+            return None
         self._registrations_dirty = False
-        self._write_registrations(self.registrar.to_json().encode())
+        return self.registrar.to_json().encode()
+
+    def _save_registrations(self) -> None:
+        data = self._registrations_snapshot()
+        if data is not None:
+            self._write_registrations(data)
 
     def _write_registrations(self, data: bytes) -> None:
         """Atomic write; a failure (disk full) is logged once until a write works again."""
@@ -507,9 +513,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(REGISTRATIONS_SAVE_INTERVAL)
-            if self.registrar is not None and self._registrations_dirty:
-                self._registrations_dirty = False
-                data = self.registrar.to_json().encode()
+            data = self._registrations_snapshot()
+            if data is not None:
                 await loop.run_in_executor(None, self._write_registrations, data)
 
     # -- reload (SIGHUP, POST /api/reload) ------------------------------------------------
