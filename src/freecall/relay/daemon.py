@@ -156,12 +156,16 @@ class RelayDaemon:
     async def _log_stats(self) -> None:
         while True:
             await asyncio.sleep(STATS_INTERVAL)
-            if self.relay is not None and self.relay.core is not None:
-                core = self.relay.core
-                s = core.stats
-                log.info("relay: %d allocation(s); relayed %d packets, %d bytes; %d requests, "
-                         "%d errors, %d dropped", core.allocations, s.relayed_packets,
-                         s.relayed_bytes, s.requests, s.errors, s.dropped)
+            self._log_counters("")
+
+    def _log_counters(self, when: str) -> None:
+        """One line with the relay's counters: every STATS_INTERVAL, and the totals at stop."""
+        if self.relay is not None and self.relay.core is not None:
+            core = self.relay.core
+            s = core.stats
+            log.info("relay%s: %d allocation(s); relayed %d packets, %d bytes; %d requests, "
+                     "%d errors, %d dropped", when, core.allocations, s.relayed_packets,
+                     s.relayed_bytes, s.requests, s.errors, s.dropped)
 
     async def run(self) -> None:
         await self._stopping.wait()
@@ -178,6 +182,7 @@ class RelayDaemon:
             self._stats_task.cancel()
         if self.peering is not None:
             await self.peering.stop()
+        self._log_counters(" at stop")
         if self.relay is not None:
             self.relay.close()
         self.notifier.close()
