@@ -80,6 +80,8 @@ class Client:
     realm: bytes = REALM.encode()
     now: float = 0.0
     inbox: list[bytes] = field(default_factory=list)
+    password: str | None = None
+    """Overrides the shared-secret password (node-key credentials)."""
 
     @property
     def username(self) -> str:
@@ -87,8 +89,8 @@ class Client:
 
     @property
     def key(self) -> bytes:
-        return long_term_key(self.username, self.realm.decode(),
-                             turn_password(self.secret, self.username))
+        password = self.password or turn_password(self.secret, self.username)
+        return long_term_key(self.username, self.realm.decode(), password)
 
     def send(self, data: bytes) -> list[tuple[Addr | None, bytes, Addr]]:
         self.server.receive(data, self.addr, self.now)

@@ -7,8 +7,19 @@ The scheme is the one coturn implements for ``use-auth-secret`` / ``static-auth-
     password = base64(HMAC-SHA1(shared secret, username))
 
 The relay needs no user database: it recomputes the password from the username. A username whose
-expiry time has passed is refused. The shared secret is the text of ``relay.secret_file``; it is
-used as the HMAC key exactly as written (coturn does the same with ``static-auth-secret``).
+expiry time has passed is refused.
+
+Mesh nodes need no copy of the secret: they use **node-key credentials** instead. The username
+has the same shape (``"<expiry>:<node id in hex>"``); the password is
+``base64(HMAC-SHA1(K, username))`` where ``K`` is derived from a static-static X25519 agreement
+between the node's key and the relay's node key (both Ed25519 keys of the host cache, converted
+as the gossip layer does, but under their own label, so these keys are independent of the
+gossip MAC keys). The node computes ``K`` from the relay's host-cache record; the relay from the
+record of the node id in the username. So only a node that holds the private key of a record the
+relay knows can obtain an allocation, and quotas stay per node id.
+
+The shared secret is the text of ``relay.secret_file``; it is used as the HMAC key exactly as
+written (coturn does the same with ``static-auth-secret``).
 
 Nonces (RFC 5389 section 10.2) are stateless too, like the SIP digest nonces of ``sip/auth.py``:
 an issue time and an HMAC over it and the client's address, so a flood of requests leaves no
@@ -25,6 +36,9 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+from freecall.peering.records import ed25519_to_x25519_public
 from freecall.storage import atomic_write
 
 __all__ = [
@@ -32,6 +46,9 @@ __all__ = [
     "NonceBox",
     "load_or_create_secret",
     "node_credentials",
+    "node_key_credentials",
+    "node_key_password",
+    "node_key_secret",
     "parse_username",
     "turn_password",
 ]
@@ -54,6 +71,32 @@ def node_credentials(
         raise ValueError("a node id must be non-empty and contain no ':'")
     username = f"{int(wall_now + ttl)}:{node_id}"
     return username, turn_password(secret, username)
+
+
+_NODE_KEY_LABEL = b"freecall TURN node-key credentials v1"
+
+
+def node_key_secret(own: X25519PrivateKey, own_public: bytes, peer_public: bytes) -> bytes:
+    """``K`` of the module docstring, the same on both sides: SHA-256 over a label, the X25519
+    shared secret of the two node keys and both Ed25519 public keys (sorted)."""
+    shared = own.exchange(X25519PublicKey.from_public_bytes(ed25519_to_x25519_public(peer_public)))
+    first, second = sorted((own_public, peer_public))
+    return hashlib.sha256(_NODE_KEY_LABEL + shared + first + second).digest()
+
+
+def node_key_password(secret: bytes, username: str) -> str:
+    """base64(HMAC-SHA1(K, username)): the TURN password of node-key credentials."""
+    mac = hmac.new(secret, username.encode(), hashlib.sha1).digest()
+    return base64.b64encode(mac).decode("ascii")
+
+
+def node_key_credentials(
+    own: X25519PrivateKey, own_public: bytes, relay_public: bytes, node_id: str,
+    wall_now: float, ttl: float = DEFAULT_TTL,
+) -> tuple[str, str]:
+    """A node's username and password for the relay whose node key is ``relay_public``."""
+    username = f"{int(wall_now + ttl)}:{node_id}"
+    return username, node_key_password(node_key_secret(own, own_public, relay_public), username)
 
 
 def parse_username(username: str) -> tuple[int, str] | None:

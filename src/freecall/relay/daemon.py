@@ -20,11 +20,11 @@ from freecall.config import Config
 from freecall.netaddr import own_address
 from freecall.ops.sdnotify import Notifier
 from freecall.peering.gossip import GossipConfig
-from freecall.peering.records import Address, AddrKind, Flag, NodeIdentity
+from freecall.peering.records import NODE_ID_SIZE, Address, AddrKind, Flag, NodeIdentity
 from freecall.peering.service import Announcement, PeeringService, announcement_for
 
 from .control import RelayControl
-from .credentials import load_or_create_secret
+from .credentials import load_or_create_secret, node_key_secret
 from .server import TurnSettings
 from .service import RelayService
 
@@ -33,6 +33,7 @@ __all__ = ["RelayDaemon", "public_address"]
 log = logging.getLogger("freecall")
 
 STATS_INTERVAL = 300.0  # one line of relay counters in the log this often
+NODE_SECRETS_KEPT = 4096  # node-key credential secrets remembered (one X25519 each)
 
 
 def public_address(config: Config) -> str:
@@ -59,6 +60,7 @@ class RelayDaemon:
         self.peering: PeeringService | None = None
         self._stopping = asyncio.Event()
         self._stats_task: asyncio.Task[None] | None = None
+        self._node_secrets: dict[str, bytes] = {}
         self.notifier = Notifier()
         self.listening: list[str] = []
         self.control: RelayControl | None = None
@@ -88,6 +90,7 @@ class RelayDaemon:
             max_lifetime=relay.max_lifetime,
             max_permissions=relay.max_permissions,
             wall_offset=time.time() - loop.time(),
+            node_secret=self._node_secret if config.peering.listen is not None else None,
         )
         service = RelayService(settings, (relay.listen.host, relay.listen.port), public,
                                relay.ports)
@@ -111,6 +114,30 @@ class RelayDaemon:
                  config.node.name, ", ".join(listening))
         self.notifier.ready("relay on " + ", ".join(listening))
         self.notifier.start_watchdog(loop)
+
+    def _node_secret(self, node: str) -> bytes | None:
+        """Node-key TURN credentials (relay.credentials): the secret shared with the node whose
+        id is ``node`` (hex), if its record is in our host cache. One X25519 per node, kept."""
+        secret = self._node_secrets.get(node)
+        if secret is not None:
+            return secret
+        peering = self.peering
+        gossip = peering.gossip if peering is not None else None
+        if gossip is None or len(node) != 2 * NODE_ID_SIZE:
+            return None
+        try:
+            node_id = bytes.fromhex(node)
+        except ValueError:
+            return None
+        record = gossip.cache.get(node_id)
+        if record is None or record.node_id != node_id:
+            return None
+        identity = peering.identity  # type: ignore[union-attr]
+        secret = node_key_secret(identity.x25519(), identity.public_key, record.public_key)
+        if len(self._node_secrets) >= NODE_SECRETS_KEPT:
+            self._node_secrets.pop(next(iter(self._node_secrets)))
+        self._node_secrets[node] = secret
+        return secret
 
     def _on_sighup(self) -> None:
         """``systemctl reload``: a relay has nothing to apply live yet; it says so instead of

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .credentials import NonceBox, parse_username, turn_password
+from .credentials import NonceBox, node_key_password, parse_username, turn_password
 from .stun import (
     Attr,
     Class,
@@ -110,6 +110,9 @@ class TurnSettings:
     nonce_lifetime: float = 600.0
     wall_offset: float = 0.0
     """Unix time minus ``now``: credential expiry times are Unix times."""
+    node_secret: Callable[[str], bytes | None] | None = None
+    """The node-key credential secret ``K`` for a node id (credentials module), None for a
+    node the relay does not know; unset: shared-secret credentials only."""
 
 
 @dataclass(slots=True)
@@ -434,10 +437,16 @@ class RelayServer:
             return None
         key = long_term_key(username, self.settings.realm,
                             turn_password(self.settings.secret, username))
-        if not msg.check_integrity(key):
-            self._challenge(msg, source, 401, now, "bad MESSAGE-INTEGRITY")
-            return None
-        return node, key
+        if msg.check_integrity(key):
+            return node, key
+        lookup = self.settings.node_secret
+        secret = lookup(node) if lookup is not None else None
+        if secret is not None:
+            key = long_term_key(username, self.settings.realm, node_key_password(secret, username))
+            if msg.check_integrity(key):
+                return node, key
+        self._challenge(msg, source, 401, now, "bad MESSAGE-INTEGRITY")
+        return None
 
     def _lifetime(self, msg: StunMessage) -> int | None:
         """RFC 5766 section 6.2: max(default, min(requested, maximum)); None if malformed."""
