@@ -477,3 +477,21 @@ def test_response_from_another_address_fails_the_check() -> None:
     agent.receive(reply, ("198.51.100.8", 5000), 0.01)
     assert agent.selected is None
     assert all(p.state == "failed" for p in agent._pairs.values())
+
+
+def test_checks_that_arrive_before_the_answer_are_answered_and_retriggered() -> None:
+    """The answerer starts checking as soon as it has the offer; the offerer gets the answer
+    (through SIP) later. Its early checks are answered at once and re-checked after."""
+    world = World()
+    a = world.add(1, "port-restricted", controlling=True)
+    b = world.add(2, "full-cone", controlling=False)
+    world.gather()
+    b.agent.set_remote(a.agent.local_parameters, world.now)
+    world.pump(b)
+    world.run(world.now + 0.5)
+    assert a.agent.stats["checks_received"] > 0 and a.agent.selected is None
+    a.agent.set_remote(b.agent.local_parameters, world.now)
+    world.pump(a)
+    world.run(world.now + 5.0)
+    assert a.agent.selected is not None and b.agent.selected is not None
+    assert a.agent.selected.base != "relay"

@@ -114,6 +114,7 @@ CHANNEL_REFRESH = 540.0  # channels live 600 s (RFC 5766 section 11)
 CHANNEL_FIRST = 0x4000
 MAX_REMOTE_CANDIDATES = 32
 MAX_PAIRS = 64
+MAX_EARLY_CHECKS = 16  # checks kept while the far end's SDP has not reached us (RFC 8445 7.3)
 UFRAG_BYTES = 6  # 8 base64 characters: RFC 8839 section 5.4 asks for at least 24 bits
 PWD_BYTES = 18  # 24 characters: at least 128 bits (RFC 8839 section 5.4)
 _CHANNEL = struct.Struct("!HH")
@@ -816,7 +817,8 @@ class IceAgent:
         ], key=self.pwd.encode())
         self._emit_to(response, source, base == RELAY)
         if self.remote is None:
-            self._pending_requests.append((msg, base, source))
+            if len(self._pending_requests) < MAX_EARLY_CHECKS:
+                self._pending_requests.append((msg, base, source))
             return
         self._trigger(base, source, msg, now)
 
