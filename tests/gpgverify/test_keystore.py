@@ -279,3 +279,45 @@ def test_a_voice_check_from_an_earlier_call_counts_unless_an_attack_shows() -> N
     for outcome in (Outcome.MITM_SUSPECTED, Outcome.TRUSTED_FIRST_USE, Outcome.VERIFIED):
         verdict = Verdict(outcome, "why")
         assert with_voice_check(verdict, True) is verdict
+
+
+def test_a_key_the_peer_nodes_record_names_is_expected_on_first_contact(
+    pair: tuple[KeyStore, str, KeyStore, str], tmp_path: Path
+) -> None:
+    """The host-cache record of alice's node names fa: a first call signed by fa is verified
+    (and pinned "record"); a key with the right user ID that the record does not name is an
+    attacker's; no signature from a node whose record names a key is a downgrade."""
+    a, fa, b, _ = pair
+    record = "the host-cache record of node 0123456789abcdef"
+    sashash = os.urandom(32)
+    verdict = b.verify(ALICE, a.keyring.sign(fa, sashash), sashash, offered(a, fa, ALICE),
+                       None, named=fa, named_by=record)
+    assert verdict.outcome is Outcome.VERIFIED and record in verdict.reason, verdict
+    assert b.pins.get(ALICE).how == "record"  # type: ignore[union-attr]
+    b.forget(ALICE)
+
+    mallory, fm = node(tmp_path, "mallory", [ALICE])
+    sashash = os.urandom(32)
+    verdict = b.verify(ALICE, mallory.keyring.sign(fm, sashash), sashash,
+                       offered(mallory, fm, ALICE), None, named=fa, named_by=record)
+    assert verdict.outcome is Outcome.MITM_SUSPECTED and verdict.peer_key == fm, verdict
+    assert record in verdict.reason and b.pins.get(ALICE) is None
+    assert b.verify(ALICE, None, sashash, None, None, named=fa).outcome \
+        is Outcome.MITM_SUSPECTED
+    # the record's key signed but was not offered (and never seen): nothing to check it with
+    fresh, _ = node(tmp_path, "fresh", [BOB])
+    assert fresh.verify(ALICE, a.keyring.sign(fa, sashash), sashash, None, None,
+                        named=fa).outcome is Outcome.UNVERIFIED
+    fresh.close()
+    # the record's key has no user ID for the address: it does not speak for it
+    carol, fc = node(tmp_path, "carol", ["carol@c.test"])
+    verdict = b.verify(ALICE, carol.keyring.sign(fc, sashash), sashash,
+                       offered(carol, fc, "carol@c.test"), None, named=fc)
+    assert verdict.outcome is Outcome.UNVERIFIED and "no user ID" in verdict.reason, verdict
+    # what the user decided comes first: a pin outranks the record
+    b.trust(ALICE, fm)
+    verdict = b.verify(ALICE, a.keyring.sign(fa, sashash), sashash, offered(a, fa, ALICE),
+                       None, named=fa)
+    assert verdict.outcome is Outcome.MITM_SUSPECTED, verdict
+    mallory.close()
+    carol.close()
