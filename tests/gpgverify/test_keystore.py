@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +25,7 @@ from freecall.gpgverify.gpg import GpgHome, normalise_address, normalise_fingerp
 from freecall.gpgverify.pins import PinStore
 from freecall.gpgverify.service import KeyPaths, KeyStore, SasKeys
 from freecall.gpgverify.verdict import Outcome
+from harness.keys import make_user_key
 
 ALICE = "alice@a.test"
 BOB = "bob@b.test"
@@ -321,3 +325,62 @@ def test_a_key_the_peer_nodes_record_names_is_expected_on_first_contact(
     assert verdict.outcome is Outcome.MITM_SUSPECTED, verdict
     mallory.close()
     carol.close()
+
+
+def test_a_passphrase_protected_key_of_the_user(tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """openpgp.key names a passphrase-protected key in the user's own keyring; the passphrase
+    comes from openpgp.passphrase_file (first line, read once, mode 0600 or refused)."""
+    home = Path(tempfile.mkdtemp(prefix="fcu"))  # short: the agent's socket lives in it
+    try:
+        fingerprint = make_user_key(home, f"Alice <{ALICE}>", "correct horse")
+        secret = tmp_path / "passphrase"
+        secret.write_text("correct horse\n")
+        secret.chmod(0o600)
+        paths = KeyPaths(home, tmp_path / "seen", tmp_path / "pins.json")
+
+        async def started(passphrase_file: Path) -> SasKeys:
+            keys = SasKeys(paths, key=fingerprint, addresses=[ALICE],
+                           passphrase_file=str(passphrase_file))
+            assert await keys.start() == fingerprint
+            return keys
+
+        async def main() -> None:
+            keys = await started(secret)
+            assert keys.can_sign and keys.offer(ALICE)
+            sashash = os.urandom(32)
+            signature = await keys.sign(sashash)
+            assert signature is not None
+            assert keys.store is not None
+            assert keys.store.keyring.verify(signature, sashash).status == "good"
+            await keys.close()
+            GpgHome(home).close()  # the agent forgets the passphrase it was given
+
+            secret.write_text("wrong horse\n")
+            keys = await started(secret)
+            assert not keys.can_sign and keys.offer(ALICE) is None
+            assert await keys.sign(sashash) is None  # calls go on unsigned
+            await keys.close()
+
+            secret.write_text("correct horse\n")
+            secret.chmod(0o644)
+            keys = await started(secret)
+            assert not keys.can_sign
+            await keys.close()
+
+            keys = SasKeys(paths, key=fingerprint, addresses=[ALICE])  # no passphrase at all
+            await keys.start()
+            assert not keys.can_sign
+            await keys.close()
+
+        with caplog.at_level(logging.ERROR, "freecall.gpgverify"):
+            asyncio.run(main())
+        wrong, open_to_all, none = [r.getMessage() for r in caplog.records
+                                    if r.name == "freecall.gpgverify"]
+        assert (f"OpenPGP key {fingerprint} cannot sign with the passphrase in {secret}: gpg "
+                "could not sign: bad passphrase. Calls go on UNSIGNED") in wrong, wrong
+        assert "open to other users (mode 0644): chmod 600" in open_to_all, open_to_all
+        assert "needs a passphrase (openpgp.passphrase_file, or a gpg-agent" in none, none
+    finally:
+        GpgHome(home).close()
+        shutil.rmtree(home, ignore_errors=True)

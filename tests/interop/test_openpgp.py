@@ -12,14 +12,17 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from harness import Baresip, FreecallDaemon, Harness, wait_until
 from harness.calls import USERS_A, USERS_B, Nodes, phone, static_pair, talk_and_hang_up
-from harness.keys import keys_cli, wait_outcomes
+from harness.keys import exchange_keys, keys_cli, make_user_key, wait_outcomes
+from harness.mitm import stop_gpg_agent
 
 pytestmark = pytest.mark.interop
 
@@ -161,3 +164,44 @@ def test_zrtp_done_before_the_answer_arrives_still_checks_the_offered_key(
     [(_, outcome, why, _)] = wait_outcomes(a, 1)
     assert outcome == "trusted-first-use", why
     assert "the signature check waits for it" in a.log_text()
+
+
+def test_the_users_own_key_with_a_passphrase_file(
+    harness: Harness, baresip: Callable[..., Baresip], tmp_path: Path
+) -> None:
+    """alice's node signs with alice's own passphrase-protected key (openpgp.home: her
+    keyring, openpgp.key: its fingerprint, openpgp.passphrase_file: mode 0600). A wrong
+    passphrase is one clear log line at start, and calls still work, unsigned (unverified for
+    bob's node, which knows no key for alice); the right one gives verified calls."""
+    home = Path(tempfile.mkdtemp(prefix="fcu"))  # short: gpg-agent's socket lives in it
+    try:
+        key = make_user_key(home, "Alice <alice@a.test>", "correct horse")
+        secret = tmp_path / "alice.pass"
+        secret.write_text("wrong horse\n")
+        secret.chmod(0o600)
+        nodes = static_pair(harness, a_config={"openpgp": {
+            "home": str(home), "key": key, "passphrase_file": str(secret)}})
+        a, b = nodes.a, nodes.b
+        assert f"OpenPGP key {key} cannot sign with the passphrase in {secret}: gpg could " \
+            "not sign: bad passphrase" in a.log_text()
+        alice = phone(baresip, a, "alice", USERS_A["alice"], "a.test", 440)
+        bob = phone(baresip, b, "bob", USERS_B["bob"], "b.test", 880)
+        alice.dial("sip:bob@b.test")
+        talk_and_hang_up(alice, bob, 880, 440)
+        [(_, outcome, why, _)] = wait_outcomes(b, 1)
+        assert outcome == "unverified" and "no signature" in why, why
+
+        a.stop()
+        secret.write_text("correct horse\n")
+        a.start()
+        alice.wait_registered()
+        exchange_keys(a, b)  # alice's key goes from her keyring to bob's node, and back
+        alice.dial("sip:bob@b.test")
+        talk_and_hang_up(alice, bob, 880, 440)
+        assert wait_outcomes(b, 2)[1][1:3] == ("verified", "signed by the imported key for "
+                                                            "alice@a.test")
+        assert wait_outcomes(a, 2)[1][1] == "verified"
+        assert key in keys_cli(b, "show")
+    finally:
+        stop_gpg_agent(home)
+        shutil.rmtree(home, ignore_errors=True)

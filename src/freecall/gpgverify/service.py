@@ -50,11 +50,15 @@ class KeyPaths:
     home: Path
     seen: Path
     pins: Path
+    users_home: bool = False
+    """``home`` is a keyring outside the state directory (``openpgp.home``: the user's own):
+    its gpg-agent is the user's, and the daemon leaves it running when it stops."""
 
     @classmethod
     def for_state(cls, state_dir: Path, home: str | Path | None = None) -> KeyPaths:
-        return cls(Path(home) if home else state_dir / "gnupg", state_dir / SEEN_HOME,
-                   state_dir / PINS_FILE)
+        keyring = Path(home) if home else state_dir / "gnupg"
+        inside = keyring.resolve().is_relative_to(state_dir.resolve())
+        return cls(keyring, state_dir / SEEN_HOME, state_dir / PINS_FILE, users_home=not inside)
 
 
 class KeyStore:
@@ -162,7 +166,7 @@ class KeyStore:
         return verdict
 
     def close(self) -> None:
-        self.keyring.close()
+        self.keyring.close(stop_agent=not self.paths.users_home)
         if self._seen is not None:
             self._seen.close()
 
