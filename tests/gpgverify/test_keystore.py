@@ -271,6 +271,12 @@ async def _async_face(tmp_path: Path) -> None:
     verdict = await keys.verify(BOB, signature, sashash, None)
     assert verdict.outcome is Outcome.MITM_SUSPECTED  # our own signature is never the peer's
     assert fingerprint
+    # a reload added carol: the node key gains her user ID, and her calls offer it
+    await keys.set_addresses([ALICE, BOB, "carol@b.test"])
+    assert keys.store is not None
+    assert "carol@b.test" in keys.store.keyring.key(fingerprint).addresses  # type: ignore[union-attr]
+    carol = keys.offer("sip:carol@b.test")
+    assert carol is not None and carol not in (offer, keys.offer(ALICE))
     await keys.close()
 
 
