@@ -26,12 +26,14 @@ def talk_and_hang_up(caller: Baresip, callee: Baresip, heard_by_caller: int,
                      heard_by_callee: int) -> None:
     caller.wait_event("CALL_ESTABLISHED", 10)
     callee.wait_event("CALL_ESTABLISHED", 5)
+    # this call's statistics come after CALL_CLOSED: wait for them, not an earlier call's
+    before = len(caller.rtp_stats()), len(callee.rtp_stats())
     time.sleep(2.5)
     caller.hangup()
     caller.wait_event("CALL_CLOSED", 5)
     callee.wait_event("CALL_CLOSED", 5)
-    assert caller.wait_rtp_stats()[-1].rx_packets >= 50
-    assert callee.wait_rtp_stats()[-1].rx_packets >= 50
+    assert caller.wait_rtp_stats(before[0] + 1)[-1].rx_packets >= 50
+    assert callee.wait_rtp_stats(before[1] + 1)[-1].rx_packets >= 50
     assert_tone(caller.last_decoded_wav(), heard_by_caller)
     assert_tone(callee.last_decoded_wav(), heard_by_callee)
 
