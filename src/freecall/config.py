@@ -866,8 +866,12 @@ class OpenPGPConfig:
         "touches `~/.gnupg` unless told to).", path=True)
     binary: str = setting("gpg", "GnuPG executable, looked up in `PATH` unless absolute.")
     passphrase_file: str = setting(
-        "", 'File whose first line is the passphrase of `key` (mode 0600; never put it in this '
-        'file). `""`: no passphrase, or gpg-agent already holds it.', path=True)
+        "", 'File whose first line is the passphrase of `key`, read once at start (never put it '
+        "in this file). It must not be open to other users (mode 0600 or 0400), else it is "
+        "refused. `\"\"`: no passphrase, or gpg-agent already holds it. A key that cannot "
+        "sign (a wrong passphrase) is one error line at start; calls then go on unsigned "
+        "(peers see them `unverified`) and the key is neither offered nor announced.",
+        path=True)
     sign: bool = setting(
         True, "Sign the SAS hash of every call and check the peer's signature (RFC 6189 "
         "section 7.2). `false`: calls end `unverified` unless the SAS is confirmed by voice.")

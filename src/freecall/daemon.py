@@ -30,6 +30,7 @@ from . import __version__
 from .config import AutoUser, Config, ConfigError, ensure_auto_user, load_config
 from .control.model import CallRecord
 from .control.service import ControlService
+from .gpgverify.gpg import normalise_address
 from .gpgverify.service import KeyPaths, SasKeys
 from .gpgverify.verdict import Outcome, Verdict, with_voice_check
 from .netaddr import own_address
@@ -38,7 +39,7 @@ from .ops.reload import effective_config, plan_reload
 from .ops.sdnotify import Notifier
 from .peering.gossip import GossipConfig
 from .peering.records import Address, AddrKind, NodeIdentity
-from .peering.service import PeeringService, announcement_for
+from .peering.service import PeeringService, RecordKey, announcement_for
 from .routing.dns import AsyncDns
 from .routing.router import Router, parse_routes
 from .sip.auth import DigestServer
@@ -176,6 +177,8 @@ class Daemon:
         the details live in the control API's call records."""
         self.keys: SasKeys | None = None
         """OpenPGP: our key, SAS signatures, the peer's verification (issue 7)."""
+        self._remote_sdp: dict[DialogKey, asyncio.Event] = {}
+        """Verifications waiting for the far end's SDP (its key offer) to cross."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: Timer | None = None
         self._stopping = asyncio.Event()
@@ -362,7 +365,8 @@ class Daemon:
             on_event=self._on_media_event,
         )
         self.media = MediaCalls(self.media_engine,
-                                key_offer=self.keys.offer if self.keys is not None else None)
+                                key_offer=self.keys.offer if self.keys is not None else None,
+                                on_remote_sdp=self._remote_sdp_crossed)
         log.info("media on %s, ports %d-%d, security policy %s", address,
                  config.media.ports.first, config.media.ports.last, config.security.policy)
 
@@ -420,7 +424,7 @@ class Daemon:
             gossip_address = Address(AddrKind.GOSSIP, gossip_host, listen.port)
         announcement = announcement_for(
             identity, gossip=gossip_address, sip=sip, routes=routes, tls_key=tls_key,
-            name=config.node.name,
+            name=config.node.name, openpgp_key=self._record_openpgp_key(),
         )
         peering = config.peering
         service = PeeringService(
@@ -440,6 +444,14 @@ class Daemon:
         )
         await service.start()
         return service
+
+    def _record_openpgp_key(self) -> bytes | None:
+        """The fingerprint our node record names: the key that signs our SAS hashes, if it
+        can (a record naming a key that does not sign would make peers suspect an attack)."""
+        keys = self.keys
+        if keys is None or keys.fingerprint is None or not keys.can_sign:
+            return None
+        return bytes.fromhex(keys.fingerprint)
 
     async def _start_control(self) -> None:
         """The control API (HTTP with the token, and the Unix socket) and the dashboard."""
@@ -567,12 +579,16 @@ class Daemon:
             if self.registrar is not None and self._loop is not None:
                 for name in set(self.config.users) - set(new.users):
                     self.registrar.remove_user(name, self._loop.time())
+        served = list(new.sip.domains) or [new.node.name]
+        if "users" in changed and self.keys is not None:
+            self._spawn(self._openpgp_users([f"{user}@{domain}" for domain in served
+                                             for user in new.users]))
         if self.peering is not None:
-            served = list(new.sip.domains) or [new.node.name]
             self.peering.reconfigure(
                 seeds=[(seed.host, seed.port) for seed in new.peering.seeds],
                 srv_domain=new.peering.srv_domain,
-                routes=[*served, *(f"{user}@{served[0]}" for user in new.users)])
+                routes=[*served, *(f"{user}@{served[0]}" for user in new.users)],
+                openpgp_key=self._record_openpgp_key())
         if "routes" in changed and self.router is not None:
             self.router.routes = parse_routes(new.routes)
         engine = self.media_engine
@@ -601,6 +617,15 @@ class Daemon:
         elif not new.log.call_records and self.records is not None:
             self.records.close()
             self.records = None
+
+    async def _openpgp_users(self, addresses: list[str]) -> None:
+        """Users added by a reload: our key gains their user IDs and offers (off the loop),
+        so a peer checking the key our record names finds their address on it."""
+        assert self.keys is not None
+        try:
+            await self.keys.set_addresses(addresses)
+        except (OSError, RuntimeError, ValueError) as exc:
+            log.warning("reload: the OpenPGP key could not name the new users: %s", exc)
 
     def _record_call(self, record: CallRecord | None) -> None:
         """A finished call's line in calls.jsonl, from the control API's view of it."""
@@ -823,9 +848,39 @@ class Daemon:
             log.warning("call %s: could not sign the SAS hash: %s (sending unsigned)", name, exc)
         stream.provide_signature(b"PGP ", signature)  # the stream sends its Confirm itself
 
+    def _remote_sdp_crossed(self, key: DialogKey) -> None:
+        waiter = self._remote_sdp.pop(key, None)
+        if waiter is not None:
+            waiter.set()
+
+    async def _far_sdp(self, key: DialogKey, name: str) -> None:
+        """Wait (at most Timer B's 64*T1) until the far end's SDP, which carries its OpenPGP
+        key, has crossed: ZRTP may finish first when its answer is lost and retransmitted,
+        since our stream starts on the far end's Hello (srtp/bridge.py, latching)."""
+        media = self.media
+        call_media = media.calls.get(key) if media is not None else None
+        if call_media is None or call_media.remote_sdp:
+            return
+        log.info("call %s: media secure before the far end's SDP arrived: the signature "
+                 "check waits for it (it carries the far end's key)", name)
+        waiter = self._remote_sdp.setdefault(key, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(waiter.wait(), 64 * self.config.sip.timers.t1)
+        self._remote_sdp.pop(key, None)
+
+    def _record_key(self, call: Call, address: str) -> RecordKey | None:
+        """The OpenPGP key the host-cache record of the call's far node names for the peer's
+        address (docs/security.md, "Keys from the mesh"); None without one."""
+        flow = call.callee_flow if call.direction == "out" else call.caller_flow
+        if self.peering is None or flow is None:
+            return None
+        return self.peering.openpgp_key_for(normalise_address(address),
+                                            (str(flow.remote[0]), int(flow.remote[1])))
+
     async def _verify(self, key: DialogKey, event: StreamSecure, name: str) -> None:
         """The peer's signature over OUR sashash, checked off the loop; the media is already
         encrypted meanwhile. The outcome updates the call's state and may end it."""
+        await self._far_sdp(key, name)
         call = self.proxy.calls.get(key) if self.proxy is not None else None
         address = _peer_address(call) if call is not None else None
         mismatch = event.continuity == "mismatch"
@@ -842,9 +897,13 @@ class Daemon:
                 log.info("call %s: signature type %r not supported", name, signature.sig_type)
             offered = self.media.calls[key].offered_key if (
                 self.media is not None and key in self.media.calls) else None
+            record = self._record_key(call, address) if call is not None else None
             try:
                 verdict = await self.keys.verify(
-                    address, data, signature.sashash if signature else b"", offered, mismatch)
+                    address, data, signature.sashash if signature else b"", offered, mismatch,
+                    named=record.fingerprint if record else None,
+                    named_by=f"the host-cache record of node {record.node_id[:16]}"
+                    if record else "")
             except (OSError, RuntimeError, ValueError) as exc:
                 log.warning("call %s: signature check failed: %s", name, exc)
                 verdict = (Verdict(Outcome.MITM_SUSPECTED, "ZRTP retained secrets differ")
@@ -948,6 +1007,7 @@ class Daemon:
             self.stats.calls_ended[slot] = self.stats.calls_ended.get(slot, 0) + 1
             if self.media is not None:
                 self.media.release(key)
+            self._remote_sdp_crossed(key)  # a verification still waiting gives up
             media_state = self.media_state.pop(key, None)
             if media_state is not None:
                 log.info("call %s: media was %s", call.id, media_state)

@@ -10,6 +10,7 @@ import ipaddress
 import json
 import os
 import stat
+import threading
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,6 +26,7 @@ from freecall.control.api import (
     load_or_create_token,
 )
 from freecall.control.model import EventBus
+from freecall.gpgverify.service import KeyPaths, SasKeys
 
 TOKEN = "t" * 64
 
@@ -32,9 +34,10 @@ TOKEN = "t" * 64
 class Backend:
     """Just enough daemon for the server: fixed answers, a real event bus."""
 
-    def __init__(self) -> None:
+    def __init__(self, keys: KeysProvider | None = None) -> None:
         self.bus = EventBus(lambda: 1_700_000_000.0)
         self.hung_up: list[str] = []
+        self.key_store = keys
 
     def status(self) -> dict[str, Any]:
         return {"version": "test", "node_id": None, "uptime_s": 1.0, "listeners": [],
@@ -62,7 +65,7 @@ class Backend:
         return {"id": call_id, "verified": verified}
 
     def keys(self) -> KeysProvider | None:
-        return None
+        return self.key_store
 
     def reload(self) -> dict[str, Any]:
         raise ApiError(501, "not yet")
@@ -74,8 +77,9 @@ class Backend:
 
 
 @asynccontextmanager
-async def serving(tmp_path: Path, **options: Any) -> AsyncIterator[tuple[ControlServer, Backend]]:
-    backend = Backend()
+async def serving(tmp_path: Path, backend: Backend | None = None,
+                  **options: Any) -> AsyncIterator[tuple[ControlServer, Backend]]:
+    backend = backend or Backend()
     options.setdefault("limits", Limits(request_timeout=0.5, idle_timeout=0.5, heartbeat=0.3))
     server = ControlServer(backend, token=TOKEN, listen=("127.0.0.1", 0),
                            socket_path=tmp_path / "control.sock", **options)
@@ -341,4 +345,35 @@ def test_stop_ends_open_event_streams(tmp_path: Path) -> None:
         async with asyncio.timeout(3):
             assert await reader.read(-1) is not None  # EOF, not a hang
         writer.close()
+    run(main())
+
+
+def test_key_requests_run_on_the_gpg_worker_while_the_loop_serves_others(tmp_path: Path) -> None:
+    """/api/keys with the real GnuPG store (issue 7): while the store's one gpg worker is busy
+    the request waits for it, and the event loop meanwhile answers other requests."""
+    async def main() -> None:
+        keys = SasKeys(KeyPaths.for_state(tmp_path / "s"), name="s", addresses=["a@a.test"])
+        fingerprint = await keys.start()
+        gate = threading.Event()
+        busy = asyncio.ensure_future(keys._in_worker(gate.wait, 10))  # a long gpg job
+        try:
+            async with serving(tmp_path, Backend(keys)) as (server, _):
+                listing = asyncio.ensure_future(exchange(server, request("GET", "/api/keys")))
+                await asyncio.sleep(0.3)
+                assert not listing.done()  # queued behind the worker's job
+                assert status_of(await exchange(server, request("GET", "/api/status"))) == 200
+                gate.set()
+                answer = await listing
+                assert status_of(answer) == 200
+                assert [k["source"] for k in json_of(answer)
+                        if k["fingerprint"] == fingerprint] == ["own"]
+                trusted = await exchange(server, request(
+                    "POST", "/api/keys/trust", body={"address": "b@b.test",
+                                                     "fingerprint": "AB" * 20}))
+                assert json_of(trusted)["pin"] == "trusted"
+        finally:
+            gate.set()
+            await busy
+            await keys.close()
+
     run(main())

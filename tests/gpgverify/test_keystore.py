@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +25,7 @@ from freecall.gpgverify.gpg import GpgHome, normalise_address, normalise_fingerp
 from freecall.gpgverify.pins import PinStore
 from freecall.gpgverify.service import KeyPaths, KeyStore, SasKeys
 from freecall.gpgverify.verdict import Outcome
+from harness.keys import make_user_key
 
 ALICE = "alice@a.test"
 BOB = "bob@b.test"
@@ -267,6 +271,12 @@ async def _async_face(tmp_path: Path) -> None:
     verdict = await keys.verify(BOB, signature, sashash, None)
     assert verdict.outcome is Outcome.MITM_SUSPECTED  # our own signature is never the peer's
     assert fingerprint
+    # a reload added carol: the node key gains her user ID, and her calls offer it
+    await keys.set_addresses([ALICE, BOB, "carol@b.test"])
+    assert keys.store is not None
+    assert "carol@b.test" in keys.store.keyring.key(fingerprint).addresses  # type: ignore[union-attr]
+    carol = keys.offer("sip:carol@b.test")
+    assert carol is not None and carol not in (offer, keys.offer(ALICE))
     await keys.close()
 
 
@@ -279,3 +289,104 @@ def test_a_voice_check_from_an_earlier_call_counts_unless_an_attack_shows() -> N
     for outcome in (Outcome.MITM_SUSPECTED, Outcome.TRUSTED_FIRST_USE, Outcome.VERIFIED):
         verdict = Verdict(outcome, "why")
         assert with_voice_check(verdict, True) is verdict
+
+
+def test_a_key_the_peer_nodes_record_names_is_expected_on_first_contact(
+    pair: tuple[KeyStore, str, KeyStore, str], tmp_path: Path
+) -> None:
+    """The host-cache record of alice's node names fa: a first call signed by fa is verified
+    (and pinned "record"); a key with the right user ID that the record does not name is an
+    attacker's; no signature from a node whose record names a key is a downgrade."""
+    a, fa, b, _ = pair
+    record = "the host-cache record of node 0123456789abcdef"
+    sashash = os.urandom(32)
+    verdict = b.verify(ALICE, a.keyring.sign(fa, sashash), sashash, offered(a, fa, ALICE),
+                       None, named=fa, named_by=record)
+    assert verdict.outcome is Outcome.VERIFIED and record in verdict.reason, verdict
+    assert b.pins.get(ALICE).how == "record"  # type: ignore[union-attr]
+    b.forget(ALICE)
+
+    mallory, fm = node(tmp_path, "mallory", [ALICE])
+    sashash = os.urandom(32)
+    verdict = b.verify(ALICE, mallory.keyring.sign(fm, sashash), sashash,
+                       offered(mallory, fm, ALICE), None, named=fa, named_by=record)
+    assert verdict.outcome is Outcome.MITM_SUSPECTED and verdict.peer_key == fm, verdict
+    assert record in verdict.reason and b.pins.get(ALICE) is None
+    assert b.verify(ALICE, None, sashash, None, None, named=fa).outcome \
+        is Outcome.MITM_SUSPECTED
+    # the record's key signed but was not offered (and never seen): nothing to check it with
+    fresh, _ = node(tmp_path, "fresh", [BOB])
+    assert fresh.verify(ALICE, a.keyring.sign(fa, sashash), sashash, None, None,
+                        named=fa).outcome is Outcome.UNVERIFIED
+    fresh.close()
+    # the record's key has no user ID for the address: it does not speak for it
+    carol, fc = node(tmp_path, "carol", ["carol@c.test"])
+    verdict = b.verify(ALICE, carol.keyring.sign(fc, sashash), sashash,
+                       offered(carol, fc, "carol@c.test"), None, named=fc)
+    assert verdict.outcome is Outcome.UNVERIFIED and "no user ID" in verdict.reason, verdict
+    # what the user decided comes first: a pin outranks the record
+    b.trust(ALICE, fm)
+    verdict = b.verify(ALICE, a.keyring.sign(fa, sashash), sashash, offered(a, fa, ALICE),
+                       None, named=fa)
+    assert verdict.outcome is Outcome.MITM_SUSPECTED, verdict
+    mallory.close()
+    carol.close()
+
+
+def test_a_passphrase_protected_key_of_the_user(tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """openpgp.key names a passphrase-protected key in the user's own keyring; the passphrase
+    comes from openpgp.passphrase_file (first line, read once, mode 0600 or refused)."""
+    home = Path(tempfile.mkdtemp(prefix="fcu"))  # short: the agent's socket lives in it
+    try:
+        fingerprint = make_user_key(home, f"Alice <{ALICE}>", "correct horse")
+        secret = tmp_path / "passphrase"
+        secret.write_text("correct horse\n")
+        secret.chmod(0o600)
+        paths = KeyPaths(home, tmp_path / "seen", tmp_path / "pins.json")
+
+        async def started(passphrase_file: Path) -> SasKeys:
+            keys = SasKeys(paths, key=fingerprint, addresses=[ALICE],
+                           passphrase_file=str(passphrase_file))
+            assert await keys.start() == fingerprint
+            return keys
+
+        async def main() -> None:
+            keys = await started(secret)
+            assert keys.can_sign and keys.offer(ALICE)
+            sashash = os.urandom(32)
+            signature = await keys.sign(sashash)
+            assert signature is not None
+            assert keys.store is not None
+            assert keys.store.keyring.verify(signature, sashash).status == "good"
+            await keys.close()
+            GpgHome(home).close()  # the agent forgets the passphrase it was given
+
+            secret.write_text("wrong horse\n")
+            keys = await started(secret)
+            assert not keys.can_sign and keys.offer(ALICE) is None
+            assert await keys.sign(sashash) is None  # calls go on unsigned
+            await keys.close()
+
+            secret.write_text("correct horse\n")
+            secret.chmod(0o644)
+            keys = await started(secret)
+            assert not keys.can_sign
+            await keys.close()
+
+            keys = SasKeys(paths, key=fingerprint, addresses=[ALICE])  # no passphrase at all
+            await keys.start()
+            assert not keys.can_sign
+            await keys.close()
+
+        with caplog.at_level(logging.ERROR, "freecall.gpgverify"):
+            asyncio.run(main())
+        wrong, open_to_all, none = [r.getMessage() for r in caplog.records
+                                    if r.name == "freecall.gpgverify"]
+        assert (f"OpenPGP key {fingerprint} cannot sign with the passphrase in {secret}: gpg "
+                "could not sign: bad passphrase. Calls go on UNSIGNED") in wrong, wrong
+        assert "open to other users (mode 0644): chmod 600" in open_to_all, open_to_all
+        assert "needs a passphrase (openpgp.passphrase_file, or a gpg-agent" in none, none
+    finally:
+        GpgHome(home).close()
+        shutil.rmtree(home, ignore_errors=True)

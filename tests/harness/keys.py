@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from .daemon import FreecallDaemon
 
@@ -45,3 +46,16 @@ def wait_outcomes(node: FreecallDaemon, count: int, timeout: float = 10.0
         time.sleep(0.1)
     raise AssertionError(f"{node.name}: {len(outcomes(node))} outcomes, wanted {count}\n"
                          + "\n".join(node.log_text().splitlines()[-30:]))
+
+
+def make_user_key(home: Path, uid: str, passphrase: str) -> str:
+    """A user's own passphrase-protected Ed25519 signing key in GnuPG home ``home`` (made
+    0700 if new), the way ``gpg --quick-generate-key`` makes one; its fingerprint. Stop the
+    home's agent afterwards (``stop_gpg_agent`` in harness.mitm)."""
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    gpg = ["gpg", "--homedir", str(home), "--batch", "--no-tty", "--pinentry-mode", "loopback"]
+    subprocess.run([*gpg, "--passphrase", passphrase, "--quick-generate-key", uid, "ed25519",
+                    "sign", "never"], check=True, capture_output=True, timeout=60)
+    listing = subprocess.run([*gpg, "--with-colons", "--list-secret-keys"], check=True,
+                             capture_output=True, text=True, timeout=60).stdout
+    return next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))

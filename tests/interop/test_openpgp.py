@@ -8,16 +8,21 @@ would do it. The man-in-the-middle runs are in test_mitm.py.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
-from harness import Baresip, FreecallDaemon, Harness
+from harness import Baresip, FreecallDaemon, Harness, wait_until
 from harness.calls import USERS_A, USERS_B, Nodes, phone, static_pair, talk_and_hang_up
-from harness.keys import keys_cli, wait_outcomes
+from harness.keys import exchange_keys, keys_cli, make_user_key, wait_outcomes
+from harness.mitm import stop_gpg_agent
 
 pytestmark = pytest.mark.interop
 
@@ -114,3 +119,89 @@ def test_first_use_then_a_new_key_is_suspected_and_trust_resolves_it(
     alice.dial("sip:bob@b.test")
     talk_and_hang_up(alice, bob, 880, 440)
     assert wait_outcomes(nodes.b, 3)[2][1] == "verified"
+
+
+@pytest.fixture
+def blocked() -> Iterator[Callable[[str], None]]:
+    """``block(rule)``: an nftables input rule (a match, then drop) until the test calls
+    ``unblock()`` on the returned table name or ends."""
+    table = f"freecall_block_{os.getpid()}"
+    made = False
+
+    def block(match: str) -> None:
+        nonlocal made
+        rules = [f"add table inet {table}",
+                 f"add chain inet {table} inp {{ type filter hook input priority 0; }}",
+                 f"add rule inet {table} inp {match} counter drop"]
+        subprocess.run(["nft", "-f", "-"], input="\n".join(rules) + "\n", text=True,
+                       check=True, capture_output=True)
+        made = True
+
+    yield block
+    if made:
+        subprocess.run(["nft", "delete", "table", "inet", table], check=False,
+                       capture_output=True)
+
+
+def test_zrtp_done_before_the_answer_arrives_still_checks_the_offered_key(
+    nodes: Nodes, baresip: Callable[..., Baresip], blocked: Callable[[str], None]
+) -> None:
+    """Regression (seen under 20 % loss): B's 200 OK, whose SDP offers B's key, is lost, but
+    B's ZRTP Hello reaches A's media port, A's stream starts on it and ZRTP completes before
+    the retransmitted 200 OK. A's verification must wait for that SDP, not end "unverified
+    (signed by key ... which we do not have)". Here every datagram from B's SIP port to A is
+    dropped until A's media is secure."""
+    a, b = nodes.a, nodes.b
+    alice = phone(baresip, a, "alice", USERS_A["alice"], "a.test", 440)
+    bob = phone(baresip, b, "bob", USERS_B["bob"], "b.test", 880)
+    blocked(f"ip saddr {b.public_host} ip daddr {a.public_host} udp sport {b.public_port}")
+    alice.dial("sip:bob@b.test")
+    wait_until(lambda: "media secure" in a.log_text(), 15, message="A's media to be secure")
+    time.sleep(0.5)  # the outcome would come now, without the SDP
+    subprocess.run(["nft", "delete", "table", "inet", f"freecall_block_{os.getpid()}"],
+                   check=True, capture_output=True)
+    talk_and_hang_up(alice, bob, 880, 440)
+    [(_, outcome, why, _)] = wait_outcomes(a, 1)
+    assert outcome == "trusted-first-use", why
+    assert "the signature check waits for it" in a.log_text()
+
+
+def test_the_users_own_key_with_a_passphrase_file(
+    harness: Harness, baresip: Callable[..., Baresip], tmp_path: Path
+) -> None:
+    """alice's node signs with alice's own passphrase-protected key (openpgp.home: her
+    keyring, openpgp.key: its fingerprint, openpgp.passphrase_file: mode 0600). A wrong
+    passphrase is one clear log line at start, and calls still work, unsigned (unverified for
+    bob's node, which knows no key for alice); the right one gives verified calls."""
+    home = Path(tempfile.mkdtemp(prefix="fcu"))  # short: gpg-agent's socket lives in it
+    try:
+        key = make_user_key(home, "Alice <alice@a.test>", "correct horse")
+        secret = tmp_path / "alice.pass"
+        secret.write_text("wrong horse\n")
+        secret.chmod(0o600)
+        nodes = static_pair(harness, a_config={"openpgp": {
+            "home": str(home), "key": key, "passphrase_file": str(secret)}})
+        a, b = nodes.a, nodes.b
+        assert f"OpenPGP key {key} cannot sign with the passphrase in {secret}: gpg could " \
+            "not sign: bad passphrase" in a.log_text()
+        alice = phone(baresip, a, "alice", USERS_A["alice"], "a.test", 440)
+        bob = phone(baresip, b, "bob", USERS_B["bob"], "b.test", 880)
+        alice.dial("sip:bob@b.test")
+        talk_and_hang_up(alice, bob, 880, 440)
+        [(_, outcome, why, _)] = wait_outcomes(b, 1)
+        assert outcome == "unverified" and "no signature" in why, why
+
+        a.stop()
+        secret.write_text("correct horse\n")
+        a.start()
+        alice.wait_registered()
+        exchange_keys(a, b)  # alice's key goes from her keyring to bob's node, and back
+        alice.dial("sip:bob@b.test")
+        talk_and_hang_up(alice, bob, 880, 440)
+        assert wait_outcomes(b, 2)[1][1:3] == ("verified", "signed by the imported key for "
+                                                            "alice@a.test")
+        assert wait_outcomes(a, 2)[1][1] == "verified"
+        assert key in keys_cli(b, "show")
+    finally:
+        stop_gpg_agent(home)
+        shutil.rmtree(home, ignore_errors=True)

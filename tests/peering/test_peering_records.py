@@ -200,3 +200,58 @@ def test_mutated_record_never_verifies(pos: int, xor: int, cut: int) -> None:
     except RecordError:
         return
     pytest.fail("mutated record accepted")
+
+
+FPR_V4 = bytes.fromhex("0123456789ABCDEF0123456789ABCDEF01234567")
+
+
+def test_openpgp_fingerprint_field_round_trip_and_old_format() -> None:
+    """The OpenPGP key that signs the node's SAS hashes (issue 7): an optional TLV, 22 bytes."""
+    _, plain = make()
+    _, rec = make(extensions=((Ext.OPENPGP_FINGERPRINT, FPR_V4),
+                              (Ext.TLS_FINGERPRINT, b"\x01" * 32)))
+    assert len(rec.raw) == len(plain.raw) + 2 + 20 + 2 + 32
+    again = decode_record(rec.raw)
+    assert again == rec and again.openpgp_fingerprint == FPR_V4
+    again.verify_signature()
+    assert rec.summary()["openpgp"] == FPR_V4.hex().upper()
+    # a record without the field (every node before it, or with OpenPGP off) parses the same
+    assert decode_record(plain.raw).openpgp_fingerprint is None
+    assert plain.summary()["openpgp"] is None
+    _, v6 = make(extensions=((Ext.OPENPGP_FINGERPRINT, b"\x02" * 32),))
+    assert decode_record(v6.raw).openpgp_fingerprint == b"\x02" * 32
+
+
+def test_openpgp_fingerprint_of_another_size_is_ignored_not_refused() -> None:
+    """A later format (another size) signed by some node must not make this node refuse the
+    record (and ban its sender): the field is ignored; making such a record is refused."""
+    ident, rec = make()
+    with pytest.raises(RecordError):
+        make(extensions=((Ext.OPENPGP_FINGERPRINT, b"\x01" * 21),))
+    # hand-built: the same layout with a 21-byte value in the extension
+    body = rec.raw[:-64 - 1] + bytes((1, Ext.OPENPGP_FINGERPRINT, 21)) + b"\x01" * 21
+    from freecall.peering.records import SIGN_CONTEXT
+
+    odd = decode_record(body + ident.sign(SIGN_CONTEXT + body))
+    odd.verify_signature()
+    assert odd.extension(Ext.OPENPGP_FINGERPRINT) == b"\x01" * 21
+    assert odd.openpgp_fingerprint is None
+
+
+def test_openpgp_fingerprint_and_the_size_limit() -> None:
+    """With the fingerprint, a record still refuses to grow past MAX_RECORD_SIZE; the
+    daemon's announcement keeps the fingerprint and leaves out routes instead."""
+    from freecall.peering.service import announcement_for
+
+    ident = NodeIdentity.from_seed(SEED)
+    routes = tuple(f"user{i:02d}-{'x' * 30}@example.org" for i in range(32))
+    with pytest.raises(RecordError) as refused:
+        ident.make_record(seq=1, expires=int(NOW) + 60, routes=routes,
+                          extensions=((Ext.OPENPGP_FINGERPRINT, FPR_V4),))
+    assert refused.value.reason == "oversized"
+    ann = announcement_for(ident, gossip=Address(AddrKind.GOSSIP, "192.0.2.10", 5064), sip=[],
+                           routes=routes, tls_key=b"\x01" * 32, name="n", openpgp_key=FPR_V4)
+    rec = ident.make_record(seq=1, expires=int(NOW) + 60, addresses=ann.addresses,
+                            routes=ann.routes, extensions=ann.extensions)
+    assert rec.openpgp_fingerprint == FPR_V4 and len(rec.raw) <= MAX_RECORD_SIZE
+    assert 0 < len(ann.routes) < len(routes)

@@ -140,3 +140,46 @@ def test_announcement_keeps_what_fits(tmp_path: Path, caplog: pytest.LogCaptureF
     assert ann.routes[0] == "example.org" and 1 < len(ann.routes) < 20
     assert "bad domain" in caplog.text and "left out" in caplog.text
     identity.make_record(seq=1, expires=2, routes=ann.routes, extensions=ann.extensions)
+
+
+def test_the_openpgp_key_a_record_names_follows_a_reload(tmp_path: Path) -> None:
+    """reconfigure() re-signs a changed OpenPGP fingerprint (and users) into the record; the
+    other node then expects that key for the node's addresses (openpgp_key_for)."""
+    first, second = bytes.fromhex("AA" * 20), bytes.fromhex("BB" * 32)
+
+    async def main() -> None:
+        pa, pb = free_udp_port("127.0.0.21"), free_udp_port("127.0.0.22")
+        a = service(tmp_path, "a", "127.0.0.21", routes=("a.test",), port=pa)
+        b = service(tmp_path, "b", "127.0.0.22", routes=("b.test", "bob@b.test"),
+                    seeds=[("127.0.0.21", pa)], port=pb)
+        await a.start()
+        await b.start()
+        try:
+            await until(lambda: a.known_nodes() == 1)
+            assert a.openpgp_key_for("bob@b.test", ("127.0.0.22", 5062)) is None  # none named
+            b.reconfigure(seeds=[("127.0.0.21", pa)], srv_domain=None,
+                          routes=("b.test", "bob@b.test", "carol@b.test"), openpgp_key=first)
+            assert b.gossip is not None
+            assert b.gossip.local.openpgp_fingerprint == first
+            await until(lambda: a.openpgp_key_for("carol@b.test", ("127.0.0.22", 5062)))
+            found = a.openpgp_key_for("bob@b.test", ("127.0.0.22", 40000))  # host match
+            assert found is not None and found.fingerprint == first.hex().upper()
+            assert found.node_id == b.identity.node_id.hex() and found.route == "bob@b.test"
+            assert a.openpgp_key_for("bob@c.test", ("127.0.0.22", 5062)) is None  # not served
+            assert a.openpgp_key_for("bob@b.test", ("127.0.0.23", 5062)) is None  # other host
+            assert [p["openpgp"] for p in a.peers()] == [first.hex().upper()]
+            seq = b.gossip.local.seq
+            b.reconfigure(seeds=[("127.0.0.21", pa)], srv_domain=None,
+                          routes=("b.test", "bob@b.test", "carol@b.test"), openpgp_key=second)
+            assert b.gossip.local.seq > seq
+            await until(lambda: (k := a.openpgp_key_for("b.test", ("127.0.0.22", 5061)))
+                        is not None and k.fingerprint == second.hex().upper())
+            seq = b.gossip.local.seq  # unchanged: nothing to re-sign
+            b.reconfigure(seeds=[("127.0.0.21", pa)], srv_domain=None,
+                          routes=("b.test", "bob@b.test", "carol@b.test"))
+            assert b.gossip.local.seq == seq
+        finally:
+            await b.stop()
+            await a.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 30))

@@ -66,16 +66,18 @@ class ApiError(Exception):
 class KeysProvider(Protocol):
     """The OpenPGP key store behind ``/api/keys`` (issue 7 plugs the GnuPG store in).
 
-    Each method may raise :class:`ApiError` (e.g. 400 for a malformed fingerprint).
+    Each method may raise :class:`ApiError` (e.g. 400 for a malformed fingerprint). The
+    key-store methods are coroutines: GnuPG blocks, so they run on the store's worker and the
+    event loop serves other requests (and calls) meanwhile.
     """
 
-    def list_keys(self) -> list[dict[str, Any]]:
+    async def list_keys(self) -> list[dict[str, Any]]:
         """Known peer keys: ``[{address, fingerprint, trust, ...}]``."""
 
-    def trust(self, address: str, fingerprint: str) -> dict[str, Any]:
+    async def trust(self, address: str, fingerprint: str) -> dict[str, Any]:
         """Pin ``fingerprint`` for ``address``; the resulting key entry."""
 
-    def forget(self, address: str) -> dict[str, Any]:
+    async def forget(self, address: str) -> dict[str, Any]:
         """Drop what is known about ``address``; what was removed."""
 
     def own_fingerprint(self) -> str | None:
@@ -283,7 +285,7 @@ class ControlServer:
                     return
                 await self._events(request, reader, writer)
                 return
-            response = self._respond(request, unix, keep)
+            response = await self._respond(request, unix, keep)
             await self._send(writer, response)
             if not keep:
                 return
@@ -337,7 +339,7 @@ class ControlServer:
         return hmac.compare_digest(supplied.encode("utf-8", "replace"), self.token)
 
     # -- requests -----------------------------------------------------------------------------
-    def _respond(self, request: HttpRequest, unix: bool, keep: bool) -> bytes:
+    async def _respond(self, request: HttpRequest, unix: bool, keep: bool) -> bytes:
         path, method = request.path, request.method
         if not path.startswith("/api/") and path != "/metrics":
             return self._static_response(request, keep)
@@ -349,7 +351,7 @@ class ControlServer:
                 body = self.backend.metrics().encode()
                 return render_response(200, body, content_type="text/plain; version=0.0.4",
                                        headers=API_HEADERS, keep_alive=keep)
-            result = self._route(method, path, request)
+            result = await self._route(method, path, request)
         except ApiError as error:
             return _error(error.status, error.message, keep_alive=keep,
                           allow=getattr(error, "allow", None))
@@ -357,7 +359,7 @@ class ControlServer:
             return _error(error.status, error.reason, keep_alive=keep)
         return _json(200, result, keep_alive=keep)
 
-    def _route(self, method: str, path: str, request: HttpRequest) -> Any:
+    async def _route(self, method: str, path: str, request: HttpRequest) -> Any:
         backend = self.backend
         parts = path.strip("/").split("/")[1:]  # after "api"
         match parts:
@@ -392,20 +394,20 @@ class ControlServer:
             case ["keys"]:
                 _only(method, "GET")
                 keys = backend.keys()
-                return [] if keys is None else keys.list_keys()
+                return [] if keys is None else await keys.list_keys()
             case ["keys", "trust"]:
                 _only(method, "POST")
                 body = _body(request)
                 address, fingerprint = body.get("address"), body.get("fingerprint")
                 if not isinstance(address, str) or not isinstance(fingerprint, str):
                     raise ApiError(400, 'expected {"address": "...", "fingerprint": "..."}')
-                return _keys(backend).trust(address, fingerprint)
+                return await _keys(backend).trust(address, fingerprint)
             case ["keys", "forget"]:
                 _only(method, "POST")
                 address = _body(request).get("address")
                 if not isinstance(address, str):
                     raise ApiError(400, 'expected {"address": "..."}')
-                return _keys(backend).forget(address)
+                return await _keys(backend).forget(address)
             case ["reload"]:
                 _only(method, "POST")
                 return backend.reload()

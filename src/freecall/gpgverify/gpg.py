@@ -198,7 +198,7 @@ class GpgHome:
                                      extra_args=["--digest-algo", "SHA256"])
         signature = bytes(result.data or b"")
         if not signature:
-            raise RuntimeError(f"gpg could not sign: {result.status or 'no output'}")
+            raise RuntimeError(f"gpg could not sign: {_sign_failure(result, passphrase)}")
         return signature
 
     def verify(self, signature: bytes, data: bytes) -> SignatureCheck:
@@ -231,10 +231,11 @@ class GpgHome:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Stop this home's gpg-agent (it outlives gpg otherwise) and drop the shortcut."""
+    def close(self, stop_agent: bool = True) -> None:
+        """Stop this home's gpg-agent (it outlives gpg otherwise; not the agent of a user's
+        own keyring, which holds their passphrases) and drop the shortcut."""
         gpgconf = shutil.which("gpgconf")
-        if gpgconf:
+        if gpgconf and stop_agent:
             with contextlib.suppress(OSError, subprocess.SubprocessError):
                 subprocess.run([gpgconf, "--homedir", self.path, "--kill", "gpg-agent"],  # noqa: S603
                                capture_output=True, timeout=10, check=False)
@@ -252,6 +253,18 @@ class GpgHome:
             raise RuntimeError(
                 f"gpg {args[-3:]} failed: {done.stderr.decode(errors='replace').strip()}")
         return done
+
+
+def _sign_failure(result: Any, passphrase: str | None) -> str:
+    """Why gpg made no signature, in words a user can act on (from its messages)."""
+    stderr = str(getattr(result, "stderr", "") or "")
+    if "BAD_PASSPHRASE" in stderr or "bad passphrase" in stderr.lower():
+        return "bad passphrase"
+    if passphrase is None and any(sign in stderr for sign in (
+            "MISSING_PASSPHRASE", "NEED_PASSPHRASE", "Inappropriate ioctl", "No pinentry")):
+        return "the key needs a passphrase (openpgp.passphrase_file, or a gpg-agent holding it)"
+    lines = [line for line in stderr.splitlines() if line and not line.startswith("[GNUPG:]")]
+    return str(result.status or (lines[-1] if lines else "no output"))
 
 
 def _uid(name: str, address: str) -> str:

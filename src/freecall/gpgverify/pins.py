@@ -24,7 +24,8 @@ from freecall.storage import atomic_write
 
 log = logging.getLogger("freecall.gpgverify")
 
-HOW = ("first-use", "trusted", "keyring")  # TOFU, `keys trust`, a key the user imported
+HOW = ("first-use", "trusted", "keyring", "record")
+"""TOFU, `keys trust`, a key the user imported, a key a peer node's host-cache record named."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from freecall.control.api import ApiError
 from freecall.gpgverify.gpg import (
@@ -37,6 +38,7 @@ from freecall.gpgverify.verdict import Outcome, Verdict, decide
 
 log = logging.getLogger("freecall.gpgverify")
 
+T = TypeVar("T")
 PINS_FILE = "openpgp-pins.json"
 SEEN_HOME = "gnupg-seen"
 
@@ -48,11 +50,15 @@ class KeyPaths:
     home: Path
     seen: Path
     pins: Path
+    users_home: bool = False
+    """``home`` is a keyring outside the state directory (``openpgp.home``: the user's own):
+    its gpg-agent is the user's, and the daemon leaves it running when it stops."""
 
     @classmethod
     def for_state(cls, state_dir: Path, home: str | Path | None = None) -> KeyPaths:
-        return cls(Path(home) if home else state_dir / "gnupg", state_dir / SEEN_HOME,
-                   state_dir / PINS_FILE)
+        keyring = Path(home) if home else state_dir / "gnupg"
+        inside = keyring.resolve().is_relative_to(state_dir.resolve())
+        return cls(keyring, state_dir / SEEN_HOME, state_dir / PINS_FILE, users_home=not inside)
 
 
 class KeyStore:
@@ -133,7 +139,8 @@ class KeyStore:
 
     def verify(self, address: str, signature: bytes | None, sashash: bytes,
                offered: bytes | None, own: str | None,
-               continuity_mismatch: bool = False) -> Verdict:
+               continuity_mismatch: bool = False, named: str | None = None,
+               named_by: str = "the peer node's record") -> Verdict:
         """One call's verification (module docstring; the rules are in `verdict.decide`)."""
         address = normalise_address(address)
         check: SignatureCheck | None = None
@@ -152,13 +159,14 @@ class KeyStore:
         imported = frozenset(k.fingerprint for k in self.keyring.keys_for(address)
                              if not k.secret)
         verdict = decide(address, check, pinned=pin.fingerprint if pin else None,
-                         imported=imported, continuity_mismatch=continuity_mismatch)
+                         imported=imported, named=named, named_by=named_by,
+                         continuity_mismatch=continuity_mismatch)
         if verdict.pin and verdict.peer_key:
             self.pins.pin(address, verdict.peer_key, verdict.pin)
         return verdict
 
     def close(self) -> None:
-        self.keyring.close()
+        self.keyring.close(stop_agent=not self.paths.users_home)
         if self._seen is not None:
             self._seen.close()
 
@@ -178,44 +186,98 @@ class SasKeys:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpg")
         self.store: KeyStore | None = None
         self.fingerprint: str | None = None
+        self.can_sign = False
+        self._passphrase: str | None = None
         self._offers: dict[str, str] = {}
 
     async def start(self) -> str:
-        """Open the keyrings and make sure our key exists and names our addresses."""
+        """Open the keyrings, make sure our key exists and names our addresses, and check
+        that it can sign (a passphrase-protected key: with ``passphrase_file``'s passphrase).
+        A key that cannot sign is logged once, clearly; calls then go on unsigned (peers
+        see them ``unverified``) and our key is neither offered nor named in our record."""
         loop = asyncio.get_running_loop()
+        passphrase = None
+        problem = None
+        try:
+            passphrase = self._read_passphrase()
+        except (OSError, ValueError) as error:
+            problem = str(error)
 
-        def work() -> tuple[KeyStore, str, dict[str, str]]:
+        def work() -> tuple[KeyStore, str, str | None]:
             store = KeyStore(self.paths, self._binary)
             fingerprint = store.own_key(self._wanted, self._name, self._addresses)
-            offers = {}
-            for address in self._addresses:
-                data = store.keyring.export(fingerprint, armor=False, address=address)
-                offers[address] = base64.b64encode(data).decode()
-            offers[""] = base64.b64encode(store.keyring.export(fingerprint, armor=False)
-                                          ).decode()
-            return store, fingerprint, offers
+            self._make_offers(store, fingerprint)
+            if problem is not None:
+                return store, fingerprint, problem
+            try:  # one signature now: a wrong passphrase shows at start, not on each call
+                store.keyring.sign(fingerprint, b"freecall signing check", passphrase)
+            except RuntimeError as error:
+                return store, fingerprint, str(error)
+            return store, fingerprint, None
 
-        self.store, fingerprint, self._offers = await loop.run_in_executor(self._executor, work)
+        self.store, fingerprint, problem = await loop.run_in_executor(self._executor, work)
         self.fingerprint = fingerprint
+        self._passphrase = passphrase
+        self.can_sign = problem is None
+        if problem is not None:
+            self._offers = {}
+            where = (f" with the passphrase in {self._passphrase_file}"
+                     if self._passphrase_file else " (no openpgp.passphrase_file, no agent)")
+            log.error("OpenPGP key %s cannot sign%s: %s. Calls go on UNSIGNED: peers see them "
+                      "unverified", fingerprint, where, problem)
         return fingerprint
+
+    async def set_addresses(self, addresses: Iterable[str]) -> None:
+        """Users added at run time: the node key gains their user IDs, the offers follow."""
+        self._addresses = [normalise_address(a) for a in addresses]
+        store = self.store
+        if store is None:
+            return
+
+        def work() -> None:
+            fingerprint = store.own_key(self._wanted, self._name, self._addresses)
+            if self.can_sign:
+                self._make_offers(store, fingerprint)
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, work)
+
+    def _make_offers(self, store: KeyStore, fingerprint: str) -> None:
+        """The key offered in our SDP, per local address: only that address's user ID (the
+        worker thread builds the table, then swaps it in whole)."""
+        offers = {}
+        for address in self._addresses:
+            data = store.keyring.export(fingerprint, armor=False, address=address)
+            if data:
+                offers[address] = base64.b64encode(data).decode()
+        offers[""] = base64.b64encode(store.keyring.export(fingerprint, armor=False)).decode()
+        self._offers = offers
 
     # -- the control API's KeysProvider (GET /api/keys, POST /api/keys/trust|forget) --------
 
     def own_fingerprint(self) -> str | None:
         return self.fingerprint
 
-    def list_keys(self) -> list[dict[str, Any]]:
-        return self._store().list_keys() if self.store is not None else []
+    async def list_keys(self) -> list[dict[str, Any]]:
+        store = self.store
+        return [] if store is None else await self._in_worker(store.list_keys)
 
-    def trust(self, address: str, fingerprint: str) -> dict[str, Any]:
+    async def trust(self, address: str, fingerprint: str) -> dict[str, Any]:
+        store = self._store()
         try:
-            pin = self._store().trust(address, fingerprint)
+            pin = await self._in_worker(store.trust, address, fingerprint)
         except ValueError as error:
             raise ApiError(400, str(error)) from error
         return {"address": pin.address, "fingerprint": pin.fingerprint, "pin": pin.how}
 
-    def forget(self, address: str) -> dict[str, Any]:
-        return {"address": normalise_address(address), "forgot": self._store().forget(address)}
+    async def forget(self, address: str) -> dict[str, Any]:
+        store = self._store()
+        forgot = await self._in_worker(store.forget, address)
+        return {"address": normalise_address(address), "forgot": forgot}
+
+    async def _in_worker(self, work: Callable[..., T], *args: Any) -> T:
+        """Run a blocking key-store operation on the gpg worker (the loop never waits on gpg;
+        one thread also keeps GnuPG calls on one home from overlapping)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work, *args)
 
     def _store(self) -> KeyStore:
         if self.store is None:
@@ -233,25 +295,32 @@ class SasKeys:
         same_user = [a for a in self._offers if a and a.rpartition("@")[0] == user]
         return self._offers[same_user[0]] if same_user else self._offers[""]
 
-    async def sign(self, sashash: bytes) -> bytes:
-        """Our signature over ``sashash`` (RFC 6189 section 7.2, type "PGP ")."""
+    async def sign(self, sashash: bytes) -> bytes | None:
+        """Our signature over ``sashash`` (RFC 6189 section 7.2, type "PGP "); None when our
+        key cannot sign (logged once at start)."""
         store, fingerprint = self.store, self.fingerprint
         if store is None or fingerprint is None:
             raise RuntimeError("OpenPGP keys not started")
-        passphrase = self._read_passphrase()
+        if not self.can_sign:
+            return None
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self._executor, store.keyring.sign, fingerprint, sashash, passphrase)
+            self._executor, store.keyring.sign, fingerprint, sashash, self._passphrase)
 
     async def verify(self, address: str, signature: bytes | None, sashash: bytes,
-                     offered: bytes | None, continuity_mismatch: bool = False) -> Verdict:
+                     offered: bytes | None, continuity_mismatch: bool = False,
+                     named: str | None = None, named_by: str = "the peer node's record",
+                     ) -> Verdict:
+        """``named``: the fingerprint the peer node's host-cache record names (``named_by``
+        says which record), the expected key on first contact (`verdict.decide`)."""
         store = self.store
         if store is None:
             return Verdict(Outcome.UNVERIFIED, "OpenPGP is not available")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self._executor, store.verify, address, signature, sashash, offered,
-            self.fingerprint, continuity_mismatch)
+            self._executor, functools.partial(
+                store.verify, address, signature, sashash, offered, self.fingerprint,
+                continuity_mismatch, named=named, named_by=named_by))
 
     async def close(self) -> None:
         store = self.store
@@ -260,9 +329,16 @@ class SasKeys:
         self._executor.shutdown(wait=False)
 
     def _read_passphrase(self) -> str | None:
+        """The first line of ``passphrase_file``, read once at start. Like ssh with a private
+        key, a file other users may read (or write) is refused: the passphrase is a secret."""
         if not self._passphrase_file:
             return None
-        with open(self._passphrase_file, encoding="utf-8") as handle:
+        path = Path(self._passphrase_file)
+        mode = path.stat().st_mode
+        if mode & 0o077:
+            raise ValueError(f"openpgp.passphrase_file {path} is open to other users (mode "
+                             f"{mode & 0o777:04o}): chmod 600 it")
+        with path.open(encoding="utf-8") as handle:
             return handle.readline().rstrip("\r\n")
 
 

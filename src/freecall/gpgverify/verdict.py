@@ -4,10 +4,13 @@ Pure: no GnuPG, no files. RFC 6189 section 7.2: each endpoint signs its own sash
 the middle who re-keys both legs faces two different sashash values and cannot produce the
 far end's signature over ours. So a signature counts only if it verifies over OUR sashash,
 by a key one of whose user IDs is the peer's address, and that key is the one we expect
-(pinned, or imported by the user). Whatever GnuPG's trust database says is irrelevant.
+(pinned, or imported by the user, or, for a first contact, named by the signed host-cache
+record of the peer node the call went to or came from). Whatever GnuPG's trust database says
+is irrelevant.
 
 Outcomes (the issue's words, shown to users):
-  verified           a good signature by the expected key
+  verified           a good signature by the expected key (pinned, imported, or named by the
+                     peer node's record: docs/security.md says what each proves)
   trusted-first-use  a good signature by a key bound to the address, seen for the first time
                      (now pinned): no attacker on this call unless one was already there on
                      the first one
@@ -37,7 +40,7 @@ class Verdict:
     outcome: Outcome
     reason: str
     peer_key: str | None = None  # the fingerprint that signed, when known
-    pin: str | None = None  # pin ``peer_key`` for the address with this kind ("first-use")
+    pin: str | None = None  # pin ``peer_key`` for the address with this kind (pins.HOW)
     lifts_cache_mismatch: bool = False  # RFC 6189 4.6.1.1: a valid signature is evidence
 
 
@@ -47,16 +50,23 @@ def decide(
     *,
     pinned: str | None,
     imported: frozenset[str],
+    named: str | None = None,
+    named_by: str = "the peer node's record",
     continuity_mismatch: bool = False,
 ) -> Verdict:
     """One call's outcome.
 
     ``check``: GnuPG's result for the peer's signature over our sashash (None: the peer sent
     none). ``pinned``: the fingerprint pinned for ``address``. ``imported``: fingerprints of
-    keys in the user's keyring whose user IDs name ``address``.
+    keys in the user's keyring whose user IDs name ``address``. ``named``: the fingerprint
+    the peer node's host-cache record names (``named_by`` says which record); it counts only
+    when neither a pin nor an imported key does: what the user decided comes first.
     """
     expected = ({pinned} if pinned else set()) | set(imported)
-    verdict = _decide_signature(address, check, pinned, imported, expected)
+    record = None
+    if named and not expected:
+        expected, record = {named}, named
+    verdict = _decide_signature(address, check, pinned, expected, record, named_by)
     if continuity_mismatch and verdict.outcome is not Outcome.VERIFIED:
         return Verdict(Outcome.MITM_SUSPECTED,
                        "ZRTP retained secrets differ from the last call (RFC 6189 4.3.2)",
@@ -72,14 +82,16 @@ def _decide_signature(
     address: str,
     check: SignatureCheck | None,
     pinned: str | None,
-    imported: frozenset[str],
     expected: set[str],
+    record: str | None,
+    named_by: str,
 ) -> Verdict:
+    known = f"named by {named_by}" if record else "known"
     if check is None:
         if expected:
             return Verdict(Outcome.MITM_SUSPECTED,
-                           f"no signature, yet {address} has a known key (a man in the middle "
-                           "cannot sign; a downgrade looks like this)")
+                           f"no signature, yet {address} has a key {known} (a man in the "
+                           "middle cannot sign; a downgrade looks like this)")
         return Verdict(Outcome.UNVERIFIED, f"no signature and no key for {address}: compare "
                        "the SAS by voice")
     if check.status in ("bad", "malformed"):
@@ -94,7 +106,7 @@ def _decide_signature(
         if expected and fingerprint not in expected:
             return Verdict(Outcome.MITM_SUSPECTED,
                            f"signed by an unknown key {fingerprint or '?'}, not the one "
-                           f"known for {address}", fingerprint)
+                           f"{known} for {address}", fingerprint)
         return Verdict(Outcome.UNVERIFIED,
                        f"signed by key {fingerprint or '?'} which we do not have", fingerprint)
     if check.status == "expired-key":
@@ -103,12 +115,20 @@ def _decide_signature(
     # a good signature over our sashash
     bound = address in check.addresses
     if fingerprint in expected and bound:
+        if fingerprint == record:
+            return Verdict(Outcome.VERIFIED, f"signed by the key {named_by} names for "
+                           f"{address}", fingerprint, pin="record")
         how = "pinned" if fingerprint == pinned else "imported"
         return Verdict(Outcome.VERIFIED, f"signed by the {how} key for {address}", fingerprint,
                        pin=None if fingerprint == pinned else "keyring")
+    if fingerprint in expected:
+        # the expected key signed, but none of its user IDs names the address (any more):
+        # not evidence of an attacker, and not evidence of who speaks either
+        return Verdict(Outcome.UNVERIFIED, f"signed by {fingerprint}, the key {known} for "
+                       f"{address}, which has no user ID for it", fingerprint)
     if expected:
         return Verdict(Outcome.MITM_SUSPECTED,
-                       f"signed by {fingerprint}, not the key known for {address} "
+                       f"signed by {fingerprint}, not the key {known} for {address} "
                        f"({', '.join(sorted(expected))})", fingerprint)
     if not bound:
         return Verdict(Outcome.UNVERIFIED,

@@ -37,6 +37,8 @@ CLOCK_SKEW = 120.0
 SIGNATURE_SIZE = 64
 PUBLIC_KEY_SIZE = 32
 NODE_ID_SIZE = 16
+OPENPGP_FINGERPRINT_SIZES = (20, 32)
+"""RFC 4880 section 12.2 (v4, SHA-1) and RFC 9580 section 5.5.4 (v6, SHA-256) fingerprints."""
 KEY_SIZE = 8
 """Internal key of a record: the first 8 bytes of the node id (see docs/peering.md, Identity)."""
 
@@ -83,9 +85,13 @@ class AddrKind(IntEnum):
 
 
 class Ext(IntEnum):
-    """Extension fields bound to the node key by the record signature."""
+    """Extension fields bound to the node key by the record signature.
 
-    OPENPGP_FINGERPRINT = 1  # v4 (20 bytes) or v6 (32 bytes) fingerprint of the node/user key
+    An extension is an optional TLV: a record without one parses the same, and a node that
+    does not know a type keeps it (it is signed) and ignores it.
+    """
+
+    OPENPGP_FINGERPRINT = 1  # v4 (20 bytes) or v6 (32 bytes) fingerprint of the SAS signing key
     OPENPGP_BINDING = 2  # reserved: OpenPGP signature over the node key (later issue)
     TLS_FINGERPRINT = 3  # SHA-256 of the TLS public key (SPKI DER: tls.certificate_fingerprint)
     NAME = 4  # human-readable node name, UTF-8, informative only
@@ -202,6 +208,8 @@ def encode_body(
     for etype, value in extensions:
         if not 0 < etype < 256 or len(value) > 255:
             raise RecordError("malformed", "extension")
+        if etype == Ext.OPENPGP_FINGERPRINT and len(value) not in OPENPGP_FINGERPRINT_SIZES:
+            raise RecordError("malformed", "OpenPGP fingerprint size")
         parts.append(bytes((etype, len(value))) + value)
     return b"".join(parts)
 
@@ -290,8 +298,11 @@ class NodeRecord:
 
     @property
     def openpgp_fingerprint(self) -> bytes | None:
-        """OpenPGP fingerprint bound to this node key by the record signature."""
-        return self.extension(Ext.OPENPGP_FINGERPRINT)
+        """Fingerprint of the OpenPGP key that signs this node's SAS hashes, bound to the node
+        key by the record signature. A value of another size (a later format) is ignored,
+        not refused: decoding stays the same on old and new nodes."""
+        value = self.extension(Ext.OPENPGP_FINGERPRINT)
+        return value if value is not None and len(value) in OPENPGP_FINGERPRINT_SIZES else None
 
     @property
     def tls_fingerprint(self) -> bytes | None:
@@ -334,6 +345,7 @@ class NodeRecord:
             ],
             "routes": list(self.routes),
             "relay": self.relay,
+            "openpgp": fp.hex().upper() if (fp := self.openpgp_fingerprint) else None,
             "seq": self.seq,
             "expires": self.expires,
         }

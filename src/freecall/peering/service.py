@@ -76,6 +76,22 @@ SIP_KINDS = ((AddrKind.SIP_TLS, "tls"), (AddrKind.SIP_TCP, "tcp"), (AddrKind.SIP
 """Preference among a node's SIP addresses: TLS first (encrypted, and the key is checked)."""
 
 
+class Keep:
+    """Type of :data:`KEEP`: "leave this part of the record as it is"."""
+
+
+KEEP = Keep()
+
+
+@dataclass(frozen=True, slots=True)
+class RecordKey:
+    """An OpenPGP key a peer node's record names (docs/security.md, "Keys from the mesh")."""
+
+    fingerprint: str  # upper-case hex, as GnuPG prints it
+    node_id: str  # the node whose signed record names it (32 hex digits)
+    route: str  # the route of that record the call's address matched
+
+
 @dataclass(frozen=True)
 class Announcement:
     """What this node tells the mesh about itself (signed into its record)."""
@@ -175,7 +191,7 @@ class PeeringService:
             codec=codec,
         )
         log.info(
-            "peering: node %s on udp:%s:%d, %d node(s) from %s; announcing %s; routes: %s",
+            "peering: node %s on udp:%s:%d, %d node(s) from %s; announcing %s; routes: %s%s",
             self.identity.node_id.hex(),
             self.bound[0],
             self.bound[1],
@@ -183,6 +199,7 @@ class PeeringService:
             self.cache_path.name,
             _addresses(announcement.addresses),
             ", ".join(announcement.routes) or "none",
+            _openpgp_note(announcement.extensions),
         )
         self._spawn(self._bootstrap())
         self._spawn(self._save_periodically())
@@ -298,18 +315,27 @@ class PeeringService:
         self._flush()
 
     def reconfigure(self, *, seeds: Sequence[tuple[str, int]], srv_domain: str | None,
-                    routes: Sequence[str]) -> None:
+                    routes: Sequence[str], openpgp_key: bytes | Keep | None = KEEP) -> None:
         """A configuration reload: new seeds are contacted at once; changed routes (users
-        added or removed) are re-signed into our record and spread (a new sequence number)."""
+        added or removed) or a changed OpenPGP key are re-signed into our record and spread
+        (a new sequence number)."""
         added = [seed for seed in seeds if seed not in self.seeds]
         self.seeds = tuple(seeds)
         self.srv_domain = srv_domain
         if added:
             self._spawn(self._add_seeds(added))
-        if self.gossip is not None and tuple(routes) != tuple(self.announcement.routes):
-            self.announcement = dataclasses.replace(self.announcement, routes=tuple(routes))
-            self.gossip.update_local(self.clock(), routes=tuple(routes))
-            log.info("peering: now announcing routes %s", ", ".join(routes) or "none")
+        current = self.announcement
+        extensions = current.extensions
+        if not isinstance(openpgp_key, Keep):
+            extensions = with_openpgp_key(extensions, openpgp_key)
+        if tuple(routes) == tuple(current.routes) and extensions == current.extensions:
+            return
+        self.announcement = dataclasses.replace(current, routes=tuple(routes),
+                                                extensions=extensions)
+        if self.gossip is not None:
+            self.gossip.update_local(self.clock(), routes=tuple(routes), extensions=extensions)
+            log.info("peering: now announcing routes %s%s", ", ".join(routes) or "none",
+                     _openpgp_note(extensions))
             self._dirty = True
             self._flush()
 
@@ -428,8 +454,57 @@ class PeeringService:
         return not wanted or key in wanted
 
     def peers(self) -> list[dict[str, object]]:
-        """The `/api/peers` view."""
-        return [] if self.gossip is None else self.gossip.peers(self.clock())
+        """The `/api/peers` view, with the OpenPGP key each record names (``openpgp``)."""
+        if self.gossip is None:
+            return []
+        named = {r.node_id.hex(): r.openpgp_fingerprint for r in self.gossip.cache.records()}
+        out = self.gossip.peers(self.clock())
+        for peer in out:
+            fingerprint = named.get(str(peer.get("node_id")))
+            peer["openpgp"] = fingerprint.hex().upper() if fingerprint else None
+        return out
+
+    def openpgp_key_for(self, address: str, remote: Addr) -> RecordKey | None:
+        """The OpenPGP key the host cache names for ``address`` (``user@domain``) when the
+        call's far node is at ``remote``: records that serve the address (its user route or
+        its domain) and list a SIP address on that host, this node's own excepted. A record
+        with the exact SIP address (host and port: the node a call was sent to) wins over
+        one with the host only (a call that came in: its source port is the node's or an
+        ephemeral one). Two such records naming different keys name none (logged)."""
+        gossip = self.gossip
+        if gossip is None:
+            return None
+        try:
+            route = normalize_route(address)
+        except RecordError:
+            return None
+        domain = route.rpartition("@")[2]
+        records = list(gossip.lookup_user(route)) if "@" in route else []
+        records += [*gossip.lookup_domain(domain), *self._answer(route), *self._answer(domain)]
+        host = _norm_ip(remote[0])
+        exact: dict[bytes, NodeRecord] = {}
+        same_host: dict[bytes, NodeRecord] = {}
+        for record in records:
+            if record.key == gossip.key or record.openpgp_fingerprint is None:
+                continue
+            for kind, _ in SIP_KINDS:
+                for sip in record.addresses_of(kind):
+                    if _norm_ip(sip.host) != host:
+                        continue
+                    same_host[record.node_id] = record
+                    if sip.port == remote[1]:
+                        exact[record.node_id] = record
+        found = exact or same_host
+        keys = {r.openpgp_fingerprint for r in found.values()}
+        if len(keys) != 1:
+            if len(keys) > 1:
+                log.warning("peering: records of %d nodes at %s name different OpenPGP keys for "
+                            "%s: none is used", len(found), host, route)
+            return None
+        record = next(iter(found.values()))
+        fingerprint = record.openpgp_fingerprint
+        assert fingerprint is not None
+        return RecordKey(fingerprint.hex().upper(), record.node_id.hex(), route)
 
     def known_nodes(self) -> int:
         """Records in the host cache, this node's own excluded."""
@@ -472,6 +547,18 @@ def _sip_uris(record: NodeRecord) -> list[SipUri]:
             host = f"[{address.host}]" if ":" in address.host else address.host
             uris.append(parse_sip_uri(f"sip:{host}:{address.port};transport={transport}"))
     return uris
+
+
+def with_openpgp_key(extensions: tuple[tuple[int, bytes], ...], key: bytes | None
+                     ) -> tuple[tuple[int, bytes], ...]:
+    """``extensions`` with the OpenPGP fingerprint replaced (first), or removed if None."""
+    rest = tuple(e for e in extensions if e[0] != Ext.OPENPGP_FINGERPRINT)
+    return rest if key is None else ((Ext.OPENPGP_FINGERPRINT, key), *rest)
+
+
+def _openpgp_note(extensions: tuple[tuple[int, bytes], ...]) -> str:
+    key = next((v for t, v in extensions if t == Ext.OPENPGP_FINGERPRINT), None)
+    return f"; OpenPGP key {key.hex().upper()}" if key is not None else ""
 
 
 def _addresses(addresses: Sequence[Address]) -> str:
@@ -560,10 +647,11 @@ def announcement_for(
     routes: Sequence[str],
     tls_key: bytes | None,
     name: str,
+    openpgp_key: bytes | None = None,
 ) -> Announcement:
     """This node's record content: its addresses, its routes (domains first, then users) as
-    far as a record's limits allow (the rest is left out with a warning), its TLS key
-    fingerprint and its name."""
+    far as a record's limits allow (the rest is left out with a warning), the fingerprint of
+    the OpenPGP key that signs its SAS hashes, its TLS key fingerprint and its name."""
     addresses = ((gossip,) if gossip is not None else ()) + tuple(sip)
     announced: list[str] = []
     for route in routes:
@@ -575,6 +663,8 @@ def announcement_for(
         if norm not in announced:
             announced.append(norm)
     extensions: list[tuple[int, bytes]] = []
+    if openpgp_key is not None:
+        extensions.append((Ext.OPENPGP_FINGERPRINT, openpgp_key))
     if tls_key is not None:
         extensions.append((Ext.TLS_FINGERPRINT, tls_key))
     if name:

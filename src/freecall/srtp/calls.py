@@ -112,6 +112,9 @@ class CallMedia:
     key: DialogKey
     legs: dict[int, _Leg] = field(default_factory=dict)
     offered_key: bytes | None = None  # the far end's OpenPGP key from its SDP, if any
+    remote_sdp: bool = False
+    """An SDP of the far end crossed (its key offer, if any, is in ``offered_key``). ZRTP can
+    finish before: the far end's Hello arrives while its answer is lost or late."""
     codec: str | None = None
     """The first codec of the last SDP that crossed (the answer's: the one in use), for the
     control API."""
@@ -125,11 +128,15 @@ class MediaCalls:
     """Per-dialog streams and the SDP rewriting (module docstring)."""
 
     def __init__(
-        self, factory: StreamFactory, key_offer: Callable[[str], str | None] | None = None
+        self, factory: StreamFactory, key_offer: Callable[[str], str | None] | None = None,
+        on_remote_sdp: Callable[[DialogKey], None] | None = None,
     ) -> None:
         self.factory = factory
         self.key_offer = key_offer
         """The base64 OpenPGP key to offer for a local address (``sip:alice@a.test``)."""
+        self.on_remote_sdp = on_remote_sdp
+        """Called after each SDP of the far end crossed (the daemon's verification waits
+        for the first: it carries the far end's OpenPGP key)."""
         self.calls: dict[DialogKey, CallMedia] = {}
         self.broken: list[DialogKey] = []
         """Dialogs whose answer could not be bridged (the daemon ends them)."""
@@ -256,6 +263,9 @@ class MediaCalls:
         for value in description.attribute_values(OPENPGP_ATTRIBUTE):
             call.offered_key = _offered_key(value) or call.offered_key
         description.remove_attribute(OPENPGP_ATTRIBUTE)
+        call.remote_sdp = True
+        if self.on_remote_sdp is not None:
+            self.on_remote_sdp(key)
         if any(p is not None for p in ports):
             call.codec = _first_codec(description) or call.codec
             loopback = next(iter(call.streams())).local_softphone_rtp[0]
