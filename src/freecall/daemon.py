@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import AutoUser, Config, ConfigError, ensure_auto_user, load_config
+from .config import AutoUser, Config, ConfigError, SecurityConfig, ensure_auto_user, load_config
 from .control.model import CallRecord
 from .control.service import ControlService
 from .gpgverify.gpg import normalise_address
@@ -153,13 +153,7 @@ class Daemon:
         self.records: CallRecordLog | None = None
         """``calls.jsonl``: one line per finished call (issue 10)."""
         self.stats = Stats()
-        sec = config.security
-        if sec.rate_limit:
-            self.stats.limiter = SourceLimiter(sec.rate_limit, sec.rate_window, sec.rate_block,
-                                               max_sources=sec.max_sources)
-        if sec.auth_failures:
-            self.stats.lockout = AuthLockout(sec.auth_failures, sec.auth_window, sec.lockout,
-                                             max_sources=sec.max_sources)
+        self._apply_limits(config.security)
         self.cache = HeaderCache()
         self.passwords = {name: user.password for name, user in config.users.items()}
         self.state_dir = config.state_dir
@@ -596,7 +590,9 @@ class Daemon:
             engine.policy = new.security.policy
             engine.zrtp_timeout = new.security.zrtp_timeout
             engine.rtp_timeout = new.media.rtp_timeout
+        self._apply_limits(new.security)
         if self.proxy is not None:
+            self.proxy.lockout = self.stats.lockout
             self.proxy.settings = dataclasses.replace(
                 self.proxy.settings, trusted=tuple(new.sip.trusted),
                 allow_register_from=tuple(new.sip.allow_register_from))
@@ -626,6 +622,29 @@ class Daemon:
             await self.keys.set_addresses(addresses)
         except (OSError, RuntimeError, ValueError) as exc:
             log.warning("reload: the OpenPGP key could not name the new users: %s", exc)
+
+    def _apply_limits(self, sec: SecurityConfig) -> None:
+        """The rate limit and the lockout from ``security.*``, at start and on a reload: a
+        running limiter is reconfigured in place, so blocks in progress and the counters
+        behind the metrics survive; ``0`` switches one off, a non-zero value back on.
+        (``rate_softphones`` and ``rate_exempt`` are read from the config per message.)"""
+        stats = self.stats
+        if not sec.rate_limit:
+            stats.limiter = None
+        elif stats.limiter is None:
+            stats.limiter = SourceLimiter(sec.rate_limit, sec.rate_window, sec.rate_block,
+                                          max_sources=sec.max_sources)
+        else:
+            stats.limiter.reconfigure(sec.rate_limit, sec.rate_window, sec.rate_block,
+                                      sec.max_sources)
+        if not sec.auth_failures:
+            stats.lockout = None
+        elif stats.lockout is None:
+            stats.lockout = AuthLockout(sec.auth_failures, sec.auth_window, sec.lockout,
+                                        max_sources=sec.max_sources)
+        else:
+            stats.lockout.reconfigure(sec.auth_failures, sec.auth_window, sec.lockout,
+                                      sec.max_sources)
 
     def _record_call(self, record: CallRecord | None) -> None:
         """A finished call's line in calls.jsonl, from the control API's view of it."""

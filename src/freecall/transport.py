@@ -324,7 +324,7 @@ def _fmt(addr: Addr) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class _LogLimiter:
+class LogLimiter:
     """At most ``burst`` lines per ``window`` seconds: a flood must not become a log flood."""
 
     __slots__ = ("burst", "count", "start", "suppressed", "window")
@@ -605,8 +605,8 @@ class SipTransport:
         self._all_closed: asyncio.Event | None = None
         self._started = False
         self._closing = False
-        self._refusals = _LogLimiter()
-        self._errors = _LogLimiter()
+        self._refusals = LogLimiter()
+        self._errors = LogLimiter()
 
     # -- lifecycle ----------------------------------------------------------------------------
     @property

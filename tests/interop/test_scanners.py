@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from harness import FreecallDaemon, Harness, Sipp, wait_until
 
@@ -269,3 +270,35 @@ def test_a_flooding_source_is_dropped_then_forgiven(node: Node) -> None:
     assert _metric(daemon, "freecall_ratelimit_blocked_total") == 1
     # the rest of the burst may also be lost in the kernel's socket buffer; these are not
     assert _metric(daemon, "freecall_ratelimit_dropped_total") >= 1 + 5
+
+
+def test_rate_limit_and_lockout_follow_a_reload(node: Node, sipp: Sipp) -> None:
+    """``security.rate_*`` and ``security.auth_*`` apply on reload, without a restart."""
+    daemon = node.daemon
+    target = (daemon.public_host, daemon.public_port)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as before:
+        before.bind(("127.0.0.13", 0))
+        assert _answered(before, target, 60) == 60  # under the running limit (100)
+    config = yaml.safe_load(daemon.config_path.read_text())
+    config["security"].update({"rate_limit": 40, "rate_block": "30s", "auth_failures": 2})
+    daemon.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    summary = daemon.api("POST", "/api/reload")
+    assert {"security.rate_limit", "security.rate_block",
+            "security.auth_failures"} <= set(summary["applied"]), summary
+    assert summary["restart_needed"] == [], summary
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as after:
+        after.bind(("127.0.0.14", 0))
+        answered = _answered(after, target, 60)
+        assert 40 <= answered < 50, answered  # the new limit
+    assert "rate limit: 127.0.0.14 sent over 40 messages in 2 s: dropping it for 30 s" in (
+        daemon.log_text())
+    # two wrong passwords from one source now lock it out; then the right one fails too
+    uas = sipp.start(SCENARIOS / "uas_busy.xml", service="alice", time_limit=30, calls=10)
+    for password in ("wrong-1", "wrong-2", USERS["alice"]):
+        result = sipp.run(SCENARIOS / "register.xml", str(daemon.sip_addr), service="alice",
+                          auth=("alice", password), variables={"contact_port": str(uas.port)},
+                          time_limit=10, extra_args=["-i", "127.0.0.15"])
+        assert result.successful == 0, (password, result)
+    assert re.search(r"authentication: 127\.0\.0\.15 locked out for 30 s after 2 failed",
+                     daemon.log_text()), daemon.log_text()[-3000:]
+    assert _metric(daemon, "freecall_auth_lockouts_total") == 1

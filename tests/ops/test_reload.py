@@ -54,3 +54,14 @@ def test_every_live_key_exists_in_the_schema() -> None:
         for part in key.split("."):
             assert part in node, key
             node = node[part]
+
+
+def test_rate_limit_and_lockout_settings_apply_live() -> None:
+    loaded = parse_config(BASE + "security: {rate_limit: 50, rate_exempt: [10.0.0.0/8], "
+                          "auth_failures: 3, lockout: 10m}\n", source="new")
+    plan = plan_reload(parse_config(BASE), loaded)
+    assert plan.live == ["security.auth_failures", "security.lockout", "security.rate_exempt",
+                         "security.rate_limit"]
+    assert plan.restart == []
+    effective = effective_config(parse_config(BASE), loaded, plan)
+    assert effective.security.rate_limit == 50 and effective.security.lockout == 600

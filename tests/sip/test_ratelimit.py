@@ -108,3 +108,24 @@ def test_lockout_memory_is_bounded() -> None:
     for i in range(1000):
         lockout.failed(f"10.0.{i >> 8}.{i & 255}", float(i))
     assert len(lockout) == 10
+
+
+def test_reconfigure_keeps_blocks_and_counters_and_applies_the_new_limit() -> None:
+    limiter = SourceLimiter(10, 1.0, 5.0)
+    for _ in range(10):
+        assert limiter.check("a", 0.0) is Decision.PASS
+    assert limiter.check("a", 0.0) is Decision.BLOCKED
+    limiter.reconfigure(3, 1.0, 60.0, 100)
+    assert limiter.check("a", 1.0) is Decision.DROP  # the block in progress runs on
+    assert [limiter.check("b", 1.0) for _ in range(4)] == [
+        Decision.PASS, Decision.PASS, Decision.PASS, Decision.BLOCKED]
+    assert limiter.blocked_total == 2
+    assert limiter.check("b", 50.0) is Decision.DROP  # the new block length: 60 s
+
+
+def test_lockout_reconfigure_applies_the_new_threshold() -> None:
+    lockout = AuthLockout(5, 60.0, 30.0)
+    assert not lockout.failed("a", 0.0)
+    lockout.reconfigure(2, 60.0, 30.0, 100)
+    assert lockout.failed("a", 1.0)  # the second failure now locks
+    assert lockout.locked("a", 2.0) and lockout.lockouts_total == 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -351,6 +352,7 @@ class ControlService:
                 "Reloads refused because the configuration had errors.", stats.reload_failures)
         out.add("freecall_control_event_subscribers", "gauge", "Open event streams.",
                 len(self.bus.subscribers))
+        self._resource_gauges(out)
         limiter, lockout = daemon.stats.limiter, daemon.stats.lockout  # issue 11
         out.add("freecall_ratelimit_blocked_total", "counter",
                 "Sources blocked by the rate limit.", limiter.blocked_total if limiter else 0)
@@ -363,6 +365,31 @@ class ControlService:
                 "Sources locked out after repeated failed authentication.",
                 lockout.lockouts_total if lockout else 0)
         return out.text()
+
+    def _resource_gauges(self, out: Exposition) -> None:
+        """What a long soak watches for leaks (issue 11): each must stay flat under steady load."""
+        daemon = self.daemon
+        out.add("freecall_tasks", "gauge", "asyncio tasks alive.",
+                len(asyncio.all_tasks(self.loop)))
+        try:
+            fds = len(os.listdir("/proc/self/fd"))
+        except OSError:  # not Linux
+            fds = 0
+        out.add("freecall_open_fds", "gauge", "Open file descriptors (sockets included).", fds)
+        layer, proxy, registrar = daemon.layer, daemon.proxy, daemon.registrar
+        out.labelled("freecall_sip_transactions", "gauge", "SIP transactions alive, by kind.",
+                     {(("kind", "server"),): len(layer.server) if layer else 0,
+                      (("kind", "client"),): len(layer.client) if layer else 0})
+        out.add("freecall_proxy_contexts", "gauge", "Requests being proxied.",
+                proxy.contexts if proxy else 0)
+        out.labelled("freecall_timer_entries", "gauge",
+                     "Entries in the cores' timer heaps (stale ones included), by core.",
+                     {(("core", "transactions"),): layer.timer_entries if layer else 0,
+                      (("core", "proxy"),): proxy.timer_entries if proxy else 0,
+                      (("core", "registrar"),): registrar.timer_entries if registrar else 0})
+        media = daemon.media
+        out.add("freecall_media_calls", "gauge", "Calls with media state held.",
+                len(media.calls) if media else 0)
 
     def _media_of(self, key: DialogKey) -> dict[str, Any] | None:
         media = self.daemon.media

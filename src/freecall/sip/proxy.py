@@ -350,6 +350,16 @@ class Proxy:
     def next_event(self) -> ProxyEvent | None:
         return self._events.pop(0) if self._events else None
 
+    @property
+    def timer_entries(self) -> int:
+        """Entries in the Timer C heap, stale ones included (a soak gauge)."""
+        return len(self._timers)
+
+    @property
+    def contexts(self) -> int:
+        """Requests being proxied now (a soak gauge)."""
+        return len(self._contexts)
+
     def get_timer(self) -> float | None:
         heap = self._timers
         while heap:

@@ -61,6 +61,19 @@ class SourceLimiter:
     def __len__(self) -> int:
         return len(self._sources)
 
+    def reconfigure(self, limit: int, window: float, block: float, max_sources: int) -> None:
+        """New settings (a reload): sources already blocked stay blocked until their block
+        ends; buckets keep their tokens, capped at the new limit."""
+        if limit < 1 or window <= 0 or block < 0 or max_sources < 1:
+            raise ValueError("limit and max_sources must be >= 1, window > 0, block >= 0")
+        self.limit, self.window, self.block = limit, window, block
+        self.max_sources = max_sources
+        self._rate = limit / window
+        for bucket in self._sources.values():
+            bucket.tokens = min(bucket.tokens, float(limit))
+        while len(self._sources) > max_sources:
+            self._sources.popitem(last=False)
+
     def check(self, source: str, now: float) -> Decision:
         """Count one message from ``source`` at ``now``."""
         bucket = self._sources.get(source)
@@ -118,6 +131,16 @@ class AuthLockout:
 
     def __len__(self) -> int:
         return len(self._sources)
+
+    def reconfigure(self, failures: int, window: float, lockout: float,
+                    max_sources: int) -> None:
+        """New settings (a reload): lockouts in progress run to their end."""
+        if failures < 1 or window <= 0 or lockout < 0 or max_sources < 1:
+            raise ValueError("failures and max_sources must be >= 1, window > 0, lockout >= 0")
+        self.failures, self.window, self.lockout = failures, window, lockout
+        self.max_sources = max_sources
+        while len(self._sources) > max_sources:
+            self._sources.popitem(last=False)
 
     def locked(self, source: str, now: float) -> bool:
         """Whether ``source`` is locked out: its credentials must not even be checked."""

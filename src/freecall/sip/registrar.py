@@ -745,6 +745,11 @@ class Registrar:
         return len(bindings)
 
     # -- timers and events ----------------------------------------------------------------
+    @property
+    def timer_entries(self) -> int:
+        """Entries in the expiry heap, stale ones included (a soak gauge)."""
+        return len(self._heap)
+
     def get_timer(self) -> float | None:
         """When the next binding expires (call :meth:`handle_timer` then), or None."""
         heap = self._heap

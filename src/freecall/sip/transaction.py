@@ -575,6 +575,11 @@ class TransactionLayer:
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
 
+    @property
+    def timer_entries(self) -> int:
+        """Entries in the timer heap, stale ones included (a soak gauge: it must stay flat)."""
+        return len(self._heap)
+
     def get_timer(self) -> float | None:
         heap = self._heap
         while heap:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -39,6 +40,7 @@ from .. import sdp
 from ..sdp import Direction, SdpError, ZrtpHash
 from ..sip.message import Request, Response
 from ..sip.proxy import Side
+from ..transport import LogLimiter
 
 log = logging.getLogger("freecall.media")
 
@@ -130,8 +132,12 @@ class MediaCalls:
     def __init__(
         self, factory: StreamFactory, key_offer: Callable[[str], str | None] | None = None,
         on_remote_sdp: Callable[[DialogKey], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.factory = factory
+        self.clock = clock
+        self._refusals = LogLimiter()
+        """A flood of INVITEs once the media ports are gone must not become a log flood."""
         self.key_offer = key_offer
         """The base64 OpenPGP key to offer for a local address (``sip:alice@a.test``)."""
         self.on_remote_sdp = on_remote_sdp
@@ -157,8 +163,10 @@ class MediaCalls:
                 message.body = self.toward_softphone(key, message.body)
         except MediaRefused as refused:
             what = message.method if isinstance(message, Request) else message.status
-            log.warning("call %s: %s SDP toward the %s not bridged: %s", key[0], what,
-                        egress.value, refused.reason)
+            suffix = self._refusals.allow(self.clock())
+            if suffix is not None:
+                log.warning("call %s: %s SDP toward the %s not bridged: %s%s", key[0], what,
+                            egress.value, refused.reason, suffix)
             if isinstance(message, Request) and message.method != "ACK":
                 return refused.status
             # An answer we cannot bridge must not reach the other side as it is (its
