@@ -69,6 +69,7 @@ STAMP = struct.Struct("!IBxxxIq")  # call, direction, per-phone seq, send time (
 FILL = bytes(range(FRAME - STAMP.size))
 BIG_BUFFER = 4 << 20
 POINTS = (50.0, 90.0, 99.0, 99.9)
+PHASES = ("bridge", "fwd-call", "fwd-one")
 HZ = os.sysconf("SC_CLK_TCK")
 
 Schedule = tuple[float, float, float, float, float]  # start, ramp, t0, t1, drain (monotonic)
@@ -568,6 +569,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs of each worker phase")
     parser.add_argument("--first-port", type=int, default=30000, help="bridge media ports")
     parser.add_argument(
+        "--only",
+        choices=("bridge", "fwd-call", "fwd-one"),
+        action="append",
+        help="worker phases to run (repeatable; default all three; a partial run prints no ratios)",
+    )
+    parser.add_argument(
         "--rt",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -595,7 +602,9 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     direct = run_phase("direct", load_conn, args, cpus)
-    runs: dict[str, list[Phase]] = {"bridge": [], "fwd-call": [], "fwd-one": []}
+    runs: dict[str, list[Phase]] = {
+        name: [] for name in PHASES if not args.only or name in args.only
+    }
     for _ in range(args.repeat):
         for name, done in runs.items():
             phase = run_phase(name, load_conn, args, cpus)
@@ -608,12 +617,14 @@ def main(argv: list[str] | None = None) -> int:
     load_conn.send(("quit",))
     load_proc.join()
     best = {name: min(r, key=lambda p: p.us_per_hop) for name, r in runs.items()}
+    if len(best) < len(PHASES):
+        report_table(args, [direct, *best.values()])
+        return 0
     report(args, direct, best)
     return 0
 
 
-def report(args: argparse.Namespace, direct: Phase, best: dict[str, Phase]) -> None:
-    phases = [direct, *best.values()]
+def report_table(args: argparse.Namespace, phases: list[Phase]) -> None:
     print()
     print(
         f"{'phase':9} {'pkt/s':>7} {'loss %':>7} {'p50 ms':>7} {'p90':>7} {'p99':>7} {'p99.9':>7}"
@@ -634,6 +645,10 @@ def report(args: argparse.Namespace, direct: Phase, best: dict[str, Phase]) -> N
         "(latency is one-way phone to phone; 'others' = CPUs' worth of load on the machine that"
         " is neither worker nor load generator)"
     )
+
+
+def report(args: argparse.Namespace, direct: Phase, best: dict[str, Phase]) -> None:
+    report_table(args, [direct, *best.values()])
     bridge, fwd_call, fwd_one = best["bridge"], best["fwd-call"], best["fwd-one"]
     print()
     for p in (bridge, fwd_call, fwd_one):
