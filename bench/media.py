@@ -421,11 +421,38 @@ async def _bare(process: Callable[[bytes], bytes], big: bool = False) -> Bare:
     return proto
 
 
-def forwarder_main(conn: Connection, calls: int, cpu: int | None, per_call: bool) -> None:
+class Mux(asyncio.DatagramProtocol):
+    """One socket for every call's loopback side, routed by the phone's source address."""
+
+    def __init__(self) -> None:
+        self.routes: dict[Any, tuple[Callable[[bytes], bytes], Any, tuple[str, int]]] = {}
+        self.transport: asyncio.DatagramTransport | None = None
+        self.count = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        big_buffers(transport)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        route = self.routes.get(addr)
+        if route is None:
+            return
+        process, out, target = route
+        try:
+            data = process(data)
+        except pylibsrtp.Error:
+            return
+        out(data, target)
+        self.count += 1
+
+
+def forwarder_main(conn: Connection, calls: int, cpu: int | None, mode: str) -> None:
     where = pin(cpu)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     handlers: list[Bare] = []
+    muxes: list[Mux] = []
+    per_call = mode != "fwd-one"
 
     async def one() -> list[int]:
         # fwd-one: protect (socket P) -> unprotect (socket U) -> phone 0 of the load process
@@ -460,17 +487,45 @@ def forwarder_main(conn: Connection, calls: int, cpu: int | None, per_call: bool
             targets += [a_phone.port, b_phone.port]
         return targets
 
-    targets = loop.run_until_complete(per_call_setup() if per_call else one())
+    async def mux_setup() -> list[int]:
+        # fwd-mux: fwd-call with one shared loopback socket per side (A, B) for all calls
+        for _ in range(2):
+            _, mux = await loop.create_datagram_endpoint(Mux, local_addr=("127.0.0.1", 0))
+            muxes.append(mux)
+        await per_call_setup()
+        ports = [int(m.transport.get_extra_info("sockname")[1]) for m in muxes]  # type: ignore[union-attr]
+        return ports * calls
+
+    setup = {"fwd-one": one, "fwd-call": per_call_setup, "fwd-mux": mux_setup}[mode]
+    targets = loop.run_until_complete(setup())
     conn.send(("targets", targets, where))
     _, phone_ports, sched = conn.recv()
     if per_call:
         for i in range(calls):
-            _, a_net, _, b_net = handlers[4 * i : 4 * i + 4]
-            a_net.target = ("127.0.0.1", phone_ports[2 * i])
-            b_net.target = ("127.0.0.1", phone_ports[2 * i + 1])
+            a_phone, a_net, b_phone, b_net = handlers[4 * i : 4 * i + 4]
+            phone_a, phone_b = (
+                ("127.0.0.1", phone_ports[2 * i]),
+                ("127.0.0.1", phone_ports[2 * i + 1]),
+            )
+            a_net.target, b_net.target = phone_a, phone_b
+            if muxes:
+                a_mux, b_mux = muxes[0].transport, muxes[1].transport
+                assert a_mux is not None and b_mux is not None
+                assert a_net.transport is not None and b_net.transport is not None
+                muxes[0].routes[phone_a] = (
+                    a_phone.process,
+                    a_net.transport.sendto,
+                    ("127.0.0.1", b_net.port),
+                )
+                muxes[1].routes[phone_b] = (
+                    b_phone.process,
+                    b_net.transport.sendto,
+                    ("127.0.0.1", a_net.port),
+                )
+                a_net.out, b_net.out = a_mux.sendto, b_mux.sendto
     else:
         handlers[1].target = ("127.0.0.1", phone_ports[0])  # one sink
-    window = Window(lambda: sum(h.count for h in handlers))
+    window = Window(lambda: sum(h.count for h in handlers) + sum(m.count for m in muxes))
 
     async def measure() -> None:
         await window.run(sched[2], sched[3])
@@ -526,7 +581,7 @@ def run_phase(
             target: Any = bridge_main
             wargs: tuple[Any, ...] = (child, args.calls, cpus[0], args.first_port)
         else:
-            target, wargs = forwarder_main, (child, args.calls, cpus[0], name == "fwd-call")
+            target, wargs = forwarder_main, (child, args.calls, cpus[0], name)
         proc = ctx.Process(target=target, args=wargs)
         proc.start()
         _, targets, _ = worker_conn.recv()  # set up: sockets bound
@@ -570,9 +625,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-port", type=int, default=30000, help="bridge media ports")
     parser.add_argument(
         "--only",
-        choices=("bridge", "fwd-call", "fwd-one"),
+        choices=(*PHASES, "fwd-mux"),
         action="append",
-        help="worker phases to run (repeatable; default all three; a partial run prints no ratios)",
+        help="worker phases to run (repeatable; default: bridge, fwd-call, fwd-one; ratios are"
+        " printed when those three ran; fwd-mux, fwd-call with one shared loopback socket per"
+        " side, runs only when named)",
     )
     parser.add_argument(
         "--rt",
@@ -602,9 +659,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     direct = run_phase("direct", load_conn, args, cpus)
-    runs: dict[str, list[Phase]] = {
-        name: [] for name in PHASES if not args.only or name in args.only
-    }
+    runs: dict[str, list[Phase]] = {name: [] for name in args.only or PHASES}
     for _ in range(args.repeat):
         for name, done in runs.items():
             phase = run_phase(name, load_conn, args, cpus)
@@ -617,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     load_conn.send(("quit",))
     load_proc.join()
     best = {name: min(r, key=lambda p: p.us_per_hop) for name, r in runs.items()}
-    if len(best) < len(PHASES):
+    if not all(name in best for name in PHASES):
         report_table(args, [direct, *best.values()])
         return 0
     report(args, direct, best)
@@ -666,6 +721,13 @@ def report(args: argparse.Namespace, direct: Phase, best: dict[str, Phase]) -> N
         f"bridge / fwd-one (the ceiling): {ratio_one:.2f}x; bridge / fwd-call (same sockets "
         f"and keys per call, no logic): {ratio_call:.2f}x"
     )
+    if "fwd-mux" in best:
+        mux = best["fwd-mux"].hops_per_cpu_second
+        print(
+            f"fwd-mux / fwd-one: {mux / fwd_one.hops_per_cpu_second:.2f}x; "
+            f"fwd-mux / fwd-call: {mux / fwd_call.hops_per_cpu_second:.2f}x "
+            "(what one shared loopback socket per side would be worth)"
+        )
     zrtp = sorted(bridge.worker.get("zrtp_ms", []))
     if zrtp:
         n = len(zrtp)
