@@ -3,6 +3,7 @@ forwarders doing the same libsrtp work, in the same run.
 
     .venv/bin/python bench/media.py                  # 350 calls, 10 s per phase (about 80 s)
     .venv/bin/python bench/media.py --calls 200 --seconds 5 --repeat 2
+    .venv/bin/python bench/media.py --only bridge --only fwd-ssrc     # some phases, no ratios
 
 Each call is G.711 (160-octet payload, one packet every 20 ms) in both directions::
 
@@ -26,6 +27,14 @@ Phases, each with its own warm-up and measured window, the same load generator:
 * ``fwd-one``: the ceiling of the brief: one uvloop datagram socket in, one out, ``protect`` per
   packet, chained to a second doing ``unprotect`` (the same two pylibsrtp calls per packet as
   the bridge chain), one SSRC and one key for all traffic.
+
+Two more forwarders run only when named with ``--only``, to tell sockets from keys apart:
+
+* ``fwd-mux``: ``fwd-call`` with one shared loopback socket per side (A, B), routed by the
+  phone's source address: what sharing the softphone side's sockets would be worth;
+* ``fwd-ssrc``: ``fwd-one``'s two sockets, but every phone keeps its own SSRC and key (routed
+  by SSRC to its session) and the output goes to the other phone of its call: the ceiling for a
+  bridge that shares sockets but, as it must, keys each call separately.
 
 Printed per phase: packets per second offered, loss, one-way latency percentiles (payload
 timestamps, phone to phone) and what the worker adds (minus ``direct``, per percentile), worker
@@ -446,13 +455,40 @@ class Mux(asyncio.DatagramProtocol):
         self.count += 1
 
 
+class BySsrc(asyncio.DatagramProtocol):
+    """One socket for every call, routed by the packet's SSRC to that call's key and target."""
+
+    def __init__(self) -> None:
+        self.routes: dict[int, tuple[Callable[[bytes], bytes], tuple[str, int]]] = {}
+        self.out: Callable[[bytes, tuple[str, int]], None] | None = None
+        self.transport: asyncio.DatagramTransport | None = None
+        self.count = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        big_buffers(transport)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        route = self.routes.get(int.from_bytes(data[8:12], "big"))
+        if route is None:
+            return
+        process, target = route
+        try:
+            data = process(data)
+        except pylibsrtp.Error:
+            return
+        self.out(data, target)  # type: ignore[misc]
+        self.count += 1
+
+
 def forwarder_main(conn: Connection, calls: int, cpu: int | None, mode: str) -> None:
     where = pin(cpu)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     handlers: list[Bare] = []
     muxes: list[Mux] = []
-    per_call = mode != "fwd-one"
+    per_call = mode in ("fwd-call", "fwd-mux")
+    by_ssrc: list[BySsrc] = []
 
     async def one() -> list[int]:
         # fwd-one: protect (socket P) -> unprotect (socket U) -> phone 0 of the load process
@@ -496,7 +532,31 @@ def forwarder_main(conn: Connection, calls: int, cpu: int | None, mode: str) -> 
         ports = [int(m.transport.get_extra_info("sockname")[1]) for m in muxes]  # type: ignore[union-attr]
         return ports * calls
 
-    setup = {"fwd-one": one, "fwd-call": per_call_setup, "fwd-mux": mux_setup}[mode]
+    async def ssrc_setup() -> list[int]:
+        # fwd-ssrc: fwd-one's sockets, but each phone's own SSRC and key, routed by SSRC
+        for _ in range(2):
+            _, proto = await loop.create_datagram_endpoint(BySsrc, local_addr=("127.0.0.1", 0))
+            by_ssrc.append(proto)
+        p, u = by_ssrc
+        out_p, out_u = await _bare(lambda d: d, big=True), await _bare(lambda d: d, big=True)
+        assert out_p.transport is not None and out_u.transport is not None
+        p.out, u.out = out_p.transport.sendto, out_u.transport.sendto
+        assert u.transport is not None
+        u_addr = ("127.0.0.1", int(u.transport.get_extra_info("sockname")[1]))
+        for i in range(2 * calls):
+            tx, rx = _sessions(os.urandom(30))
+            ssrc = 0x10000 + i  # PhoneState.ssrc of phone i
+            p.routes[ssrc] = (tx.protect, u_addr)
+            u.routes[ssrc] = (rx.unprotect, ("127.0.0.1", 0))  # the phone: set at "go"
+        assert p.transport is not None
+        return [int(p.transport.get_extra_info("sockname")[1])] * (2 * calls)
+
+    setup = {
+        "fwd-one": one,
+        "fwd-call": per_call_setup,
+        "fwd-mux": mux_setup,
+        "fwd-ssrc": ssrc_setup,
+    }[mode]
     targets = loop.run_until_complete(setup())
     conn.send(("targets", targets, where))
     _, phone_ports, sched = conn.recv()
@@ -523,9 +583,19 @@ def forwarder_main(conn: Connection, calls: int, cpu: int | None, mode: str) -> 
                     ("127.0.0.1", a_net.port),
                 )
                 a_net.out, b_net.out = a_mux.sendto, b_mux.sendto
+    elif by_ssrc:
+        u = by_ssrc[1]
+        for i in range(2 * calls):  # to the other phone of the call, as the bridge does
+            u.routes[0x10000 + i] = (u.routes[0x10000 + i][0], ("127.0.0.1", phone_ports[i ^ 1]))
     else:
         handlers[1].target = ("127.0.0.1", phone_ports[0])  # one sink
-    window = Window(lambda: sum(h.count for h in handlers) + sum(m.count for m in muxes))
+    window = Window(
+        lambda: (
+            sum(h.count for h in handlers)
+            + sum(m.count for m in muxes)
+            + sum(b.count for b in by_ssrc)
+        )
+    )
 
     async def measure() -> None:
         await window.run(sched[2], sched[3])
@@ -625,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-port", type=int, default=30000, help="bridge media ports")
     parser.add_argument(
         "--only",
-        choices=(*PHASES, "fwd-mux"),
+        choices=(*PHASES, "fwd-mux", "fwd-ssrc"),
         action="append",
         help="worker phases to run (repeatable; default: bridge, fwd-call, fwd-one; ratios are"
         " printed when those three ran; fwd-mux, fwd-call with one shared loopback socket per"
@@ -721,13 +791,16 @@ def report(args: argparse.Namespace, direct: Phase, best: dict[str, Phase]) -> N
         f"bridge / fwd-one (the ceiling): {ratio_one:.2f}x; bridge / fwd-call (same sockets "
         f"and keys per call, no logic): {ratio_call:.2f}x"
     )
-    if "fwd-mux" in best:
-        mux = best["fwd-mux"].hops_per_cpu_second
-        print(
-            f"fwd-mux / fwd-one: {mux / fwd_one.hops_per_cpu_second:.2f}x; "
-            f"fwd-mux / fwd-call: {mux / fwd_call.hops_per_cpu_second:.2f}x "
-            "(what one shared loopback socket per side would be worth)"
-        )
+    for name, what in (
+        ("fwd-mux", "one shared loopback socket per side"),
+        ("fwd-ssrc", "fwd-one's two sockets with per-call keys, routed by SSRC"),
+    ):
+        if name in best:
+            extra = best[name].hops_per_cpu_second
+            print(
+                f"{name} / fwd-one: {extra / fwd_one.hops_per_cpu_second:.2f}x; {name} / "
+                f"fwd-call: {extra / fwd_call.hops_per_cpu_second:.2f}x ({what})"
+            )
     zrtp = sorted(bridge.worker.get("zrtp_ms", []))
     if zrtp:
         n = len(zrtp)
