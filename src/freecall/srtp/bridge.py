@@ -69,11 +69,15 @@ Decisions, and why:
   first; anything that fails it is classified on the slow path), no clock, no logging, no
   allocation beyond pylibsrtp's result. ZRTP security warnings (forged packets cause them) are
   counted; only the first five per stream are logged and raised as events.
-* **Cost.** ``bench/media.py`` measures it against bare forwarders. Most of the time per packet
-  is the kernel's UDP path; per-call sockets and per-call libsrtp contexts (no batching, cold
-  caches) cost far more than the bridge's own logic, which is within about 10-20 % of a bare
-  forwarder using the same sockets and keys. uvloop caches 2048 destination addresses; past
-  about 1000 streams per process its ``sendto`` converts addresses again.
+* **Cost.** ``bench/media.py`` measures it against bare forwarders (docs/performance.md). Over
+  half the time per packet is the kernel's UDP path; per-call keys and destinations (cold libsrtp
+  contexts, one socket per phone) cost about 20 % against one key and one sink, sockets per
+  stream a further 5 % (uvloop reads each until it is empty: at 50 packets a second most
+  wake-ups end in a failing read), and the bridge's own logic is within noise of a bare
+  forwarder on the same sockets and keys. libsrtp is called through `srtp_call`, without
+  pylibsrtp's per-call wrapper. Plain sockets with ``loop.add_reader`` (one read per wake-up)
+  were measured and are no cheaper. uvloop caches 2048 destination addresses; past about 1000
+  streams per process its ``sendto`` converts addresses again.
 
 Counters per stream (`MediaStream.stats`): packets and bytes in and out on each side, SRTP/SRTCP
 authentication failures and replays, drops by reason, loss from RTP sequence numbers of the far
