@@ -79,6 +79,7 @@ FILL = bytes(range(FRAME - STAMP.size))
 BIG_BUFFER = 4 << 20
 POINTS = (50.0, 90.0, 99.0, 99.9)
 PHASES = ("bridge", "fwd-call", "fwd-one")
+SATURATED = 90.0  # worker CPU %, past which a phase's figures describe a saturated core
 HZ = os.sysconf("SC_CLK_TCK")
 
 Schedule = tuple[float, float, float, float, float]  # start, ramp, t0, t1, drain (monotonic)
@@ -756,12 +757,15 @@ def report_table(args: argparse.Namespace, phases: list[Phase]) -> None:
         f" {'hops/s':>7} {'cpu %':>6} {'us/hop':>7} {'hops/cpu-s':>10} {'lag p99':>8}"
         f" {'others':>7}"
     )
+    saturated = False
     for p in phases:
         hops_s = p.hops / args.seconds if p.hops else math.nan
         cpu_pct = 100 * p.worker_cpu / args.seconds
         lag = p.worker.get("lag_ms", [math.nan] * 3)[1]
+        mark = "*" if cpu_pct >= SATURATED else " "
+        saturated = saturated or mark == "*"
         print(
-            f"{p.name:9} {p.pps:7.0f} {100 * p.loss:7.3f} "
+            f"{p.name:8}{mark} {p.pps:7.0f} {100 * p.loss:7.3f} "
             + " ".join(f"{v:7.3f}" for v in p.lat)
             + f" {hops_s:7.0f} {cpu_pct:6.1f} {p.us_per_hop:7.2f} {p.hops_per_cpu_second:10.0f}"
             f" {lag:8.2f} {p.other_cpu / args.seconds:6.2f}c"
@@ -770,6 +774,12 @@ def report_table(args: argparse.Namespace, phases: list[Phase]) -> None:
         "(latency is one-way phone to phone; 'others' = CPUs' worth of load on the machine that"
         " is neither worker nor load generator)"
     )
+    if saturated:
+        print(
+            f"(* worker at {SATURATED:g} % or more of its core: saturated. Its us/hop is then the "
+            "share of the core the offered load took, lowered by reading bigger batches, not what "
+            "a hop costs with room to spare, and its latency is queueing)"
+        )
 
 
 def report(args: argparse.Namespace, direct: Phase, best: dict[str, Phase]) -> None:
