@@ -3,6 +3,7 @@ forwarders doing the same libsrtp work, in the same run.
 
     .venv/bin/python bench/media.py                  # 350 calls, 10 s per phase (about 80 s)
     .venv/bin/python bench/media.py --calls 200 --seconds 5 --repeat 2
+    .venv/bin/python bench/media.py --only bridge --only fwd-ssrc     # some phases, no ratios
 
 Each call is G.711 (160-octet payload, one packet every 20 ms) in both directions::
 
@@ -26,6 +27,14 @@ Phases, each with its own warm-up and measured window, the same load generator:
 * ``fwd-one``: the ceiling of the brief: one uvloop datagram socket in, one out, ``protect`` per
   packet, chained to a second doing ``unprotect`` (the same two pylibsrtp calls per packet as
   the bridge chain), one SSRC and one key for all traffic.
+
+Two more forwarders run only when named with ``--only``, to tell sockets from keys apart:
+
+* ``fwd-mux``: ``fwd-call`` with one shared loopback socket per side (A, B), routed by the
+  phone's source address: what sharing the softphone side's sockets would be worth;
+* ``fwd-ssrc``: ``fwd-one``'s two sockets, but every phone keeps its own SSRC and key (routed
+  by SSRC to its session) and the output goes to the other phone of its call: the ceiling for a
+  bridge that shares sockets but, as it must, keys each call separately.
 
 Printed per phase: packets per second offered, loss, one-way latency percentiles (payload
 timestamps, phone to phone) and what the worker adds (minus ``direct``, per percentile), worker
@@ -69,6 +78,8 @@ STAMP = struct.Struct("!IBxxxIq")  # call, direction, per-phone seq, send time (
 FILL = bytes(range(FRAME - STAMP.size))
 BIG_BUFFER = 4 << 20
 POINTS = (50.0, 90.0, 99.0, 99.9)
+PHASES = ("bridge", "fwd-call", "fwd-one")
+SATURATED = 90.0  # worker CPU %, past which a phase's figures describe a saturated core
 HZ = os.sysconf("SC_CLK_TCK")
 
 Schedule = tuple[float, float, float, float, float]  # start, ramp, t0, t1, drain (monotonic)
@@ -420,11 +431,65 @@ async def _bare(process: Callable[[bytes], bytes], big: bool = False) -> Bare:
     return proto
 
 
-def forwarder_main(conn: Connection, calls: int, cpu: int | None, per_call: bool) -> None:
+class Mux(asyncio.DatagramProtocol):
+    """One socket for every call's loopback side, routed by the phone's source address."""
+
+    def __init__(self) -> None:
+        self.routes: dict[Any, tuple[Callable[[bytes], bytes], Any, tuple[str, int]]] = {}
+        self.transport: asyncio.DatagramTransport | None = None
+        self.count = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        big_buffers(transport)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        route = self.routes.get(addr)
+        if route is None:
+            return
+        process, out, target = route
+        try:
+            data = process(data)
+        except pylibsrtp.Error:
+            return
+        out(data, target)
+        self.count += 1
+
+
+class BySsrc(asyncio.DatagramProtocol):
+    """One socket for every call, routed by the packet's SSRC to that call's key and target."""
+
+    def __init__(self) -> None:
+        self.routes: dict[int, tuple[Callable[[bytes], bytes], tuple[str, int]]] = {}
+        self.out: Callable[[bytes, tuple[str, int]], None] | None = None
+        self.transport: asyncio.DatagramTransport | None = None
+        self.count = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        big_buffers(transport)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        route = self.routes.get(int.from_bytes(data[8:12], "big"))
+        if route is None:
+            return
+        process, target = route
+        try:
+            data = process(data)
+        except pylibsrtp.Error:
+            return
+        self.out(data, target)  # type: ignore[misc]
+        self.count += 1
+
+
+def forwarder_main(conn: Connection, calls: int, cpu: int | None, mode: str) -> None:
     where = pin(cpu)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     handlers: list[Bare] = []
+    muxes: list[Mux] = []
+    per_call = mode in ("fwd-call", "fwd-mux")
+    by_ssrc: list[BySsrc] = []
 
     async def one() -> list[int]:
         # fwd-one: protect (socket P) -> unprotect (socket U) -> phone 0 of the load process
@@ -459,17 +524,79 @@ def forwarder_main(conn: Connection, calls: int, cpu: int | None, per_call: bool
             targets += [a_phone.port, b_phone.port]
         return targets
 
-    targets = loop.run_until_complete(per_call_setup() if per_call else one())
+    async def mux_setup() -> list[int]:
+        # fwd-mux: fwd-call with one shared loopback socket per side (A, B) for all calls
+        for _ in range(2):
+            _, mux = await loop.create_datagram_endpoint(Mux, local_addr=("127.0.0.1", 0))
+            muxes.append(mux)
+        await per_call_setup()
+        ports = [int(m.transport.get_extra_info("sockname")[1]) for m in muxes]  # type: ignore[union-attr]
+        return ports * calls
+
+    async def ssrc_setup() -> list[int]:
+        # fwd-ssrc: fwd-one's sockets, but each phone's own SSRC and key, routed by SSRC
+        for _ in range(2):
+            _, proto = await loop.create_datagram_endpoint(BySsrc, local_addr=("127.0.0.1", 0))
+            by_ssrc.append(proto)
+        p, u = by_ssrc
+        out_p, out_u = await _bare(lambda d: d, big=True), await _bare(lambda d: d, big=True)
+        assert out_p.transport is not None and out_u.transport is not None
+        p.out, u.out = out_p.transport.sendto, out_u.transport.sendto
+        assert u.transport is not None
+        u_addr = ("127.0.0.1", int(u.transport.get_extra_info("sockname")[1]))
+        for i in range(2 * calls):
+            tx, rx = _sessions(os.urandom(30))
+            ssrc = 0x10000 + i  # PhoneState.ssrc of phone i
+            p.routes[ssrc] = (tx.protect, u_addr)
+            u.routes[ssrc] = (rx.unprotect, ("127.0.0.1", 0))  # the phone: set at "go"
+        assert p.transport is not None
+        return [int(p.transport.get_extra_info("sockname")[1])] * (2 * calls)
+
+    setup = {
+        "fwd-one": one,
+        "fwd-call": per_call_setup,
+        "fwd-mux": mux_setup,
+        "fwd-ssrc": ssrc_setup,
+    }[mode]
+    targets = loop.run_until_complete(setup())
     conn.send(("targets", targets, where))
     _, phone_ports, sched = conn.recv()
     if per_call:
         for i in range(calls):
-            _, a_net, _, b_net = handlers[4 * i : 4 * i + 4]
-            a_net.target = ("127.0.0.1", phone_ports[2 * i])
-            b_net.target = ("127.0.0.1", phone_ports[2 * i + 1])
+            a_phone, a_net, b_phone, b_net = handlers[4 * i : 4 * i + 4]
+            phone_a, phone_b = (
+                ("127.0.0.1", phone_ports[2 * i]),
+                ("127.0.0.1", phone_ports[2 * i + 1]),
+            )
+            a_net.target, b_net.target = phone_a, phone_b
+            if muxes:
+                a_mux, b_mux = muxes[0].transport, muxes[1].transport
+                assert a_mux is not None and b_mux is not None
+                assert a_net.transport is not None and b_net.transport is not None
+                muxes[0].routes[phone_a] = (
+                    a_phone.process,
+                    a_net.transport.sendto,
+                    ("127.0.0.1", b_net.port),
+                )
+                muxes[1].routes[phone_b] = (
+                    b_phone.process,
+                    b_net.transport.sendto,
+                    ("127.0.0.1", a_net.port),
+                )
+                a_net.out, b_net.out = a_mux.sendto, b_mux.sendto
+    elif by_ssrc:
+        u = by_ssrc[1]
+        for i in range(2 * calls):  # to the other phone of the call, as the bridge does
+            u.routes[0x10000 + i] = (u.routes[0x10000 + i][0], ("127.0.0.1", phone_ports[i ^ 1]))
     else:
         handlers[1].target = ("127.0.0.1", phone_ports[0])  # one sink
-    window = Window(lambda: sum(h.count for h in handlers))
+    window = Window(
+        lambda: (
+            sum(h.count for h in handlers)
+            + sum(m.count for m in muxes)
+            + sum(b.count for b in by_ssrc)
+        )
+    )
 
     async def measure() -> None:
         await window.run(sched[2], sched[3])
@@ -525,7 +652,7 @@ def run_phase(
             target: Any = bridge_main
             wargs: tuple[Any, ...] = (child, args.calls, cpus[0], args.first_port)
         else:
-            target, wargs = forwarder_main, (child, args.calls, cpus[0], name == "fwd-call")
+            target, wargs = forwarder_main, (child, args.calls, cpus[0], name)
         proc = ctx.Process(target=target, args=wargs)
         proc.start()
         _, targets, _ = worker_conn.recv()  # set up: sockets bound
@@ -568,6 +695,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs of each worker phase")
     parser.add_argument("--first-port", type=int, default=30000, help="bridge media ports")
     parser.add_argument(
+        "--only",
+        choices=(*PHASES, "fwd-mux", "fwd-ssrc"),
+        action="append",
+        help="worker phases to run (repeatable; default: bridge, fwd-call, fwd-one; ratios are"
+        " printed when those three ran; fwd-mux, fwd-call with one shared loopback socket per"
+        " side, runs only when named)",
+    )
+    parser.add_argument(
         "--rt",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -595,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     direct = run_phase("direct", load_conn, args, cpus)
-    runs: dict[str, list[Phase]] = {"bridge": [], "fwd-call": [], "fwd-one": []}
+    runs: dict[str, list[Phase]] = {name: [] for name in args.only or PHASES}
     for _ in range(args.repeat):
         for name, done in runs.items():
             phase = run_phase(name, load_conn, args, cpus)
@@ -608,24 +743,29 @@ def main(argv: list[str] | None = None) -> int:
     load_conn.send(("quit",))
     load_proc.join()
     best = {name: min(r, key=lambda p: p.us_per_hop) for name, r in runs.items()}
+    if not all(name in best for name in PHASES):
+        report_table(args, [direct, *best.values()])
+        return 0
     report(args, direct, best)
     return 0
 
 
-def report(args: argparse.Namespace, direct: Phase, best: dict[str, Phase]) -> None:
-    phases = [direct, *best.values()]
+def report_table(args: argparse.Namespace, phases: list[Phase]) -> None:
     print()
     print(
         f"{'phase':9} {'pkt/s':>7} {'loss %':>7} {'p50 ms':>7} {'p90':>7} {'p99':>7} {'p99.9':>7}"
         f" {'hops/s':>7} {'cpu %':>6} {'us/hop':>7} {'hops/cpu-s':>10} {'lag p99':>8}"
         f" {'others':>7}"
     )
+    saturated = False
     for p in phases:
         hops_s = p.hops / args.seconds if p.hops else math.nan
         cpu_pct = 100 * p.worker_cpu / args.seconds
         lag = p.worker.get("lag_ms", [math.nan] * 3)[1]
+        mark = "*" if cpu_pct >= SATURATED else " "
+        saturated = saturated or mark == "*"
         print(
-            f"{p.name:9} {p.pps:7.0f} {100 * p.loss:7.3f} "
+            f"{p.name:8}{mark} {p.pps:7.0f} {100 * p.loss:7.3f} "
             + " ".join(f"{v:7.3f}" for v in p.lat)
             + f" {hops_s:7.0f} {cpu_pct:6.1f} {p.us_per_hop:7.2f} {p.hops_per_cpu_second:10.0f}"
             f" {lag:8.2f} {p.other_cpu / args.seconds:6.2f}c"
@@ -634,6 +774,16 @@ def report(args: argparse.Namespace, direct: Phase, best: dict[str, Phase]) -> N
         "(latency is one-way phone to phone; 'others' = CPUs' worth of load on the machine that"
         " is neither worker nor load generator)"
     )
+    if saturated:
+        print(
+            f"(* worker at {SATURATED:g} % or more of its core: saturated. Its us/hop is then the "
+            "share of the core the offered load took, lowered by reading bigger batches, not what "
+            "a hop costs with room to spare, and its latency is queueing)"
+        )
+
+
+def report(args: argparse.Namespace, direct: Phase, best: dict[str, Phase]) -> None:
+    report_table(args, [direct, *best.values()])
     bridge, fwd_call, fwd_one = best["bridge"], best["fwd-call"], best["fwd-one"]
     print()
     for p in (bridge, fwd_call, fwd_one):
@@ -651,6 +801,16 @@ def report(args: argparse.Namespace, direct: Phase, best: dict[str, Phase]) -> N
         f"bridge / fwd-one (the ceiling): {ratio_one:.2f}x; bridge / fwd-call (same sockets "
         f"and keys per call, no logic): {ratio_call:.2f}x"
     )
+    for name, what in (
+        ("fwd-mux", "one shared loopback socket per side"),
+        ("fwd-ssrc", "fwd-one's two sockets with per-call keys, routed by SSRC"),
+    ):
+        if name in best:
+            extra = best[name].hops_per_cpu_second
+            print(
+                f"{name} / fwd-one: {extra / fwd_one.hops_per_cpu_second:.2f}x; {name} / "
+                f"fwd-call: {extra / fwd_call.hops_per_cpu_second:.2f}x ({what})"
+            )
     zrtp = sorted(bridge.worker.get("zrtp_ms", []))
     if zrtp:
         n = len(zrtp)

@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 import vectorlib
-from freecall.srtp.srtp_policy import srtp_policies, srtp_sessions
+from freecall.srtp.srtp_policy import srtp_call, srtp_policies, srtp_sessions
 from zrtp.zrtp_harness import make_pair
 
 VECTORS = vectorlib.VECTORS / "srtp"
@@ -60,6 +60,33 @@ def test_libsrtp_aes_cm(profile: int, protected_key: tuple[str, str]) -> None:
         pylibsrtp.Session(
             Policy(key=key, ssrc_type=Policy.SSRC_ANY_INBOUND, srtp_profile=profile)
         ).unprotect(bytes(tampered))
+
+
+def test_srtp_call_is_the_public_call() -> None:
+    """The bridge's folded-in pylibsrtp call: the libsrtp vector, the same errors (a forged tag,
+    a replay, an oversized packet) and the public methods still work on the same session."""
+    vectors = load("libsrtp_srtp_validate_vectors.json")
+    base = vectors["aes_cm_128_hmac_sha1_80"]
+    key = x(base["master_key"] + base["master_salt"])
+    plain, expected = x(base["rtp_plaintext"]), x(base["srtp_protected"])
+    profile = Policy.SRTP_PROFILE_AES128_CM_SHA1_80
+    tx = pylibsrtp.Session(
+        Policy(key=key, ssrc_type=Policy.SSRC_ANY_OUTBOUND, srtp_profile=profile)
+    )
+    rx = pylibsrtp.Session(Policy(key=key, ssrc_type=Policy.SSRC_ANY_INBOUND, srtp_profile=profile))
+    protect, unprotect = srtp_call(tx, "protect"), srtp_call(rx, "unprotect")
+    assert protect is not tx.protect  # the fast form, not the fallback, with this pylibsrtp
+    assert protect(plain) == expected
+    tampered = bytearray(expected)
+    tampered[-1] ^= 1
+    with pytest.raises(pylibsrtp.Error, match="authentication failure"):
+        unprotect(bytes(tampered))
+    assert unprotect(expected) == plain
+    with pytest.raises(pylibsrtp.Error, match="replay check failed"):
+        unprotect(expected)
+    with pytest.raises(ValueError, match="too long"):
+        protect(plain[:12] + bytes(1500))
+    assert tx.protect_rtcp(x(base["rtcp_plaintext"])) == x(base["srtcp_protected"])
 
 
 def test_libsrtp_aead_aes_128_gcm() -> None:

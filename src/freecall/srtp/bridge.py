@@ -69,11 +69,15 @@ Decisions, and why:
   first; anything that fails it is classified on the slow path), no clock, no logging, no
   allocation beyond pylibsrtp's result. ZRTP security warnings (forged packets cause them) are
   counted; only the first five per stream are logged and raised as events.
-* **Cost.** ``bench/media.py`` measures it against bare forwarders. Most of the time per packet
-  is the kernel's UDP path; per-call sockets and per-call libsrtp contexts (no batching, cold
-  caches) cost far more than the bridge's own logic, which is within about 10-20 % of a bare
-  forwarder using the same sockets and keys. uvloop caches 2048 destination addresses; past
-  about 1000 streams per process its ``sendto`` converts addresses again.
+* **Cost.** ``bench/media.py`` measures it against bare forwarders (docs/performance.md). Over
+  half the time per packet is the kernel's UDP path; per-call keys and destinations (cold libsrtp
+  contexts, one socket per phone) cost about 20 % against one key and one sink, sockets per
+  stream a further 5 % (uvloop reads each until it is empty: at 50 packets a second most
+  wake-ups end in a failing read), and the bridge's own logic is within noise of a bare
+  forwarder on the same sockets and keys. libsrtp is called through `srtp_call`, without
+  pylibsrtp's per-call wrapper. Plain sockets with ``loop.add_reader`` (one read per wake-up)
+  were measured and are no cheaper. uvloop caches 2048 destination addresses; past about 1000
+  streams per process its ``sendto`` converts addresses again.
 
 Counters per stream (`MediaStream.stats`): packets and bytes in and out on each side, SRTP/SRTCP
 authentication failures and replays, drops by reason, loss from RTP sequence numbers of the far
@@ -104,8 +108,8 @@ import pylibsrtp
 from freecall.srtp import zrtp as z
 from freecall.srtp.keys import RetainedSecrets
 from freecall.srtp.media_ports import PortPairPool
-from freecall.srtp.rtp import RTP_HEADER_LEN, ReceptionStats, is_rtcp_type, rtp_ssrc
-from freecall.srtp.srtp_policy import srtp_sessions
+from freecall.srtp.rtp import MAX_DROPOUT, RTP_HEADER_LEN, ReceptionStats, is_rtcp_type, rtp_ssrc
+from freecall.srtp.srtp_policy import srtp_call, srtp_sessions
 from freecall.srtp.zrtp_messages import classify_datagram
 from freecall.transport import Timer
 
@@ -1049,7 +1053,12 @@ class MediaStream:
             return
         self.net_rtp_in += 1
         self.net_rtp_in_bytes += len(data)
-        self._rx.update(data[2] << 8 | data[3])
+        rx, seq = self._rx, data[2] << 8 | data[3]
+        if 0 <= rx.max_seq < seq < rx.max_seq + MAX_DROPOUT:
+            rx.max_seq = seq  # in order, no wrap: RFC 3550 A.3's common case, without a call
+            rx.received += 1
+        else:
+            rx.update(seq)
         if addr != self._remote_rtp:
             self._latch_rtp(addr, authenticated=True)
         self._phone_rtp_send(plain, self._phone_rtp)
@@ -1369,8 +1378,9 @@ class MediaStream:
     def _install_srtp(self, keys: z.SessionKeys) -> None:
         out, inbound = srtp_sessions(keys)
         self._srtp_out, self._srtp_in = out, inbound
-        self._protect, self._protect_rtcp = out.protect, out.protect_rtcp
-        self._unprotect, self._unprotect_rtcp = inbound.unprotect, inbound.unprotect_rtcp
+        self._protect, self._protect_rtcp = srtp_call(out, "protect"), out.protect_rtcp
+        self._unprotect = srtp_call(inbound, "unprotect")
+        self._unprotect_rtcp = inbound.unprotect_rtcp
 
     def _on_secure(self, event: z.SecureStateReached, now: float) -> None:
         if self.state != SECURING:

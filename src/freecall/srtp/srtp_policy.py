@@ -9,7 +9,14 @@ section 4.1.2 does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pylibsrtp
+
+try:  # pylibsrtp's cffi binding, for `srtp_call`
+    from pylibsrtp._binding import ffi, lib
+except ImportError:  # pragma: no cover - other pylibsrtp layouts use the public methods
+    ffi = lib = None
 
 from freecall.srtp.zrtp import SessionKeys
 
@@ -39,3 +46,38 @@ def srtp_sessions(keys: SessionKeys) -> tuple[pylibsrtp.Session, pylibsrtp.Sessi
     """(protecting, unprotecting) libsrtp sessions built from `srtp_policies`."""
     outbound, inbound = srtp_policies(keys)
     return pylibsrtp.Session(outbound), pylibsrtp.Session(inbound)
+
+
+def srtp_call(session: pylibsrtp.Session, name: str) -> Callable[[bytes], bytes]:
+    """``session.protect`` or ``session.unprotect`` with pylibsrtp's per-call wrapper folded in.
+
+    The same libsrtp call on the session's own buffer, with the same checks and errors, but one
+    Python frame and no ``int *`` allocated per packet: about 0.6 us of the 2 us pylibsrtp
+    takes per packet here (bench/media.py). Falls back to the public method if pylibsrtp's
+    internals differ from those of the versions this was written against (0.10-1.0).
+    """
+    public: Callable[[bytes], bytes] = getattr(session, name)
+    try:
+        ctx = session._srtp[0]
+        cdata = session._cdata
+        buffer = session._buffer
+        func = {"protect": lib.srtp_protect, "unprotect": lib.srtp_unprotect}[name]
+        errors = pylibsrtp.ERRORS
+        len_p = ffi.new("int *")
+        limit = len(cdata) - (pylibsrtp.SRTP_MAX_TRAILER_LEN if name == "protect" else 0)
+    except (AttributeError, KeyError, TypeError):
+        return public
+    error = pylibsrtp.Error
+
+    def call(data: bytes, _keep: pylibsrtp.Session = session) -> bytes:  # _keep: the context
+        n = len(data)
+        if n > limit:
+            raise ValueError("packet is too long")
+        buffer[0:n] = data
+        len_p[0] = n
+        rc = func(ctx, cdata, len_p)
+        if rc:
+            raise error(errors[rc])
+        return buffer[0 : len_p[0]]  # type: ignore[no-any-return]
+
+    return call
