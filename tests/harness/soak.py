@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,8 +146,12 @@ def _register_loop(node: FreecallDaemon, bindings: list[tuple[str, int | None]],
 
 def run_soak(h: Harness, *, seconds: float, rate: float = 1.0, hold: float = 30.0,
              refresh: float = 20.0, sample: float = 30.0, warmup: float = 90.0,
-             log: Callable[[str], None] = print) -> SoakResult:
-    """Five nodes under steady load for ``seconds``; returns the samples and what failed."""
+             log: Callable[[str], None] = print,
+             command: Sequence[str] | None = None,
+             media_ports: int = MEDIA_PORTS) -> SoakResult:
+    """Five nodes under steady load for ``seconds``; returns the samples and what failed.
+    ``command`` replaces ``python -m freecall run`` for A and B (a profiler, say);
+    ``media_ports`` is the first of A's and B's 800 media ports (two soaks at once need two)."""
     quiet: dict[str, Any] = {
         "log": {"level": "info", "sip_trace": False}, "openpgp": {"sign": False},
         "media": {"rtp_timeout": "300s"},  # SIPp sends no RTP: calls end by their BYE
@@ -160,9 +164,10 @@ def run_soak(h: Harness, *, seconds: float, rate: float = 1.0, hold: float = 30.
     nodes: list[FreecallDaemon] = []
     for index, (name, host, who) in enumerate(zip(names, hosts, users, strict=True)):
         node = h.daemon(name, users=who, domains=[f"{name}.test"], public_host=host,
-                        start=False, config=quiet)
+                        start=False, config=quiet,
+                        command=command if command is not None and index < 2 else None)
         if index < 2:  # the harness's 20 media ports carry 5 calls; the soak holds up to 60
-            first = MEDIA_PORTS + 400 * index
+            first = media_ports + 400 * index
             node.extra_config["media"] = {"rtp_timeout": "300s",
                                           "ports": f"{first}-{first + 399}"}
         node.extra_config["dns"] = {"servers": ["127.0.0.1:9"], "timeout": "1s"}
