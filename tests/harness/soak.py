@@ -6,7 +6,8 @@ first; the first's is the second). Calls go from a SIPp uac on A's softphone lis
 (tests/harness/scenarios/uac_hold.xml) to ``bench@b.test``, a SIPp uas registered at B, at
 ``rate`` a second, each held ``hold`` seconds; A and B route to each other by static routes, so
 every call crosses two daemons and a ZRTP exchange between them. Every ``refresh`` seconds ten
-devices refresh their registrations at B (REGISTER from the trusted loopback, Expires 60).
+devices and the uas refresh their registrations at B (REGISTER from the trusted loopback,
+Expires 60).
 
 Each ``sample`` seconds, for every node: RSS (/proc), and from its /metrics the open file
 descriptors, asyncio tasks, timer heap entries, live transactions, requests being proxied and
@@ -22,7 +23,7 @@ import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,9 +109,10 @@ class SoakResult:
         return "\n".join(lines)
 
 
-def _register_loop(node: FreecallDaemon, refresh: float, stop: threading.Event,
-                   counts: list[int]) -> None:
-    """Refresh DEVICES registrations at ``node`` every ``refresh`` s (trusted source)."""
+def _register_loop(node: FreecallDaemon, bindings: list[tuple[str, int | None]],
+                   refresh: float, stop: threading.Event, counts: list[int]) -> None:
+    """Refresh ``bindings`` (user, contact port; None: this socket's) at ``node`` every
+    ``refresh`` s from the trusted loopback, Expires 60 (so a missed refresh shows)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
         sock.settimeout(2.0)
@@ -118,14 +120,14 @@ def _register_loop(node: FreecallDaemon, refresh: float, stop: threading.Event,
         cseq = 0
         while not stop.is_set():
             cseq += 1
-            for i in range(DEVICES):
-                call_id = f"soak-reg-{i}@127.0.0.1"
+            for user, contact_port in bindings:
+                call_id = f"soak-reg-{user}@127.0.0.1"
                 sock.sendto((
                     f"REGISTER sip:b.test SIP/2.0\r\n"
-                    f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK-soak-{i}-{cseq};rport\r\n"
-                    f"From: <sip:dev{i}@b.test>;tag=soak{i}\r\nTo: <sip:dev{i}@b.test>\r\n"
-                    f"Call-ID: {call_id}\r\nCSeq: {cseq} REGISTER\r\n"
-                    f"Contact: <sip:dev{i}@127.0.0.1:{port}>\r\nExpires: 60\r\n"
+                    f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK-soak-{user}-{cseq};rport"
+                    f"\r\nFrom: <sip:{user}@b.test>;tag=soak-{user}\r\nTo: <sip:{user}@b.test>"
+                    f"\r\nCall-ID: {call_id}\r\nCSeq: {cseq} REGISTER\r\n"
+                    f"Contact: <sip:{user}@127.0.0.1:{contact_port or port}>\r\nExpires: 60\r\n"
                     "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode(),
                     ("127.0.0.1", node.sip_port))
                 ok = False
@@ -144,8 +146,12 @@ def _register_loop(node: FreecallDaemon, refresh: float, stop: threading.Event,
 
 def run_soak(h: Harness, *, seconds: float, rate: float = 1.0, hold: float = 30.0,
              refresh: float = 20.0, sample: float = 30.0, warmup: float = 90.0,
-             log: Callable[[str], None] = print) -> SoakResult:
-    """Five nodes under steady load for ``seconds``; returns the samples and what failed."""
+             log: Callable[[str], None] = print,
+             command: Sequence[str] | None = None,
+             media_ports: int = MEDIA_PORTS) -> SoakResult:
+    """Five nodes under steady load for ``seconds``; returns the samples and what failed.
+    ``command`` replaces ``python -m freecall run`` for A and B (a profiler, say);
+    ``media_ports`` is the first of A's and B's 800 media ports (two soaks at once need two)."""
     quiet: dict[str, Any] = {
         "log": {"level": "info", "sip_trace": False}, "openpgp": {"sign": False},
         "media": {"rtp_timeout": "300s"},  # SIPp sends no RTP: calls end by their BYE
@@ -158,9 +164,10 @@ def run_soak(h: Harness, *, seconds: float, rate: float = 1.0, hold: float = 30.
     nodes: list[FreecallDaemon] = []
     for index, (name, host, who) in enumerate(zip(names, hosts, users, strict=True)):
         node = h.daemon(name, users=who, domains=[f"{name}.test"], public_host=host,
-                        start=False, config=quiet)
+                        start=False, config=quiet,
+                        command=command if command is not None and index < 2 else None)
         if index < 2:  # the harness's 20 media ports carry 5 calls; the soak holds up to 60
-            first = MEDIA_PORTS + 400 * index
+            first = media_ports + 400 * index
             node.extra_config["media"] = {"rtp_timeout": "300s",
                                           "ports": f"{first}-{first + 399}"}
         node.extra_config["dns"] = {"servers": ["127.0.0.1:9"], "timeout": "1s"}
@@ -189,8 +196,11 @@ def run_soak(h: Harness, *, seconds: float, rate: float = 1.0, hold: float = 30.
                                  "-l", str(int(rate * hold * 2) + 10)])
     stop = threading.Event()
     counts = [0, 0]
-    registrar = threading.Thread(target=_register_loop, args=(b, refresh, stop, counts),
-                                 daemon=True)
+    # the uas's own binding is refreshed too (its REGISTER above said 600 s)
+    bindings: list[tuple[str, int | None]] = [("bench", uas.port)]
+    bindings += [(f"dev{i}", None) for i in range(DEVICES)]
+    registrar = threading.Thread(target=_register_loop,
+                                 args=(b, bindings, refresh, stop, counts), daemon=True)
     registrar.start()
     series = {node.name: Series() for node in nodes}
     pids = {node.name: node.process.pid for node in nodes if node.process is not None}

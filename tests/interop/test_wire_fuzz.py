@@ -3,8 +3,12 @@
 Two nodes (A 127.0.0.2 with alice, B 127.0.0.3 with bob, harness.calls' static pair) carry a
 ZRTP call between two baresip phones. Meanwhile 100,000 mutants of the RFC 4475/5118 torture
 messages and the RFC 3665 call flows (tests/harness/fuzz.py, seed ``FUZZ_SEED``) go to node B
-over UDP (90% to the public listener, 10% to the softphone listener) and 10,000 more over TCP
-connections to the public listener. The fuzzer sends from 127.0.0.50, which B's configuration
+over UDP (90% to the public listener, 10% to the softphone listener), 10,000 more over TCP
+connections to the public listener and 5,000 over TLS connections to its TLS listener, each
+connection closed once its mutant is sent; then 90 connections at once send the TLS listener a
+ClientHello with bits flipped, one cut short, or random bytes, and must all be closed within
+15 s (a flipped length field leaves the handshake waiting: the transport's 10 s TLS handshake
+timeout ends it). The fuzzer sends from 127.0.0.50, which B's configuration
 exempts from the rate limit (``security.rate_exempt``): otherwise the limiter (tests/interop/
 test_scanners.py) would drop nearly everything after the first 200 messages, which is its job
 but not what is tested here. Then: B answers OPTIONS, the call is still up with media flowing
@@ -18,9 +22,11 @@ replayed over UDP and TCP by ``test_regression_vectors_over_the_wire``.
 from __future__ import annotations
 
 import contextlib
+import random
 import re
 import select
 import socket
+import ssl
 import time
 import urllib.request
 from collections.abc import Callable
@@ -35,6 +41,9 @@ from harness.fuzz import Mutator, seed_messages
 FUZZ_SEED = 11
 UDP_MESSAGES = 100_000
 TCP_MESSAGES = 10_000
+TLS_MESSAGES = 5_000
+TLS_GARBAGE = 90  # connections to the TLS port that send a mangled handshake or no TLS at all
+GARBAGE_SOURCES = ("127.0.0.60", "127.0.0.61", "127.0.0.62")  # 30 each: under the cap of 32
 BACKLOG = 50_000  # bytes waiting in B's UDP sockets before the fuzzer waits
 FUZZ_SOURCE = "127.0.0.50"
 RSS_GROWTH_MB = 40
@@ -66,6 +75,16 @@ def _metric(node: FreecallDaemon, name: str) -> float:
     match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
     assert match, name
     return float(match.group(1))
+
+
+def _framing_errors(node: FreecallDaemon) -> float:
+    request = urllib.request.Request(node.control_url + "/metrics",
+                                     headers={"Authorization": f"Bearer {node.token()}"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        text = response.read().decode()
+    match = re.search(r'^freecall_sip_transport_errors_total\{kind="framing_errors"\} (\S+)$',
+                      text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
 
 
 def options_answered(host: str, port: int, timeout: float = 2.0) -> bool:
@@ -181,6 +200,114 @@ def fuzz_tcp(mutator: Mutator, target: tuple[str, int], count: int) -> int:
     return answered
 
 
+def _tls_client() -> ssl.SSLContext:
+    """A client that accepts the node's self-signed certificate, as a peer node does."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def fuzz_tls(mutator: Mutator, target: tuple[str, int], count: int) -> int:
+    """``count`` mutants over TLS, each on its own connection (see ``fuzz_tcp``), closed once
+    sent (TLS has no half-close; the daemon reads what came before the end of the stream).
+    Every 20 mutants an OPTIONS over TLS must be answered: the daemon keeps up (and the
+    fuzzer stays under its 32 connections per address). Returns the mutants sent whole."""
+    context = _tls_client()
+    sent = 0
+    for mutant in mutator.take(count):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as raw:
+            raw.bind((FUZZ_SOURCE, 0))
+            raw.settimeout(5.0)
+            raw.connect(target)
+            with context.wrap_socket(raw) as sock, contextlib.suppress(OSError):
+                sock.sendall(mutant.data)
+                sent += 1
+        if mutant.index % 20 == 19:
+            assert tls_options_answered(context, target), f"no answer after mutant {mutant.index}"
+    return sent
+
+
+def tls_options_answered(context: ssl.SSLContext, target: tuple[str, int]) -> bool:
+    with socket.create_connection(target, timeout=5.0, source_address=("127.0.0.51", 0)) as raw, \
+            context.wrap_socket(raw) as sock:
+        local = sock.getsockname()
+        call_id = f"tls-ping-{time.monotonic_ns()}"
+        sock.sendall((
+            f"OPTIONS sip:{target[0]}:{target[1]};transport=tls SIP/2.0\r\n"
+            f"Via: SIP/2.0/TLS {local[0]}:{local[1]};branch=z9hG4bK{call_id}\r\n"
+            "Max-Forwards: 70\r\nFrom: <sip:ping@elsewhere.test>;tag=p1\r\n"
+            f"To: <sip:{target[0]}:{target[1]}>\r\nCall-ID: {call_id}\r\nCSeq: 1 OPTIONS\r\n"
+            "Content-Length: 0\r\n\r\n").encode())
+        got = b""
+        with contextlib.suppress(OSError):
+            while b"\r\n\r\n" not in got and (chunk := sock.recv(65535)):
+                got += chunk
+        return got.startswith(b"SIP/2.0 200")
+
+
+def garbage_handshakes(target: tuple[str, int], count: int, seed: int = FUZZ_SEED,
+                       wait: float = 15.0) -> int:
+    """``count`` connections at once (spread over GARBAGE_SOURCES, under the per-address
+    connection cap) that send a real ClientHello with bits flipped, one cut short, or random
+    bytes instead of TLS; returns how many the daemon closed within ``wait`` seconds. A flipped
+    length field leaves the daemon waiting for bytes that never come: its TLS handshake
+    timeout (10 s) must end those."""
+    rng = random.Random(seed)
+    hello = _client_hello(target)
+    socks: list[socket.socket] = []
+    try:
+        for i in range(count):
+            kind = i % 3
+            if kind == 0:
+                data = bytearray(hello)
+                for _ in range(rng.randint(1, 8)):
+                    data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+                payload = bytes(data)
+            elif kind == 1:
+                payload = hello[:rng.randrange(1, len(hello))]
+            else:
+                payload = rng.randbytes(rng.randint(1, 2000))
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.bind((GARBAGE_SOURCES[i % len(GARBAGE_SOURCES)], 0))
+            sock.settimeout(5.0)
+            sock.connect(target)
+            with contextlib.suppress(OSError):
+                sock.sendall(payload)
+                if kind == 1:
+                    sock.shutdown(socket.SHUT_WR)  # a cut-short hello, then the end
+            sock.setblocking(False)
+        closed = 0
+        pending = set(socks)
+        deadline = time.monotonic() + wait
+        while pending and time.monotonic() < deadline:
+            readable, _, _ = select.select(list(pending), [], [], 0.5)
+            for sock in readable:
+                try:
+                    if sock.recv(65535):
+                        continue  # an alert, say; the close comes next
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    pass  # reset: closed too
+                pending.discard(sock)
+                closed += 1
+        return closed
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _client_hello(target: tuple[str, int]) -> bytes:
+    """The first flight of a real TLS client (Python's ssl), captured through memory BIOs."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = _tls_client().wrap_bio(incoming, outgoing, server_hostname=target[0])
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
 @pytest.mark.slow
 def test_100k_mutants_over_udp_and_tcp_leave_the_daemon_and_the_call_intact(
     harness: Harness, baresip: Callable[..., Baresip]
@@ -208,10 +335,23 @@ def test_100k_mutants_over_udp_and_tcp_leave_the_daemon_and_the_call_intact(
     udp_seconds = time.monotonic() - started
     drops = udp_queue(b.public_port)[1] + udp_queue(b.sip_port)[1] - drops_before
     tcp_answered = fuzz_tcp(mutator, (b.public_host, b.public_port), TCP_MESSAGES)
+    tls_started = time.monotonic()
+    tls_before = _metric(b, "freecall_sip_messages_received_total")
+    tls_framing = _framing_errors(b)
+    tls_sent = fuzz_tls(mutator, (b.public_host, b.tls_port), TLS_MESSAGES)
+    tls_received = _metric(b, "freecall_sip_messages_received_total") - tls_before
+    tls_framing = _framing_errors(b) - tls_framing
+    tls_closed = garbage_handshakes((b.public_host, b.tls_port), TLS_GARBAGE)
+    tls_seconds = time.monotonic() - tls_started
     seconds = time.monotonic() - started
     print(f"\n[fuzz] {UDP_MESSAGES} UDP ({delivered} SIP, {drops} dropped by the kernel) in "
           f"{udp_seconds:.1f} s, {TCP_MESSAGES} TCP ({tcp_answered} answered), "
-          f"{seconds:.1f} s in all")
+          f"{tls_sent} TLS ({tls_received:.0f} messages and {tls_framing:.0f} framing errors "
+          f"at B) and {TLS_GARBAGE} mangled handshakes "
+          f"({tls_closed} closed by B) in {tls_seconds:.1f} s, {seconds:.1f} s in all")
+    assert tls_closed == TLS_GARBAGE, tls_closed
+    # the mutants reached the framer and the parser (some frame as several messages)
+    assert tls_sent == TLS_MESSAGES and tls_received + tls_framing >= 0.7 * TLS_MESSAGES
 
     # alive, and not hanging: a ping is answered at once
     assert b.process.alive(), b.process.describe_exit()

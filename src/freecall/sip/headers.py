@@ -149,9 +149,10 @@ class Via:
     def rport(self) -> int | None:
         """The rport value, or None when absent or empty (RFC 3581 section 4)."""
         value = self.params.get("rport")
-        if value is None or not value.isdigit():
-            return None
-        return int(value)
+        if value is None or not value.isascii() or not value.isdigit() or len(value) > 5:
+            return None  # a port has at most 5 digits; int() of thousands raises
+        port = int(value)
+        return port if port <= 65535 else None
 
     @property
     def wants_rport(self) -> bool:
@@ -322,9 +323,11 @@ class Address:
     @property
     def expires(self) -> int | None:
         value = self.params.get("expires")
-        if value is None or not value.isdigit():
+        if value is None or not value.isascii() or not value.isdigit():
             return None
-        return int(value)
+        if len(value.lstrip("0")) > 10:  # delta-seconds: capped (RFC 3261 section 10.2.1.1)
+            return 2**32 - 1
+        return min(int(value), 2**32 - 1)
 
     def __str__(self) -> str:
         raw = self._raw
