@@ -216,3 +216,27 @@ def test_restart_keeps_the_cache_and_outranks_the_old_record(tmp_path: Path) -> 
     mine = again.cache.entry(again.key)
     assert mine is not None and mine.record == again.local
     assert len(again.peers(s.now)) == len(old.cache) - 1
+
+
+def test_false_death_claims_silence_the_claims_not_the_claimer() -> None:
+    """After a partition heals, honest nodes make many claims the other side finds false:
+    a repeat offender's claims are ignored for a while, but it is still heard (a ban would
+    keep the halves apart)."""
+    s = sim(64, events=False, claim_probe_share=1.0)
+    s.run_rounds(2)
+    atk, v = s.nodes[0].gossip, s.nodes[1].gossip
+    homes = [n.gossip.local for n in s.nodes[2:] if v.my_group in n.gossip.local.homes(3)]
+    key = atk.keys.derive(v.identity.public_key)[0]
+    for _ in range(20):
+        b = wire.Builder()
+        b.add(wire.Sec.DEAD, wire.digests([(h.key, h.seq) for h in homes[:6]]))
+        s.send_raw(0, b.finish(atk.identity.public_key, int(s.now), key), s.nodes[1].addr)
+        s.run_rounds(2)
+    assert v.stats.get("false_claims", 0) >= 3
+    assert v.stats.get("claims_ignored", 0) >= 1 and v.stats.get("drop_claims", 0) >= 1
+    b = wire.Builder()
+    b.add(wire.Sec.RECORD, atk.local.raw)
+    s.send_raw(0, b.finish(atk.identity.public_key, int(s.now), key), s.nodes[1].addr)
+    s.run_rounds(1)
+    assert v.stats.get("drop_banned", 0) == 0 and atk.key in v.cache.entries
+    assert all(h.key in v.cache.entries for h in homes)  # nobody was buried on a claim

@@ -149,6 +149,36 @@ def test_groups_members_pages_and_need() -> None:
     assert c2.need_bitmap() == b"\xff"
 
 
+def test_pages_are_remembered_until_a_home_record_changes() -> None:
+    bits = 2
+    c = cache(group_bits=bits, my_group=1)
+    recs = [rec(i) for i in range(40)]
+    for r in recs[:20]:
+        c.put(r, NOW)
+    homed = [i for i in range(20) if 1 in recs[i].homes(bits)]
+
+    def fresh(sub_bits: int, index: int) -> set[tuple[bytes, int]]:
+        width = 64 >> sub_bits
+        return {(k, s) for f in range(index * width, (index + 1) * width)
+                for k, s in c.home_fine[f].items()}
+
+    pages = [c.home_page(2, i) for i in range(4)]
+    assert c.home_page(2, 0) is pages[0]  # remembered
+
+    def check() -> None:
+        for i in range(4):
+            assert set(c.home_page(2, i)) == fresh(2, i) == c.home_page_set(2, i)
+
+    assert c.put(rec(homed[0], seq=5), NOW) == "updated"  # newer version, same routes
+    check()
+    assert c.put(rec(homed[1], seq=6, routes=("elsewhere.example",)), NOW) == "updated"
+    check()
+    c.remove(recs[homed[2]].key, NOW, tomb=True)
+    check()
+    c.bulk_load(recs[20:], NOW)
+    check()
+
+
 def test_save_and_load(tmp_path: Path) -> None:
     c = cache()
     for i in range(20):

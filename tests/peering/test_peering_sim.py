@@ -39,11 +39,11 @@ def test_new_route_reaches_99_percent_within_20_rounds_under_2kb() -> None:
 
 
 def test_lookups_succeed_under_ten_percent_churn_per_ten_rounds() -> None:
-    """Measured 99.85 % here (docs/peering.md: the issue asks 99.9 %; not met at every seed
-    and scale, the failure classes are listed there)."""
+    """The issue asks 99.9 %; measured 100 % here (seeds 5, 6 and 7 alike), 10,000-node
+    figures in docs/peering.md."""
     out = scenario_churn(_cfg(1000, seed=5), rounds=40, rate=0.01, lookups_per_round=100)
     assert out["lookups"] >= 2500
-    assert out["lookup_success"] >= 0.998
+    assert out["lookup_success"] >= 0.999
     t = out["traffic"]
     assert t["wire_sent_max"] <= BUDGET < 2048
     assert t["recv_mean"] < 2048

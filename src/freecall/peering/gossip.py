@@ -9,7 +9,7 @@ Lookups go to the route's home group (one hop, or two through a forwarder).
 Each round (``interval``) a node opens one exchange with one partner: a member of its own group
 half of the time, else a member of a random other group (now and then a node it thinks dead):
 
-    SYNC   PING [NEED] [NEED_HOME] [PAGE, same group] [HOME_HAVE] [HAVE] [DEAD]
+    SYNC   PING [NEED] [NEED_HOME] [WANT, PAGE: same group] [HOME_HAVE] [HAVE] [DEAD]
     REPLY  ACK [WANT] [WANT_LOW] [RECORD...] [HOME_HAVE] [HAVE] [DEAD]
     then   [WANT] [RECORD...]  until nobody wants anything more  (at most 4 datagrams)
 
@@ -75,6 +75,8 @@ def _group_key(key: str, bits: int) -> int | None:
     return int(tail)
 
 _MAC_PERSON = b"fc-gossip-mac-v1"
+_BITS = [tuple(j for j in range(8) if byte & (0x80 >> j)) for byte in range(256)]
+"""Bits set in a byte, most significant first (NEED bitmaps)."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ class GossipConfig:
     max_want: int = 6  # records asked for per datagram
     want_budget: int = 8  # records asked for per round: news for our group, updates
     want_budget_low: int = 1  # records asked for per round: other news (global rumour)
+    missing_asks: int = 8  # times a home record we know we lack is asked for again
     send_budget: int = 2000
     """Wire bytes (UDP payload + 28 bytes of IPv4/UDP header) a node may send in any one
     interval: a hard cap, whatever peers ask."""
@@ -124,7 +127,7 @@ class GossipConfig:
     seed_rounds: int = 60  # contact a seed this often even when not alone
     bootstrap_min: int = 8  # below this many records, keep asking seeds
     lookup_timeout: float = 0.5  # per attempt
-    lookup_attempts: int = 4
+    lookup_attempts: int = 8  # 0.5 s apart: a call setup can wait ~5 s in all
     lookup_fanout: int = 2  # contacts asked at once per attempt
     lookup_records: int = 4  # records in one answer
     settle_rounds: int = 30  # before this, our "not found" is not authoritative
@@ -225,34 +228,39 @@ class PairKeys:
 
 
 class SimPairKeys:
-    """INSECURE stand-in for the simulator's speed runs: the MAC key is a hash of both public
-    keys, so per-datagram MAC cost is real but no X25519 is spent. Never use outside tests.
+    """INSECURE stand-in for the simulator's speed runs: the MAC key is the XOR of a public
+    hash of each public key, so per-datagram MAC cost is real but no X25519 is spent (and no
+    per-pair memory). Never use outside tests.
 
-    ``ids`` may be shared by all simulated nodes (public key -> record key, a pure function)."""
+    ``ids`` may be shared by all simulated nodes (public key -> (its hash as an integer, its
+    record key): pure functions of the key)."""
 
-    def __init__(self, identity: NodeIdentity, ids: dict[bytes, bytes] | None = None) -> None:
+    def __init__(
+        self, identity: NodeIdentity, ids: dict[bytes, tuple[int, bytes]] | None = None
+    ) -> None:
         self.public_key = identity.public_key
         self.ids = ids if ids is not None else {}
-        self._memo: dict[bytes, tuple[bytes, bytes]] = {}
+        self._mask = self._entry(identity.public_key)[0]
+
+    def _entry(self, public_key: bytes) -> tuple[int, bytes]:
+        v = self.ids.get(public_key)
+        if v is None:
+            h = hashlib.blake2b(public_key, digest_size=32, person=b"fc-sim-INSECURE!")
+            v = self.ids[public_key] = (
+                int.from_bytes(h.digest(), "big"),
+                node_id_of(public_key)[:KEY_SIZE],
+            )
+        return v
 
     def get(self, public_key: bytes) -> tuple[bytes, bytes] | None:
         """Always computable."""
-        hit = self._memo.get(public_key)
-        return hit if hit is not None else self.derive(public_key)
+        v = self.ids.get(public_key) or self._entry(public_key)
+        return ((v[0] ^ self._mask).to_bytes(32, "big"), v[1])
 
     def derive(self, public_key: bytes) -> tuple[bytes, bytes]:
-        """Hash of the two keys (symmetric)."""
-        if len(self._memo) > 256:
-            self._memo.clear()
-        a, b = (self.public_key, public_key)
-        if b < a:
-            a, b = b, a
-        key = hashlib.blake2b(a + b, digest_size=32, person=b"fc-sim-INSECURE!").digest()
-        kid = self.ids.get(public_key)
-        if kid is None:
-            kid = self.ids[public_key] = node_id_of(public_key)[:KEY_SIZE]
-        out = self._memo[public_key] = (key, kid)
-        return out
+        """XOR of the two keys' hashes (symmetric)."""
+        v = self._entry(public_key)
+        return ((v[0] ^ self._mask).to_bytes(32, "big"), v[1])
 
 
 # -- internal state --------------------------------------------------------------------------
@@ -339,12 +347,18 @@ class Gossip:
         self._claims: dict[bytes, bytes] = {}  # probed on someone's claim -> claimer
         self._revive: dict[bytes, None] = {}  # buried nodes a peer still believes alive
         self._false_claims: dict[bytes, int] = {}
+        self._deaf: dict[bytes, float] = {}  # peers whose death claims we ignore, until
         self._inflight: dict[bytes, float] = {}
+        self._missing: dict[bytes, list[int]] = {}
+        """Home records we know we lack (a digest showed them): key -> [seq, asks left].
+        Asked for again from each member of our group we sync with until they arrive: the
+        member first asked may be out of budget, and rumours about them stop."""
         self._lookups: dict[int, _Lookup] = {}
         self._bans: dict[object, float] = {}
         self._seeds: list[_Seed] = []
         self._seed_wait = 1
         self._seed_next = 0
+        self._seed_turn = -1  # next seed to greet (first one at random)
         self._withdraw: set[int] = set()
         self._confirmed: set[int] = set()  # home groups members acknowledged this version in
         self._acks: dict[int, set[bytes]] = {}
@@ -447,7 +461,7 @@ class Gossip:
         if group is None:
             group = route_group(norm, self.config.group_bits)
         st = _Lookup(qid, norm, group, now, internal=internal)
-        st.give_up = now + self.config.lookup_timeout * (self.config.lookup_attempts + 6)
+        st.give_up = now + self.config.lookup_timeout * (self.config.lookup_attempts + 2)
         self._lookups[qid] = st
         if use_cache:
             for r in self.cache.lookup(norm):
@@ -647,13 +661,16 @@ class Gossip:
             # (nearly) alone: ask a seed, backing off (up to 3 rounds) so a crowd of
             # newcomers does not drown it; two newcomers that only know each other keep asking
             if self.round >= self._seed_next:
-                self._contact_seeds(now)
+                # nobody at all yet: two seeds at once, so one dead seed costs no rounds
+                self._contact_seeds(now, 2 if len(self.cache) <= 1 else 1)
+                self._seed_turn += 1
                 self._seed_wait = min(3, self._seed_wait + 1)
                 self._seed_next = self.round + self.rng.randint(1, self._seed_wait)
         else:
             self._seed_wait = 1
             if self._seeds and self.round % cfg.seed_rounds == 0:
                 self._contact_seeds(now)  # now and then: rejoins after a partition
+                self._seed_turn += 1
         # confirm suspicions first-hand
         if self._suspects:
             for _ in range(min(cfg.probe_cap, len(self._suspects))):
@@ -756,9 +773,14 @@ class Gossip:
                 best, best_seen = rec, seen
         return best
 
-    def _contact_seeds(self, now: float) -> None:
+    def _contact_seeds(self, now: float, count: int = 1) -> None:
+        """Greet ``count`` seeds, in turn (a dead seed is skipped next time, not re-drawn)."""
         cfg = self.config
-        for seed in self.rng.sample(self._seeds, min(1, len(self._seeds))):
+        n = len(self._seeds)
+        if self._seed_turn < 0:
+            self._seed_turn = self.rng.randrange(n)
+        for j in range(min(count, n)):
+            seed = self._seeds[(self._seed_turn + j) % n]
             nonce = self.rng.getrandbits(32)
             b = Builder(cfg.max_datagram)
             # A seed whose record we lack gets HELLO even when its key is known (mDNS gives
@@ -819,7 +841,9 @@ class Gossip:
             b.add(Sec.NEED, need)
         self._add_home_need(b)
         pkey = partner.key
-        if id_group(partner.node_id, cfg.group_bits) == self.my_group:
+        if pgroup == self.my_group:
+            if self._missing:
+                self._ask_missing(b, now)
             self._add_page(b)
         self._add_rumours(b, pkey)
         if self._send(b, partner, now):
@@ -839,6 +863,33 @@ class Gossip:
             if heard is not None and heard >= horizon:
                 return False
         return True
+
+    def _ask_missing(self, b: Builder, now: float) -> None:
+        """WANT the home records we still lack from this member of our group."""
+        cfg = self.config
+        entries = self.cache.entries
+        asks: list[bytes] = []
+        for k, miss in list(self._missing.items()):
+            e = entries.get(k)
+            if (e is not None and e.record.seq >= miss[0]) or self.cache.tombstoned(k, miss[0]):
+                del self._missing[k]
+                continue
+            t = self._inflight.get(k)
+            if t is not None and t > now:
+                continue
+            if self._wanted >= cfg.want_budget or len(asks) >= cfg.max_want:
+                break
+            asks.append(k)
+        if not asks or 8 * len(asks) > self._budget_room(b):
+            return
+        b.add(Sec.WANT, b"".join(asks))
+        self._wanted += len(asks)
+        for k in asks:
+            self._inflight[k] = now + cfg.interval
+            miss = self._missing[k]
+            miss[1] -= 1
+            if miss[1] <= 0:
+                del self._missing[k]
 
     def _add_page(self, b: Builder) -> None:
         cfg = self.config
@@ -1004,14 +1055,18 @@ class Gossip:
         return False
 
     def _false_claim(self, claimer: bytes, now: float) -> None:
-        """A node said a peer was dead; the peer answered us. Repeat offenders are banned:
-        honest nodes claim only what they saw, so they are rarely wrong."""
+        """A node said a peer was dead; the peer answered us. Repeat offenders' claims are
+        ignored for a while (not the offenders: after a partition heals, honest nodes of
+        each side make many claims that are false for the other side, and cutting them off
+        would keep the halves apart; their claims cost us probes, nothing more)."""
         self._count("false_claims")
         n = self._false_claims.get(claimer, 0) + 1
         self._false_claims[claimer] = n
         if n >= 3:
-            self._bans[claimer] = now + self.config.ban_seconds
-            self._count("bans")
+            self._deaf[claimer] = now + self.config.ban_seconds
+            self._count("claims_ignored")
+            if len(self._deaf) > 1024:
+                self._deaf = {k: t for k, t in self._deaf.items() if t > now}
         if len(self._false_claims) > 1024:
             self._false_claims.clear()
 
@@ -1033,6 +1088,10 @@ class Gossip:
             return None
         key = rec.key
         self._inflight.pop(key, None)
+        if self._missing:
+            miss = self._missing.get(key)
+            if miss is not None and rec.seq >= miss[0]:
+                del self._missing[key]
         if key == self.key:
             if rec.public_key == self.identity.public_key and rec.seq > self.local.seq:
                 self._resign(now, above=rec.seq)  # an older incarnation's record: outrank it
@@ -1091,6 +1150,7 @@ class Gossip:
             self._count("drop_malformed")
             return
         joiner: NodeRecord | None = None
+        self._news = []
         for raw in m.records[:1]:
             joiner = self._accept(raw, src, pk, now)
             if joiner is None or joiner.public_key != pk:
@@ -1106,6 +1166,13 @@ class Gossip:
                         break
         b.content = False  # a newcomer depends on it (and hello_per_round bounds it)
         self._send_to(b, pk, addr, now)
+        if joiner is not None and self._relays_left > 0 and joiner.key not in self._relay_seen:
+            # pre-announce it: its home groups learn of it now, not after it has found
+            # members there itself (with a dead contact or two, that takes rounds)
+            self._relays_left -= 1
+            if self._news:
+                self._eager_push(self._news, joiner.key, now)
+            self._store_for(joiner, self.config.contacts_min, now)
 
     def _on_message(
         self, m: wire.Message, pk: bytes, sender: bytes, addr: Addr, src: str, now: float
@@ -1238,6 +1305,14 @@ class Gossip:
                 )
                 if not prio and not self._fresh(seq, now):
                     continue  # an old record someone just learned: not news
+            if high:
+                miss = self._missing.get(k)
+                if miss is None:
+                    self._missing[k] = [seq, cfg.missing_asks]
+                    if len(self._missing) > 64:
+                        del self._missing[next(iter(self._missing))]
+                elif miss[0] < seq:
+                    miss[0] = seq
             t = self._inflight.get(k)
             if t is not None and t > now:
                 continue
@@ -1272,7 +1347,7 @@ class Gossip:
         if (
             flags & wire.PAGE_COMPLETE
             and len(mine_items) == len(items)
-            and set(mine_items) == set(items)
+            and cache.home_page_set(sub_bits, index) == set(items)
         ):
             return  # in sync: the common case, decided at C speed
         entries = cache.entries
@@ -1354,8 +1429,8 @@ class Gossip:
             g
             for i, byte in enumerate(need)
             if byte
-            for g in range(i * 8, i * 8 + 8)
-            if byte & (0x80 >> (g & 7)) and g < limit and members[g]
+            for j in _BITS[byte]
+            if (g := i * 8 + j) < limit and members[g]
         ]
         if not groups:
             return
@@ -1400,6 +1475,17 @@ class Gossip:
         if last is not None and self.round - last < 3:
             return
         self._relays_left -= 1
+        missing = self._store_for(rec, 3, now)
+        if missing and hops > 0:
+            peer = self._forwarder({rec.key, sender})
+            if peer is not None:
+                b = Builder(self.config.max_datagram)
+                b.add(Sec.RELAY, bytes((hops - 1,)) + rec.raw)
+                self._send(b, peer, now)
+
+    def _store_for(self, rec: NodeRecord, per_group: int, now: float) -> bool:
+        """Hand a newcomer's record to ``per_group`` contacts in each of its home groups
+        (ours, if one, gets it by eager push when accepted); True if some group got none."""
         self._relay_seen[rec.key] = self.round
         if len(self._relay_seen) > 1024:
             self._relay_seen.clear()
@@ -1408,18 +1494,13 @@ class Gossip:
             if g == self.my_group:
                 continue
             sent = 0
-            for c in self.cache.contacts(g, 3):
+            for c in self.cache.contacts(g, per_group):
                 if c.record.key != rec.key:
                     b = Builder(self.config.max_datagram)
                     b.add(Sec.RECORD, rec.raw)
                     sent += self._send(b, c.record, now)
             missing = missing or not sent
-        if missing and hops > 0:
-            peer = self._forwarder({rec.key, sender})
-            if peer is not None:
-                b = Builder(self.config.max_datagram)
-                b.add(Sec.RELAY, bytes((hops - 1,)) + rec.raw)
-                self._send(b, peer, now)
+        return missing
 
     def _on_dead(self, items: list[tuple[bytes, int]], sender: bytes, now: float) -> None:
         """Claims are hints: a home copy (which we answer lookups from) is probed first-hand and
@@ -1427,6 +1508,11 @@ class Gossip:
         tombstone, so a false claim cannot make room for a replay of an older version (the
         node comes back with its next record, or as soon as it talks to us)."""
         cfg = self.config
+        if self._deaf:
+            until = self._deaf.get(sender)
+            if until is not None and until > now:
+                self._count("drop_claims")
+                return
         for k, seq in items[: cfg.max_dead]:
             if k == self.key:
                 # peers think we are dead: a newer record supersedes every tombstone of the

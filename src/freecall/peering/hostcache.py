@@ -136,6 +136,10 @@ class HostCache:
         self.home_fine: list[dict[bytes, int]] = [{} for _ in range(FINE_BUCKETS)]
         """Home records by anti-entropy bucket: key -> seq (pages are built from this)."""
         self.home_count = 0
+        self.home_version = 0
+        """Bumped whenever a home record comes, goes or changes (anti-entropy page memos)."""
+        self._pages: dict[tuple[int, int], tuple[int, list[tuple[bytes, int]]]] = {}
+        self._page_sets: dict[tuple[int, int], tuple[int, frozenset[tuple[bytes, int]]]] = {}
         self.by_source: dict[str, dict[bytes, None]] = {}
         self.tombs: OrderedDict[bytes, Tomb] = OrderedDict()
         self.protected: set[bytes] = set()
@@ -207,6 +211,7 @@ class HostCache:
                 if h:
                     home_fine[k[7] & 63][k] = r.seq
         self.home_count += homes
+        self.home_version += 1
         self.next_expiry = min(self.next_expiry, p.expiry)
         self.version += 1
 
@@ -318,11 +323,25 @@ class HostCache:
         return memo[1]
 
     def home_page(self, sub_bits: int, index: int) -> list[tuple[bytes, int]]:
-        """(key, seq) of the home records in one anti-entropy page (fine buckets in range)."""
+        """(key, seq) of the home records in one anti-entropy page (fine buckets in range);
+        remembered until a home record changes (in a quiet mesh pages repeat). Read only."""
+        memo = self._pages.get((sub_bits, index))
+        if memo is not None and memo[0] == self.home_version:
+            return memo[1]
         width = FINE_BUCKETS >> sub_bits
         out: list[tuple[bytes, int]] = []
         for f in range(index * width, (index + 1) * width):
             out.extend(self.home_fine[f].items())
+        self._pages[(sub_bits, index)] = (self.home_version, out)
+        return out
+
+    def home_page_set(self, sub_bits: int, index: int) -> frozenset[tuple[bytes, int]]:
+        """:meth:`home_page` as a set (the in-sync test of anti-entropy), remembered too."""
+        memo = self._page_sets.get((sub_bits, index))
+        if memo is not None and memo[0] == self.home_version:
+            return memo[1]
+        out = frozenset(self.home_page(sub_bits, index))
+        self._page_sets[(sub_bits, index)] = (self.home_version, out)
         return out
 
     def home_keys_in_page(self, sub_bits: int, index: int) -> dict[bytes, int]:
@@ -402,6 +421,7 @@ class HostCache:
         if e.home:
             self.home_fine[fine_bucket(key)][key] = e.record.seq
             self.home_count += 1
+            self.home_version += 1
         if e.source is not None:
             s = self.by_source.get(e.source)
             if s is None:
@@ -431,6 +451,7 @@ class HostCache:
         if e.home:
             self.home_fine[fine_bucket(key)].pop(key, None)
             self.home_count -= 1
+            self.home_version += 1
         if e.source is not None:
             s = self.by_source.get(e.source)
             if s is not None:
@@ -444,6 +465,7 @@ class HostCache:
             e.record = record
             if e.home:
                 self.home_fine[fine_bucket(key)][key] = record.seq
+                self.home_version += 1
             self.version += 1
             self.next_expiry = min(self.next_expiry, record.expires)
             return

@@ -141,6 +141,7 @@ def fine_bucket(key: bytes) -> int:
     return key[7] & 63
 
 
+
 _DOMAIN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._")
 
 
@@ -262,9 +263,9 @@ class NodeRecord:
         self.__dict__["_homes"] = (bits, out)  # frozen dataclass: memo outside the fields
         return out
 
-    @property
+    @cached_property
     def gossip_addr(self) -> tuple[str, int] | None:
-        """Where this node takes gossip datagrams (first GOSSIP address)."""
+        """Where this node takes gossip datagrams (first GOSSIP address; computed once)."""
         for a in self.addresses:
             if a.kind == AddrKind.GOSSIP:
                 return (a.host, a.port)

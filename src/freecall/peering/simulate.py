@@ -161,7 +161,7 @@ class Simulation:
         self.round = 0
         self.side: list[int] | None = None
         self.shared_codec = RecordCodec(capacity=None) if cfg.fast_crypto else None
-        self.sim_ids: dict[bytes, bytes] = {}
+        self.sim_ids: dict[bytes, tuple[int, bytes]] = {}
         self.lookups: dict[tuple[int, int], tuple[bytes, int, int, int]] = {}
         """(node, query id) -> (target key, round, target node, tag)"""
         self.lookup_results: list[tuple[int, bool]] = []
@@ -772,7 +772,7 @@ def scenario_flood(
         "home_records_missing": missing,
         "news_reach": round(sim.reach(news), 4),
         "dropped": {k: v for k, v in sorted(totals.items())
-                    if k.startswith(("rec_", "drop_", "bans", "false_claims"))},
+                    if k.startswith(("rec_", "drop_", "bans", "false_claims", "claims_"))},
         "setup_s": round(setup, 1),
         "run_s": round(time.perf_counter() - t0 - setup, 1),
     }
