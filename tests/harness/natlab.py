@@ -24,9 +24,8 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
-from types import TracebackType
 
-from .netns import ip
+from .netns import Namespaces, ip
 
 _COUNTER = itertools.count(1)
 PUBLIC = "198.51.100"
@@ -65,16 +64,16 @@ table ip natlab {
 """
 
 
-class NatLab:
+class NatLab(Namespaces):
     """The topology of the module docstring; ``nats`` gives each home's NAT kind."""
 
     def __init__(self, nats: tuple[str, str] = ("full-cone", "symmetric")) -> None:
         for kind in nats:
             if kind not in ("full-cone", "symmetric"):
                 raise ValueError(f"unknown NAT kind {kind}")
+        super().__init__()
         self.nats = nats
         self.tag = f"nl{os.getpid() % 100000}x{next(_COUNTER)}"
-        self.created: list[str] = []
 
     def name(self, short: str) -> str:
         return f"{self.tag}-{short}"
@@ -98,22 +97,21 @@ class NatLab:
             raise
         return self
 
-    def _netns(self, short: str) -> str:
+    def _host(self, short: str) -> str:
         name = self.name(short)
-        ip("netns", "add", name)
-        self.created.append(name)
+        self._netns(name)
         ip("-n", name, "link", "set", "lo", "up")
         return name
 
     def _build(self) -> None:
-        pub = self._netns("pub")
+        pub = self._host("pub")
         ip("-n", pub, "link", "add", "br0", "type", "bridge")
         ip("-n", pub, "link", "set", "br0", "up")
-        relay = self._netns("relay")
+        relay = self._host("relay")
         self._plug(relay, "eth0", pub, "prelay", f"{RELAY_ADDRESS}/24")
         for home, kind in enumerate(self.nats, start=1):
-            router = self._netns(f"r{home}")
-            host = self._netns(f"h{home}")
+            router = self._host(f"r{home}")
+            host = self._host(f"h{home}")
             self._plug(router, "wan0", pub, f"pr{home}", f"{self.wan_address(home)}/24")
             ip("-n", router, "link", "add", "lan0", "type", "veth", "peer", "name", "eth0",
                "netns", host)
@@ -136,16 +134,3 @@ class NatLab:
         ip("-n", pub, "link", "set", port, "master", "br0", "up")
         ip("-n", ns, "addr", "add", cidr, "dev", ifname)
         ip("-n", ns, "link", "set", ifname, "up")
-
-    def close(self) -> None:
-        for name in reversed(self.created):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
-        self.created.clear()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -25,15 +25,41 @@ def ip(*args: str) -> None:
         raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
 
 
-class Lan:
+class Namespaces:
+    """Network namespaces a test made: all deleted by `close` (and on leaving a ``with``),
+    even after a setup that failed half way."""
+
+    def __init__(self) -> None:
+        self.created: list[str] = []
+
+    def _netns(self, name: str) -> None:
+        ip("netns", "add", name)
+        self.created.append(name)
+
+    def close(self) -> None:
+        """Delete every namespace made (their interfaces go with them)."""
+        for name in reversed(self.created):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+        self.created.clear()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Lan(Namespaces):
     """``hosts`` namespaces on one bridged segment ``subnet.0/24`` (module docstring)."""
 
     def __init__(self, hosts: int, subnet: str = "10.77.0") -> None:
+        super().__init__()
         self.count = hosts
         self.subnet = subnet
         self.tag = f"fc{os.getpid() % 100000}x{next(_COUNTER)}"
         self.lan = f"{self.tag}-lan"
-        self.created: list[str] = []
 
     def name(self, host: int) -> str:
         return f"{self.tag}-h{host}"
@@ -68,21 +94,3 @@ class Lan:
             self.close()
             raise
         return self
-
-    def _netns(self, name: str) -> None:
-        ip("netns", "add", name)
-        self.created.append(name)
-
-    def close(self) -> None:
-        """Delete every namespace made (their interfaces go with them)."""
-        for name in reversed(self.created):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
-        self.created.clear()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
