@@ -855,3 +855,28 @@ def test_ipv6_on_the_wire(run: Run, ports: PortAllocator) -> None:
             call.close()
 
     run(scenario())
+
+
+def test_a_lost_socket_does_not_fail_a_later_sdp(run: Run, ports: PortAllocator) -> None:
+    """Seen in the hour soak: a stream whose network RTCP socket had gone (its transport lost)
+    raised AssertionError from set_remote, inside the proxy's handling of the SIP message.
+    Now that socket just sends nothing; the stream takes the SDP."""
+
+    async def scenario() -> None:
+        node = await make_node(ports)
+        try:
+            stream = await node.engine.allocate(label="audio")
+            rtcp_ep = stream._net_rtcp_ep
+            transport = rtcp_ep.transport
+            assert transport is not None
+            transport.close()
+            await asyncio.sleep(0.01)  # connection_lost runs on the next turn
+            assert rtcp_ep.transport is None
+            stream.set_remote(("127.0.0.1", 40000), ("127.0.0.1", 40001))
+            assert stream.remote_rtp_address == ("127.0.0.1", 40000)
+            stream._net_rtcp_send(b"\x80\xc8" + bytes(26), stream.remote_rtcp_address)
+        finally:
+            node.engine.close()
+            node.block.release()
+
+    run(scenario())

@@ -769,7 +769,11 @@ class MediaStream:
 
     @staticmethod
     def _sender(ep: _Endpoint) -> Callable[[bytes, Addr | None], None]:
-        assert ep.transport is not None
+        """The socket's ``sendto``; a socket already gone (its transport lost, e.g. the port
+        taken from under us) sends nothing rather than failing the SIP message being handled
+        (seen in the hour soak as an AssertionError from ``set_remote``)."""
+        if ep.transport is None:
+            return _no_send
         return ep.transport.sendto
 
     # -- what goes into SDP --------------------------------------------------------------------
