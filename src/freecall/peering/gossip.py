@@ -1106,10 +1106,10 @@ class Gossip:
         if res in {"added", "updated"}:
             if res == "updated" or self._fresh(rec.seq, now):
                 self._hot_add(key, rec.seq)
-                if self.cache.entries[key].home and not asked:
-                    # pushed to us (published, pre-announced, pushed): news for the group.
-                    # What we asked for after a digest, members have already: a newcomer
-                    # filling its home store must not spend its budget pushing it around.
+                if self.cache.entries[key].home and (not asked or self.round >= self._settled_at):
+                    # news for the group. A newcomer filling its home store asks for dozens
+                    # of fresh records that members have already: it must not spend its
+                    # budget pushing those around (its own record would spread slowly)
                     self._news.append(rec)
             elif self.cache.entries[key].home:
                 self._page_fill = self.round  # an old home record we lacked: still syncing
