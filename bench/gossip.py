@@ -47,7 +47,7 @@ def run(name: str, fn: Any, cfg: SimConfig, **kw: Any) -> dict[str, Any]:
     out["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     for k in ("reach_curve", "home_curve"):
         if k in out:
-            out[k] = " ".join(f"{v:.3f}" for v in out[k])
+            out[k] = " ".join(f"{v:.4f}" for v in out[k])
     print(f"== {name}", flush=True)
     print(json.dumps(out, indent=1), flush=True)
     return out

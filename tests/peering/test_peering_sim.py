@@ -53,7 +53,8 @@ def test_halves_converge_within_20_rounds_after_a_partition() -> None:
     out = scenario_partition(_cfg(1000, seed=7), split=20, after=20)
     assert out["home_coverage_before_heal"] < 0.7  # the split really cut the mesh
     # every record changed on either side is back in every live member of its home groups
-    assert out["rounds_to_home_100pct"] is not None and out["rounds_to_home_100pct"] <= 20
+    # (measured: 8 rounds; the issue allows 20)
+    assert out["rounds_to_home_100pct"] is not None and out["rounds_to_home_100pct"] <= 12
     assert min(out["home_curve"][out["rounds_to_home_100pct"] - 1 :]) >= 0.998
     assert out["traffic"]["wire_sent_max"] <= BUDGET
 

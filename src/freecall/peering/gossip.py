@@ -1087,7 +1087,7 @@ class Gossip:
                 self._ban(pk, src, now)
             return None
         key = rec.key
-        self._inflight.pop(key, None)
+        asked = self._inflight.pop(key, None) is not None
         if self._missing:
             miss = self._missing.get(key)
             if miss is not None and rec.seq >= miss[0]:
@@ -1106,7 +1106,10 @@ class Gossip:
         if res in {"added", "updated"}:
             if res == "updated" or self._fresh(rec.seq, now):
                 self._hot_add(key, rec.seq)
-                if self.cache.entries[key].home:
+                if self.cache.entries[key].home and (not asked or self.round >= self._settled_at):
+                    # news for the group. A newcomer filling its home store asks for dozens
+                    # of fresh records that members have already: it must not spend its
+                    # budget pushing those around (its own record would spread slowly)
                     self._news.append(rec)
             elif self.cache.entries[key].home:
                 self._page_fill = self.round  # an old home record we lacked: still syncing

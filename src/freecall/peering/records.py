@@ -141,7 +141,6 @@ def fine_bucket(key: bytes) -> int:
     return key[7] & 63
 
 
-
 _DOMAIN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._")
 
 
