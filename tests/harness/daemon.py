@@ -161,6 +161,19 @@ class FreecallDaemon:
             payload = resp.read()
         return json.loads(payload) if payload else None
 
+    def metrics_text(self, timeout: float = 5.0) -> str:
+        """``/metrics`` (Prometheus text) with the bearer token."""
+        req = urllib.request.Request(self.control_url + "/metrics",
+                                     headers={"Authorization": f"Bearer {self.token()}"})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return str(resp.read().decode())
+
+    def metric(self, name: str) -> float:
+        """The value of the unlabelled sample ``name`` in ``/metrics``; fails if absent."""
+        match = re.search(rf"^{re.escape(name)} (\S+)$", self.metrics_text(), re.MULTILINE)
+        assert match, f"{name} not in /metrics"
+        return float(match.group(1))
+
     def log_text(self) -> str:
         return self.process.log_text() if self.process else ""
 

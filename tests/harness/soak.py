@@ -24,7 +24,6 @@ import re
 import socket
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,10 +50,7 @@ TOLERANCE = {  # allowed growth from the first to the last steady sample, per no
 
 def metrics(node: FreecallDaemon) -> dict[str, float]:
     """The gauges above (labelled ones summed over their labels)."""
-    request = urllib.request.Request(node.control_url + "/metrics",
-                                     headers={"Authorization": f"Bearer {node.token()}"})
-    with urllib.request.urlopen(request, timeout=5) as response:
-        text = response.read().decode()
+    text = node.metrics_text()
     out: dict[str, float] = dict.fromkeys(GAUGES, 0.0)
     for match in re.finditer(r"^(freecall_\w+)(?:\{[^}]*\})? (\S+)$", text, re.MULTILINE):
         if match.group(1) in out:

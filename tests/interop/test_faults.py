@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,16 +35,6 @@ from harness.keys import exchange_keys
 
 SCENARIOS = Path(__file__).parent / "scenarios"
 RTP_TIMEOUT = 3.0
-
-
-def _metric(node: FreecallDaemon, name: str) -> float:
-    req = urllib.request.Request(node.control_url + "/metrics",
-                                 headers={"Authorization": f"Bearer {node.token()}"})
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise AssertionError(f"no metric {name}")
 
 
 def test_the_far_daemon_killed_mid_call_ends_the_call_within_the_rtp_timeout(
@@ -126,11 +115,11 @@ def test_a_full_disk_under_the_state_directory_does_not_stop_calls(
     during = sipp.run("uac", str(node.sip_addr), service="bob", calls=10, rate=20,
                       time_limit=20)
     assert during.successful == 10, during
-    wait_until(lambda: _metric(node, "freecall_call_records_failures_total") >= 1, 5,
+    wait_until(lambda: node.metric("freecall_call_records_failures_total") >= 1, 5,
                message="the failed record writes to be counted")
-    held = _metric(node, "freecall_call_records_pending")
+    held = node.metric("freecall_call_records_pending")
     assert held >= 1
-    wait_until(lambda: _metric(node, "freecall_state_write_failures_total") >= 1, 10,
+    wait_until(lambda: node.metric("freecall_state_write_failures_total") >= 1, 10,
                message="the failed registrations save to be counted")  # every 5 s
     log = node.log_text()
     assert log.count("cannot write call records") == 1  # once a streak, not once a call
@@ -143,7 +132,7 @@ def test_a_full_disk_under_the_state_directory_does_not_stop_calls(
     records = [json.loads(line) for line in lines]
     assert len(records) == 13 and all(r["outcome"] == "hung up by caller" for r in records)
     assert len({r["id"] for r in records}) == 13  # each call once, none lost
-    assert _metric(node, "freecall_call_records_pending") == 0
+    assert node.metric("freecall_call_records_pending") == 0
     assert "call records written again" in node.log_text()
     uas.stop()
     assert node.process is not None and node.process.alive()

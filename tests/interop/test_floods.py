@@ -12,13 +12,11 @@ calls through the softphone listener complete at 50 a second, RSS grew by less t
 
 from __future__ import annotations
 
-import re
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
-from harness import UAS_NO180, FreecallDaemon, Harness, Sipp, SippResult
+from harness import UAS_NO180, Harness, Sipp, SippResult
 from harness.flood import RssSampler, blaster, rss_mb
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "harness" / "scenarios"
@@ -31,16 +29,6 @@ FLOOD_SECONDS = 4
 RATE_LIMIT = 20  # per 2 s: 20 flood INVITEs pass and hold media until media.rtp_timeout
 MEDIA_PORTS = (33000, 33199)  # 50 calls; outside the harness pool and the daemon's default
 RSS_GROWTH_MB = 30
-
-
-def _metric(node: FreecallDaemon, name: str) -> float:
-    request = urllib.request.Request(node.control_url + "/metrics",
-                                     headers={"Authorization": f"Bearer {node.token()}"})
-    with urllib.request.urlopen(request, timeout=5) as response:
-        text = response.read().decode()
-    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
-    assert match, name
-    return float(match.group(1))
 
 
 def test_flood_leaves_legitimate_calls_and_memory_alone(harness: Harness, sipp: Sipp) -> None:
@@ -97,7 +85,7 @@ def test_flood_leaves_legitimate_calls_and_memory_alone(harness: Harness, sipp: 
     print(f"[flood] RSS growth {growth:.1f} MB; legit {call.successful}/6, after "
           f"{after.successful}/100")
     assert growth < RSS_GROWTH_MB, growth
-    assert _metric(b, "freecall_ratelimit_blocked_total") == 1
+    assert b.metric("freecall_ratelimit_blocked_total") == 1
     log = b.log_text()
     assert log.count(f"rate limit: {FLOOD_SOURCE} sent over") == 1
     for bad in ("Traceback", " ERROR ", "Task exception"):

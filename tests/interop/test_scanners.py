@@ -73,18 +73,6 @@ def _tool(harness: Harness, *argv: str, timeout: float = 90.0) -> str:
     return result.stdout + result.stderr
 
 
-def _metric(daemon: FreecallDaemon, name: str) -> float:
-    import urllib.request
-
-    request = urllib.request.Request(daemon.control_url + "/metrics",
-                                     headers={"Authorization": f"Bearer {daemon.token()}"})
-    with urllib.request.urlopen(request, timeout=5) as response:
-        text = response.read().decode()
-    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
-    assert match, f"{name} not in /metrics"
-    return float(match.group(1))
-
-
 def test_svmap_sees_only_a_generic_server(node: Node) -> None:
     daemon = node.daemon
     out = _tool(node.harness, "svmap", "-p", str(daemon.public_port), daemon.public_host)
@@ -213,7 +201,7 @@ def test_svcrack_is_locked_out_while_another_source_registers(node: Node, tmp_pa
     log = daemon.log_text()
     assert len(re.findall(r"authentication: 127\.0\.0\.1 locked out for 30 s", log)) == 1, log
     assert USERS["alice"] not in log and "guess" not in log  # no password in the log
-    assert _metric(daemon, "freecall_auth_lockouts_total") == 1
+    assert daemon.metric("freecall_auth_lockouts_total") == 1
     # meanwhile a softphone from another address registers as alice with her password
     uas = sipp.start(SCENARIOS / "uas_busy.xml", service="alice", time_limit=30, calls=10)
     result = sipp.run(SCENARIOS / "register.xml", str(daemon.sip_addr), service="alice",
@@ -261,15 +249,15 @@ def test_a_flooding_source_is_dropped_then_forgiven(node: Node) -> None:
         assert RATE_LIMIT <= answered < RATE_LIMIT + 10, answered  # then silence
         assert _answered(flood, target, 5) == 0  # still blocked
         assert _answered(other, target, 5) == 5  # another source is not affected
-        wait_until(lambda: _metric(daemon, "freecall_ratelimit_blocked_sources") == 0,
+        wait_until(lambda: daemon.metric("freecall_ratelimit_blocked_sources") == 0,
                    RATE_BLOCK + 3, message="the block to expire")
         assert _answered(flood, target, 5) == 5  # the block expired
     log = daemon.log_text()
     lines = re.findall(rf"rate limit: {re.escape(FLOOD_SOURCE)} sent over", log)
     assert len(lines) == 1, log  # one line per block, not per packet
-    assert _metric(daemon, "freecall_ratelimit_blocked_total") == 1
+    assert daemon.metric("freecall_ratelimit_blocked_total") == 1
     # the rest of the burst may also be lost in the kernel's socket buffer; these are not
-    assert _metric(daemon, "freecall_ratelimit_dropped_total") >= 1 + 5
+    assert daemon.metric("freecall_ratelimit_dropped_total") >= 1 + 5
 
 
 def test_rate_limit_and_lockout_follow_a_reload(node: Node, sipp: Sipp) -> None:
@@ -301,4 +289,4 @@ def test_rate_limit_and_lockout_follow_a_reload(node: Node, sipp: Sipp) -> None:
         assert result.successful == 0, (password, result)
     assert re.search(r"authentication: 127\.0\.0\.15 locked out for 30 s after 2 failed",
                      daemon.log_text()), daemon.log_text()[-3000:]
-    assert _metric(daemon, "freecall_auth_lockouts_total") == 1
+    assert daemon.metric("freecall_auth_lockouts_total") == 1

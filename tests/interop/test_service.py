@@ -45,13 +45,6 @@ def _pair(harness: Harness, *, log: dict[str, Any] | None = None,
     return nodes.a, nodes.b
 
 
-def _metrics(node: FreecallDaemon) -> str:
-    req = urllib.request.Request(node.control_url + "/metrics",
-                                 headers={"Authorization": f"Bearer {node.token()}"})
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        return str(resp.read().decode())
-
-
 def _records(node: FreecallDaemon) -> list[dict[str, Any]]:
     """calls.jsonl, every line of which must be one JSON object."""
     path = node.state_dir / "calls.jsonl"
@@ -133,7 +126,7 @@ def test_a_call_stays_up_across_a_sighup_that_adds_a_user_and_changes_the_log_le
     assert record["duration_s"] >= 1 and record["outcome"] == "hung up by caller"
     assert record["security"]["media"] == "srtp" and record["security"]["keying"] == "zrtp"
     assert record["packets_in"] > 50
-    metrics = _metrics(a)
+    metrics = a.metrics_text()
     assert "freecall_reloads_total 2" in metrics
     assert 'freecall_calls_ended_total{result="answered",verification="unverified"} 1' in metrics
     assert 'freecall_sip_requests_received_total{method="REGISTER"}' in metrics

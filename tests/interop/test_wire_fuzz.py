@@ -67,16 +67,6 @@ def _rss_kb(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def _metric(node: FreecallDaemon, name: str) -> float:
-    request = urllib.request.Request(node.control_url + "/metrics",
-                                     headers={"Authorization": f"Bearer {node.token()}"})
-    with urllib.request.urlopen(request, timeout=5) as response:
-        text = response.read().decode()
-    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
-    assert match, name
-    return float(match.group(1))
-
-
 def _framing_errors(node: FreecallDaemon) -> float:
     request = urllib.request.Request(node.control_url + "/metrics",
                                      headers={"Authorization": f"Bearer {node.token()}"})
@@ -325,7 +315,7 @@ def test_100k_mutants_over_udp_and_tcp_leave_the_daemon_and_the_call_intact(
     assert b.process is not None
     pid = b.process.pid
     rss_before = _rss_kb(pid)
-    received_before = _metric(b, "freecall_sip_messages_received_total")
+    received_before = b.metric("freecall_sip_messages_received_total")
     drops_before = udp_queue(b.public_port)[1] + udp_queue(b.sip_port)[1]
 
     mutator = Mutator(seed_messages("b.test", b.public_host, b.public_port), FUZZ_SEED)
@@ -336,10 +326,10 @@ def test_100k_mutants_over_udp_and_tcp_leave_the_daemon_and_the_call_intact(
     drops = udp_queue(b.public_port)[1] + udp_queue(b.sip_port)[1] - drops_before
     tcp_answered = fuzz_tcp(mutator, (b.public_host, b.public_port), TCP_MESSAGES)
     tls_started = time.monotonic()
-    tls_before = _metric(b, "freecall_sip_messages_received_total")
+    tls_before = b.metric("freecall_sip_messages_received_total")
     tls_framing = _framing_errors(b)
     tls_sent = fuzz_tls(mutator, (b.public_host, b.tls_port), TLS_MESSAGES)
-    tls_received = _metric(b, "freecall_sip_messages_received_total") - tls_before
+    tls_received = b.metric("freecall_sip_messages_received_total") - tls_before
     tls_framing = _framing_errors(b) - tls_framing
     tls_closed = garbage_handshakes((b.public_host, b.tls_port), TLS_GARBAGE)
     tls_seconds = time.monotonic() - tls_started
@@ -357,7 +347,7 @@ def test_100k_mutants_over_udp_and_tcp_leave_the_daemon_and_the_call_intact(
     assert b.process.alive(), b.process.describe_exit()
     wait_until(lambda: options_answered(b.public_host, b.public_port), 10,
                message="B to answer OPTIONS after the fuzz")
-    received = _metric(b, "freecall_sip_messages_received_total") - received_before
+    received = b.metric("freecall_sip_messages_received_total") - received_before
     print(f"[fuzz] B processed {received:.0f} messages")
     assert received >= 0.98 * delivered, (received, delivered)  # B read them (nearly) all
     # the call survived: still active on B, media still flowing both ways
