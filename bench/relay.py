@@ -270,6 +270,20 @@ def run_trial(calls: list[Call], server: tuple[str, int], duration: float) -> Tr
     index = 0
     due = start
     poll = poller.poll
+
+    def drain(timeout: float) -> int:
+        """Read every socket that is readable within ``timeout`` until empty; how many."""
+        got = 0
+        for fd, _ in poll(timeout):
+            sock = socks[fd]
+            while True:
+                try:
+                    sock.recv(2048)
+                    got += 1
+                except BlockingIOError:
+                    break
+        return got
+
     while True:
         now = time.monotonic()
         if due >= end:
@@ -286,36 +300,15 @@ def run_trial(calls: list[Call], server: tuple[str, int], duration: float) -> Tr
             if index == n:
                 index = 0
             due += step
-        for fd, _ in poll(0):
-            sock = socks[fd]
-            while True:
-                try:
-                    sock.recv(2048)
-                    received += 1
-                except BlockingIOError:
-                    break
+        received += drain(0)
         if due > now:
             wait = due - time.monotonic()
             if wait > 0.0005:
-                for fd, _ in poll(min(wait, 0.002)):
-                    sock = socks[fd]
-                    while True:
-                        try:
-                            sock.recv(2048)
-                            received += 1
-                        except BlockingIOError:
-                            break
+                received += drain(min(wait, 0.002))
     lag = time.monotonic() - end
     drain_until = time.monotonic() + 0.5
     while time.monotonic() < drain_until:
-        for fd, _ in poll(0.05):
-            sock = socks[fd]
-            while True:
-                try:
-                    sock.recv(2048)
-                    received += 1
-                except BlockingIOError:
-                    break
+        received += drain(0.05)
     poller.close()
     return Trial(n, sent, received, lag)
 
