@@ -335,12 +335,11 @@ class _Turn:
     """The client side of one TURN allocation (RFC 5766 sections 6-11)."""
 
     server: TurnServer
-    state: str = "new"  # new | challenged | allocated | failed
+    state: str = "new"  # new | allocated | failed
     realm: bytes = b""
     nonce: bytes = b""
     key: bytes = b""
     relayed: Addr | None = None
-    expires: float = 0.0
     refresh_at: float | None = None
     permissions: dict[str, float] = field(default_factory=dict)  # peer IP -> next refresh
     permission_pending: set[str] = field(default_factory=set)
@@ -670,10 +669,13 @@ class IceAgent:
 
     # -- transactions ----------------------------------------------------------------------------
 
+    @staticmethod
+    def _waits(kind: str) -> tuple[float, ...]:
+        """Retransmission waits: a server's (gathering, TURN) or a peer's (checks, consent)."""
+        return CHECK_RETRANSMITS if kind in ("check", "consent") else STUN_RETRANSMITS
+
     def _send_request(self, tr: _Transaction, tid: bytes, now: float) -> None:
-        waits = STUN_RETRANSMITS if tr.kind in ("stun", "allocate", "refresh", "permission",
-                                               "channel") else CHECK_RETRANSMITS
-        tr.deadline = now + waits[0]
+        tr.deadline = now + self._waits(tr.kind)[0]
         self._transactions[tid] = tr
         self._emit_to(tr.data, tr.dest, tr.via_relay)
 
@@ -683,8 +685,7 @@ class IceAgent:
         for tid, tr in list(self._transactions.items()):
             if tr.deadline > now:
                 continue
-            waits = STUN_RETRANSMITS if tr.kind in ("stun", "allocate", "refresh",
-                                                   "permission", "channel") else CHECK_RETRANSMITS
+            waits = self._waits(tr.kind)
             tr.attempt += 1
             if tr.attempt >= len(waits):
                 del self._transactions[tid]
@@ -1144,7 +1145,6 @@ class IceAgent:
         turn.state = "allocated"
         turn.relayed = relayed
         lifetime = self._lifetime(msg)
-        turn.expires = now + lifetime
         turn.refresh_at = now + max(30.0, lifetime - TURN_LIFETIME_MARGIN)
         raw_mapped = msg.get(Attr.XOR_MAPPED_ADDRESS)
         if raw_mapped is not None:
@@ -1196,12 +1196,16 @@ class IceAgent:
                 continue
             number = turn.next_channel
             turn.next_channel += 1
-            turn.channel_pending[peer] = number
-            tid = self.urandom(12)
-            self._turn_send(turn, "channel", Method.CHANNEL_BIND, [
-                (Attr.CHANNEL_NUMBER, number.to_bytes(2, "big") + b"\0\0"),
-                (Attr.XOR_PEER_ADDRESS, encode_xor_address(peer, tid)),
-            ], now, peer=peer, tid=tid)
+            self._send_channel_bind(turn, peer, number, now)
+
+    def _send_channel_bind(self, turn: _Turn, peer: Addr, number: int, now: float) -> None:
+        """ChannelBind (RFC 5766 section 11.2), to bind a channel or refresh its binding."""
+        turn.channel_pending[peer] = number
+        tid = self.urandom(12)
+        self._turn_send(turn, "channel", Method.CHANNEL_BIND, [
+            (Attr.CHANNEL_NUMBER, number.to_bytes(2, "big") + b"\0\0"),
+            (Attr.XOR_PEER_ADDRESS, encode_xor_address(peer, tid)),
+        ], now, peer=peer, tid=tid)
 
     def _turn_timers(self, now: float) -> None:
         for turn in self._turns:
@@ -1220,13 +1224,7 @@ class IceAgent:
             for peer, at in list(turn.channel_refresh.items()):
                 if now >= at:
                     turn.channel_refresh[peer] = now + CHANNEL_REFRESH
-                    number = turn.channels[peer]
-                    turn.channel_pending[peer] = number
-                    tid = self.urandom(12)
-                    self._turn_send(turn, "channel", Method.CHANNEL_BIND, [
-                        (Attr.CHANNEL_NUMBER, number.to_bytes(2, "big") + b"\0\0"),
-                        (Attr.XOR_PEER_ADDRESS, encode_xor_address(peer, tid)),
-                    ], now, peer=peer, tid=tid)
+                    self._send_channel_bind(turn, peer, turn.channels[peer], now)
 
     @property
     def relayed_address(self) -> Addr | None:
