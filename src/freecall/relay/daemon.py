@@ -62,10 +62,10 @@ class RelayDaemon:
         self._stats_task: asyncio.Task[None] | None = None
         self._node_secrets: dict[str, bytes] = {}
         self.notifier = Notifier()
+        """systemd's Type=notify (the same units as the endpoint, freecall.ops.units)."""
         self.listening: list[str] = []
         self.control: RelayControl | None = None
         """``/api/status``, ``/api/peers`` and ``/metrics`` (control.* keys)."""
-        """systemd's Type=notify (the same units as the endpoint, freecall.ops.units)."""
 
     async def start(self) -> None:
         config = self.config
@@ -122,17 +122,16 @@ class RelayDaemon:
         if secret is not None:
             return secret
         peering = self.peering
-        gossip = peering.gossip if peering is not None else None
-        if gossip is None or len(node) != 2 * NODE_ID_SIZE:
+        if peering is None or peering.gossip is None or len(node) != 2 * NODE_ID_SIZE:
             return None
         try:
             node_id = bytes.fromhex(node)
         except ValueError:
             return None
-        record = gossip.cache.get(node_id)
-        if record is None or record.node_id != node_id:
+        record = peering.gossip.cache.get(node_id)  # a full node id: only that node's record
+        if record is None:
             return None
-        identity = peering.identity  # type: ignore[union-attr]
+        identity = peering.identity
         secret = node_key_secret(identity.x25519(), identity.public_key, record.public_key)
         if len(self._node_secrets) >= NODE_SECRETS_KEPT:
             self._node_secrets.pop(next(iter(self._node_secrets)))
