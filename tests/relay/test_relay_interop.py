@@ -24,8 +24,9 @@ import yaml
 from aioice import stun as aioice_stun
 from aioice.turn import TurnClientUdpProtocol, create_turn_endpoint
 
-from freecall.relay.credentials import node_credentials
-from harness import ManagedProcess, PortAllocator, wait_until
+from freecall.peering.records import NodeIdentity
+from freecall.relay.credentials import node_credentials, node_key_credentials
+from harness import Harness, ManagedProcess, PortAllocator, wait_until
 
 pytestmark = [pytest.mark.interop]
 
@@ -414,3 +415,34 @@ def test_relay_tells_systemd_it_is_ready_survives_sighup_and_says_it_stops(
                 assert process.wait(10) == 0
             finally:
                 process.stop(5)
+
+
+def test_a_mesh_node_allocates_with_its_node_key(
+        relays: list[Relay], tmp_path: Path, allocator: PortAllocator) -> None:
+    """Node-key credentials end to end: an endpoint daemon gossips with the relay, so the relay
+    holds its record; a TURN client with the endpoint's node key (and no shared secret)
+    allocates, aioice's own client doing the long-term mechanism. A key the relay has never
+    seen in its host cache gets 401."""
+    relay = start_relay(relays, tmp_path, allocator, allow_peers=["127.0.0.0/8"])
+    harness = Harness(tmp_path / "run", allocator, on_missing=pytest.fail)
+    try:
+        endpoint = harness.daemon(
+            "ep", config={"peering": {"seeds": [f"127.0.0.1:{relay.gossip_port}"]}})
+        _allocate_with_node_keys(relay, NodeIdentity.load_or_create(endpoint.state_dir))
+    finally:
+        harness.close()
+
+
+def _allocate_with_node_keys(relay: Relay, mine: NodeIdentity) -> None:
+    theirs = NodeIdentity.load_or_create(relay.state)
+    wait_until(lambda: f"peer {mine.node_id.hex()[:16]} joined" in relay.process.log_text(),
+               20, message="the relay to learn the endpoint's record")
+
+    def credentials(identity: NodeIdentity) -> tuple[str, str]:
+        return node_key_credentials(identity.x25519(), identity.public_key, theirs.public_key,
+                                    identity.node_id.hex(), time.time(), 600)
+
+    result = asyncio.run(_raw_requests(relay, *credentials(mine)))
+    assert "relayed" in result and result["permission"] == "ok", result
+    stranger = NodeIdentity.generate()
+    assert asyncio.run(_raw_requests(relay, *credentials(stranger)))["allocate_error"] == 401
