@@ -742,6 +742,15 @@ class MediaConfig:
         30.0, "A call whose far end sends no media this long is ended with BYE (not while it is "
         "on hold). `null`: never.", parse=parse_duration, check=_between(1, 86400),
         doc_type="duration or null")
+    ice: bool = setting(
+        True, "ICE (RFC 8445) toward far ends whose SDP offers it too (other freecall nodes): "
+        "host, server-reflexive and relayed candidates, checks, and media on the pair that "
+        "works, through NAT. `false`: the SDP address and latching only.")
+    ice_pool: int = setting(
+        2, "Media streams kept gathered in advance (STUN and TURN answers take a round trip "
+        "or two, and an offer names its candidates the moment it leaves). Only used when "
+        "there are servers to gather from; `0`: gather per call (candidates that come late "
+        "are still used, but not signalled).", check=_between(0, 64))
 
 
 def _relay_ports(text: str) -> PortRange:

@@ -38,7 +38,7 @@ from .ops.callrecords import RECORDS_FILE, CallRecordLog, record_of
 from .ops.reload import effective_config, plan_reload
 from .ops.sdnotify import Notifier
 from .peering.gossip import GossipConfig
-from .peering.records import Address, AddrKind, NodeIdentity
+from .peering.records import Address, AddrKind, NodeIdentity, NodeRecord
 from .peering.service import PeeringService, RecordKey, announcement_for
 from .routing.dns import AsyncDns
 from .routing.router import Router, parse_routes
@@ -64,6 +64,7 @@ from .sip.ratelimit import AuthLockout, Decision, SourceLimiter
 from .sip.registrar import Registrar
 from .sip.transaction import TimerValues, TransactionLayer
 from .srtp.bridge import (
+    IceServers,
     MediaEngine,
     MediaEvent,
     MediaStream,
@@ -75,6 +76,7 @@ from .srtp.bridge import (
     ZrtpWarning,
 )
 from .srtp.calls import DialogKey, MediaCalls
+from .srtp.iceservers import ice_servers, mesh_relays
 from .srtp.keys import RetainedSecrets
 from .srtp.zrtp import ZrtpConfig
 from .storage import atomic_write
@@ -165,6 +167,8 @@ class Daemon:
         self.peering: PeeringService | None = None
         self.dns: AsyncDns | None = None
         self.media_engine: MediaEngine | None = None
+        self._relay_list: tuple[float, list[NodeRecord]] | None = None
+        """Relay records of the host cache and when they were listed (for ICE servers)."""
         self.media: MediaCalls | None = None
         self.media_state: dict[DialogKey, str] = {}
         """Each live call's media state (secure, insecure, failed) for its end-of-call log line;
@@ -272,6 +276,8 @@ class Daemon:
         elif config.peering.listen is not None:
             log.info("peering is off: no sip.public listener (a node other nodes cannot reach "
                      "opens nothing beyond loopback)")
+        if self.media_engine is not None:
+            self.media_engine.start_pool()  # ICE servers may come from the host cache
         self.router = Router.from_config(
             config, self._on_resolved, peers=self.peering, dns=self.dns
         )
@@ -357,12 +363,32 @@ class Daemon:
             rtp_timeout=config.media.rtp_timeout,
             zrtp_timeout=config.security.zrtp_timeout,
             on_event=self._on_media_event,
+            ice=config.media.ice,
+            ice_servers=self._ice_servers,
+            ice_pool=config.media.ice_pool,
         )
         self.media = MediaCalls(self.media_engine,
                                 key_offer=self.keys.offer if self.keys is not None else None,
                                 on_remote_sdp=self._remote_sdp_crossed)
         log.info("media on %s, ports %d-%d, security policy %s", address,
                  config.media.ports.first, config.media.ports.last, config.security.policy)
+
+    def _ice_servers(self) -> IceServers:
+        """STUN and TURN for the next media stream: configured ones and the mesh's relays
+        (freecall.srtp.iceservers), the relay list refreshed every 30 s (2 s while empty)."""
+        now = time.monotonic()
+        listed = self._relay_list
+        if listed is None or now - listed[0] > (30.0 if listed[1] else 2.0):
+            peering = self.peering
+            relays = (mesh_relays(peering.gossip.cache.records(), peering.identity.node_id)
+                      if peering is not None and peering.gossip is not None else [])
+            listed = self._relay_list = (now, relays)
+        config = self.config
+        engine = self.media_engine
+        return ice_servers(
+            stun=config.media.stun, turn=config.media.turn, relays=listed[1],
+            identity=self.peering.identity if self.peering is not None else None,
+            wall_now=time.time(), behind_nat=engine.behind_nat if engine is not None else None)
 
     async def _start_openpgp(self) -> SasKeys | None:
         """Our OpenPGP key (made on first start, naming every user of every domain we

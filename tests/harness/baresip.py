@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .addr import SipAddr, SipTransport
+from .netns import connect_in
 from .netstring import NetstringDecoder, NetstringError, encode_json
 from .ports import PortBlock
 from .proc import HarnessTimeout, ManagedProcess, tail, wait_until
@@ -109,9 +110,11 @@ class BaresipCtrl:
     sleeps, and every event is kept (``events``) for assertions and failure reports.
     """
 
-    def __init__(self, port: int, name: str = "baresip", host: str = "127.0.0.1") -> None:
+    def __init__(self, port: int, name: str = "baresip", host: str = "127.0.0.1",
+                 namespace: str | None = None) -> None:
         self.name = name
-        self.sock = socket.create_connection((host, port), timeout=5)
+        self.sock = (connect_in(namespace, host, port) if namespace is not None
+                     else socket.create_connection((host, port), timeout=5))
         self.sock.settimeout(None)
         self.events: list[dict[str, Any]] = []
         self._responses: dict[str, dict[str, Any]] = {}
@@ -224,8 +227,11 @@ class Baresip:
         extra_config: Mapping[str, str] | None = None,
         extra_account_params: str = "",
         binary: str = "baresip",
+        namespace: str | None = None,
     ) -> None:
         self.name = name
+        self.namespace = namespace
+        """Runs on that network namespace's host (``ip netns exec``), its loopback its own."""
         self.user = user or name
         self.directory = directory
         self.registrar = SipAddr.of(registrar, transport or "udp")
@@ -334,7 +340,8 @@ class Baresip:
         # -t: baresip quits by itself after `lifetime` seconds whatever happens (a safety net)
         self.process = ManagedProcess(
             f"baresip-{self.name}",
-            [self.binary, "-f", str(self.directory), "-t", str(self.lifetime)],
+            [*(["ip", "netns", "exec", self.namespace] if self.namespace else []),
+             self.binary, "-f", str(self.directory), "-t", str(self.lifetime)],
             log_path=self.log_path, cwd=self.directory,
         ).start()
 
@@ -344,7 +351,7 @@ class Baresip:
                 raise BaresipError(f"baresip {self.name} exited at start-up: "
                                    f"{self.process.describe_exit()}")
             try:
-                return BaresipCtrl(self.ctrl_port, self.name)
+                return BaresipCtrl(self.ctrl_port, self.name, namespace=self.namespace)
             except OSError:
                 return None
 

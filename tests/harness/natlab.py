@@ -23,9 +23,15 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import subprocess
+import sys
+from pathlib import Path
+
+import yaml
 
 from .netns import Namespaces, ip
+from .proc import ManagedProcess, wait_until
 
 _COUNTER = itertools.count(1)
 PUBLIC = "198.51.100"
@@ -129,8 +135,65 @@ class NatLab(Namespaces):
             if done.returncode != 0:
                 raise RuntimeError(f"nft in r{home}: {done.stderr.strip()}")
 
+    def forward(self, home: int, proto: str, port: int) -> None:
+        """A port forward on home ``home``'s router (what a user sets up for a server at
+        home): ``proto`` traffic to the WAN address at ``port`` goes to the home host."""
+        host = self.host_address(home)
+        rules = f"""
+table ip natfwd {{
+  chain prerouting {{
+    type nat hook prerouting priority dstnat - 1; policy accept;
+    iifname "wan0" {proto} dport {port} dnat to {host}
+  }}
+}}
+"""
+        commands = [rules]
+        if self.nats[home - 1] == "symmetric":  # its forward chain lets in only replies
+            commands.append("add rule ip natlab forward ct status dnat accept\n")
+        for text in commands:
+            done = subprocess.run([*self.run(f"r{home}"), "nft", "-f", "-"], input=text,
+                                  text=True, capture_output=True, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"nft in r{home}: {done.stderr.strip()}")
+
     def _plug(self, ns: str, ifname: str, pub: str, port: str, cidr: str) -> None:
         ip("-n", ns, "link", "add", ifname, "type", "veth", "peer", "name", port, "netns", pub)
         ip("-n", pub, "link", "set", port, "master", "br0", "up")
         ip("-n", ns, "addr", "add", cidr, "dev", ifname)
         ip("-n", ns, "link", "set", ifname, "up")
+
+
+def start_relay(lab: NatLab, directory: Path) -> tuple[ManagedProcess, Path]:
+    """``freecall run --role relay`` on the relay host (STUN, TURN, gossip seed); its state
+    directory holds the TURN shared secret."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = directory / "state"
+    config = {
+        "node": {"name": "relay1", "role": "relay"},
+        "peering": {"listen": f"udp:{RELAY_ADDRESS}:5064", "mdns": False},
+        "relay": {"listen": f"udp:{RELAY_ADDRESS}:3478", "realm": "lab.test",
+                  "ports": "49152-49407", "allow_peers": ["198.51.100.0/24"]},
+        "log": {"level": "debug"},
+    }
+    path = directory / "relay.yaml"
+    path.write_text(yaml.safe_dump(config))
+    process = ManagedProcess(
+        "relay", [*lab.run("relay"), sys.executable, "-m", "freecall", "run", "-c", str(path),
+                  "--state-dir", str(state)],
+        log_path=directory / "relay.log", cwd=directory)
+    process.start()
+
+    def ready() -> bool:
+        if not process.alive():
+            raise AssertionError(process.log_text()[-3000:])
+        return re.search(r" node relay1 listening on ", process.log_text()) is not None
+
+    wait_until(ready, 15, message="the relay to start")
+    return process, state
+
+
+def relayed_packets(relay_log: str) -> int:
+    """The relay's own count, from the line it logs at stop."""
+    found = re.findall(r"relay at stop: .*? relayed (\d+) packets", relay_log)
+    assert found, relay_log[-2000:]
+    return int(found[-1])

@@ -9,8 +9,10 @@ is deleted on exit, even after a failure half way through setting up.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
+import socket
 import subprocess
 from collections.abc import Sequence
 from types import TracebackType
@@ -23,6 +25,30 @@ def ip(*args: str) -> None:
     done = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def connect_in(namespace: str, host: str, port: int, timeout: float = 5.0) -> socket.socket:
+    """A TCP connection made from inside the named namespace (``ip netns add`` name) by this
+    thread (setns(2) on the calling thread only), which then returns to its own namespace: the
+    socket stays in the namespace it was made in. Reaches a namespace's loopback (a softphone's
+    control port there) from the test process."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{namespace}", os.O_RDONLY)
+    try:
+        if libc.setns(target, _CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {namespace}")
+        try:
+            return socket.create_connection((host, port), timeout=timeout)
+        finally:
+            if libc.setns(own, _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back")  # never continue elsewhere
+    finally:
+        os.close(own)
+        os.close(target)
 
 
 class Namespaces:

@@ -9,7 +9,6 @@ two symmetric NATs connect only through the relay. Media probes cross in both di
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import time
@@ -17,42 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from freecall.relay.credentials import node_credentials
-from harness.natlab import RELAY_ADDRESS, NatLab
-from harness.proc import ManagedProcess, wait_until
+from harness.natlab import RELAY_ADDRESS, NatLab, relayed_packets, start_relay
 
 pytestmark = [pytest.mark.interop]
 
 PROBE = Path(__file__).resolve().parent.parent / "harness" / "iceprobe.py"
 SRC = Path(__file__).resolve().parents[2] / "src"
-
-
-def _start_relay(lab: NatLab, directory: Path) -> tuple[ManagedProcess, Path]:
-    state = directory / "state"
-    config = {
-        "node": {"name": "relay1", "role": "relay"},
-        "peering": {"listen": f"udp:{RELAY_ADDRESS}:5064", "mdns": False},
-        "relay": {"listen": f"udp:{RELAY_ADDRESS}:3478", "realm": "lab.test",
-                  "ports": "49152-49407", "allow_peers": ["198.51.100.0/24"]},
-        "log": {"level": "debug"},
-    }
-    path = directory / "relay.yaml"
-    path.write_text(yaml.safe_dump(config))
-    process = ManagedProcess(
-        "relay", [*lab.run("relay"), sys.executable, "-m", "freecall", "run", "-c", str(path),
-                  "--state-dir", str(state)],
-        log_path=directory / "relay.log", cwd=directory)
-    process.start()
-
-    def ready() -> bool:
-        if not process.alive():
-            raise AssertionError(process.log_text()[-3000:])
-        return re.search(r" node relay1 listening on ", process.log_text()) is not None
-
-    wait_until(ready, 15, message="the relay to start")
-    return process, state
 
 
 def _probe(lab: NatLab, home: int, secret: str, *, controlling: bool) -> subprocess.Popen[str]:
@@ -77,15 +48,8 @@ def _line(process: subprocess.Popen[str]) -> dict[str, Any]:
     return result
 
 
-def _relayed_packets(relay_log: str) -> int:
-    """The relay's own count, from the line it logs at stop."""
-    found = re.findall(r"relay at stop: .*? relayed (\d+) packets", relay_log)
-    assert found, relay_log[-2000:]
-    return int(found[-1])
-
-
 def _call(lab: NatLab, tmp_path: Path) -> tuple[list[dict[str, Any]], int]:
-    relay, state = _start_relay(lab, tmp_path)
+    relay, state = start_relay(lab, tmp_path)
     probes: list[subprocess.Popen[str]] = []
     try:
         secret = (state / "relay-secret").read_text().strip()
@@ -110,7 +74,7 @@ def _call(lab: NatLab, tmp_path: Path) -> tuple[list[dict[str, Any]], int]:
             if probe.poll() is None:
                 probe.kill()
         relay.stop(5)
-    return results, _relayed_packets(relay.log_text())
+    return results, relayed_packets(relay.log_text())
 
 
 def test_full_cone_nats_carry_media_directly(tmp_path: Path) -> None:

@@ -98,6 +98,11 @@ def test_a_call_between_two_nodes_is_srtp_on_the_wire_with_one_sas(
     media = [d for d in wire if not d.payload.startswith((b"SIP/2.0", b"INVITE", b"ACK", b"BYE"))
              and b"SIP/2.0" not in d.payload]
     assert any(is_zrtp(d.payload) for d in media), "no ZRTP between the nodes"
+    # ICE (RFC 8445) found the path first: signed Binding requests between the media ports
+    checks = [d for d in media if d.payload[:2] == b"\x00\x01" and d.payload[4:8] == b"!\x12\xa4B"]
+    assert checks, "no ICE connectivity checks between the nodes"
+    for node in (nodes.a, nodes.b):
+        assert re.search(r"stream \d+: media directly to", node.log_text()), node.log_text()
     srtp = [d for d in media if not is_zrtp(d.payload) and rtp_payload(d.payload) is not None]
     assert len(srtp) > 200, f"only {len(srtp)} media packets between the nodes"
     for d in srtp:

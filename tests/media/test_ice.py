@@ -287,6 +287,44 @@ def test_both_symmetric_nats_go_through_the_relay() -> None:
     assert world.relayed_media >= 10
 
 
+def test_a_direct_pair_frees_both_allocations_and_is_valid_before_selected() -> None:
+    world = World()
+    a = world.add(1, "full-cone", controlling=True)
+    b = world.add(2, "full-cone", controlling=False)
+    world.gather()
+    assert world.relay.allocations == 2
+    call(world, a, b)
+    assert world.relay.allocations == 0  # RFC 8445 section 8.3: unused relayed candidates go
+    for node in (a, b):
+        kinds = [type(e).__name__ for e in node.events]
+        assert "PairValid" in kinds
+        assert kinds.index("PairValid") <= kinds.index("PairSelected")
+
+
+def test_a_gathered_agent_keeps_its_bindings_alive_until_the_call() -> None:
+    """A pre-gathered socket (the bridge's warm pool) sends a Binding indication to each server
+    every 15 s, so its server-reflexive and relayed candidates stay true while it waits."""
+    world = World()
+    node = world.add(1, "full-cone", controlling=True)
+    world.gather()
+    sent: list[tuple[bytes, Addr]] = []
+    start = world.now
+    while world.now < start + 61.0:
+        timer = node.agent.get_timer()
+        assert timer is not None
+        world.now = max(world.now, timer)
+        node.agent.handle_timer(world.now)
+        sent += node.agent.datagrams_to_send()
+    indications = [d for d, dest in sent if dest == SERVER and d[:2] == b"\x00\x11"]
+    assert 4 <= len(indications) <= 5  # 15 s apart, one server for both STUN and TURN
+    other = world.add(2, "full-cone", controlling=False)
+    other.agent.gather(world.now)
+    world.pump(other)
+    world.run(world.now + 5.0)
+    world.exchange(node, other)
+    assert node.agent._keepalive_at is None  # checks and consent take over
+
+
 def test_symmetric_to_full_cone_connects_without_relay() -> None:
     """The symmetric side's check reaches the cone side's server-reflexive address; the cone
     side learns the symmetric side's mapping as a peer-reflexive candidate."""
@@ -380,9 +418,14 @@ def test_turn_allocation_is_refreshed_and_released() -> None:
     a = world.add(1, "symmetric", controlling=True)
     b = world.add(2, "symmetric", controlling=False)
     call(world, a, b)
-    assert world.relay.allocations == 2
+    # The side whose selected pair is direct (from its socket to the other's relayed address)
+    # released its allocation at selection (RFC 8445 section 8.3); the relayed side keeps it.
+    used = sum(1 for n in (a, b) if n.agent.selected is not None
+               and n.agent.selected.base == "relay")
+    assert used >= 1
+    assert world.relay.allocations == used
     world.run(world.now + 1300.0)  # twice the 600 s lifetime: refreshes keep it
-    assert world.relay.allocations == 2
+    assert world.relay.allocations == used
     for node in (a, b):
         node.agent.close(world.now)
         world.pump(node)

@@ -11,6 +11,7 @@ patching.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import socket
 import struct
@@ -22,11 +23,16 @@ from typing import Any, TypeVar
 import pytest
 import uvloop
 
+from freecall.config import PortRange
+from freecall.relay.credentials import node_credentials
+from freecall.relay.server import TurnSettings
+from freecall.relay.service import RelayService
 from freecall.srtp.bridge import (
     CLEAR,
     CLOSED,
     FAILED,
     SECURE,
+    IceServers,
     MediaCapacityError,
     MediaEngine,
     MediaEvent,
@@ -37,6 +43,7 @@ from freecall.srtp.bridge import (
     ZrtpFailure,
     ZrtpWarning,
 )
+from freecall.srtp.ice import IceParameters, TurnServer
 from freecall.srtp.keys import RetainedSecrets
 from freecall.srtp.zrtp_messages import classify_datagram
 from harness.ports import PortAllocator, PortBlock
@@ -878,5 +885,159 @@ def test_a_lost_socket_does_not_fail_a_later_sdp(run: Run, ports: PortAllocator)
         finally:
             node.engine.close()
             node.block.release()
+
+    run(scenario())
+
+
+# -- ICE in the bridge (freecall.srtp.ice): two engines on loopback agree on a path by checks
+# before ZRTP; a pool of streams gathered in advance from a real STUN/TURN relay
+# (freecall.relay.service) in this process; media through the TURN allocation when the only
+# path is the relayed one.
+
+SECRET = "bridge-ice-secret"
+
+
+def _only(params: IceParameters | None, kind: str) -> IceParameters:
+    assert params is not None
+    return IceParameters(params.ufrag, params.pwd,
+                         tuple(c for c in params.candidates if c.kind == kind))
+
+
+async def _relay(ports: PortAllocator) -> RelayService:
+    block = ports.block()
+    service = RelayService(
+        TurnSettings(realm="bridge.test", secret=SECRET,
+                     allow_peers=(ipaddress.ip_network("127.0.0.0/8"),),
+                     wall_offset=time.time() - asyncio.get_running_loop().time()),
+        ("127.0.0.1", 0), "127.0.0.1", PortRange(block.first, block.last))
+    await service.start()
+    return service
+
+
+def _servers(relay: RelayService, node: str) -> IceServers:
+    assert relay.bound is not None
+    user, password = node_credentials(SECRET, node, time.time(), 600)
+    return IceServers(stun=(relay.bound,), turn=(TurnServer(relay.bound, user, password),))
+
+
+async def _talk(sa: MediaStream, sb: MediaStream) -> tuple[Phone, Phone]:
+    phone_a = await Phone.open(ssrc=0xA1A1A1A1, marker=0xAA)
+    phone_b = await Phone.open(ssrc=0xB2B2B2B2, marker=0xBB)
+    phone_a.connect(sa)
+    phone_b.connect(sb)
+    for _ in range(400):
+        phone_a.send()
+        phone_b.send()
+        await asyncio.sleep(0.005)
+        if sa.secure and sb.secure and phone_a.rtp.received and phone_b.rtp.received:
+            return phone_a, phone_b
+    raise AssertionError(f"no secure media: {sa.stats()} {sb.stats()}")
+
+
+def _offer_answer(sa: MediaStream, sb: MediaStream, *, a_sees: IceParameters | None = None,
+                  b_sees: IceParameters | None = None) -> None:
+    """A offers (controlling), B answers; each learns the other's SDP address and ICE."""
+    sb.set_remote_ice(b_sees or sa.ice_parameters, controlling=False)
+    sb.set_remote(sa.local_network_rtp, zrtp_hash=sa.zrtp_hash_attribute)
+    sa.set_remote_ice(a_sees or sb.ice_parameters, controlling=True)
+    sa.set_remote(sb.local_network_rtp, zrtp_hash=sb.zrtp_hash_attribute)
+    sa.start()
+    sb.start()
+
+
+def test_ice_finds_the_path_before_zrtp_starts(run: Run, ports: PortAllocator) -> None:
+    async def scenario() -> None:
+        a, b = await make_node(ports, ice=True), await make_node(ports, ice=True)
+        sa, sb = await a.engine.allocate(label="A"), await b.engine.allocate(label="B")
+        try:
+            assert sa.stats()["ice"]["candidates"] == ["host"]  # no servers: no waiting
+            _offer_answer(sa, sb)
+            assert sa.stats()["zrtp_out"] == 0  # held until a checked path exists
+            phone_a, phone_b = await _talk(sa, sb)
+            for stream, other in ((sa, sb), (sb, sa)):
+                ice = stream.stats()["ice"]
+                assert ice["state"].startswith("direct"), ice
+                assert ice["remote"] == list(other.local_network_rtp), ice
+                assert ice["checks_sent"] >= 1 and ice["checks_received"] >= 1, ice
+            assert sa.result is not None and sb.result is not None
+            assert sa.result.sas == sb.result.sas
+            phone_a.close()
+            phone_b.close()
+        finally:
+            a.engine.close()
+            b.engine.close()
+
+    run(scenario())
+
+
+def test_a_far_end_without_ice_gets_the_sdp_address(run: Run, ports: PortAllocator) -> None:
+    async def scenario() -> None:
+        a, b = await make_node(ports, ice=True), await make_node(ports)
+        sa, sb = await a.engine.allocate(label="A"), await b.engine.allocate(label="B")
+        try:
+            sa.set_remote_ice(None, controlling=True)  # the answer had no ICE
+            sa.set_remote(sb.local_network_rtp, zrtp_hash=sb.zrtp_hash_attribute)
+            sb.set_remote(sa.local_network_rtp, zrtp_hash=sa.zrtp_hash_attribute)
+            sa.start()
+            sb.start()
+            phone_a, phone_b = await _talk(sa, sb)
+            assert sa.stats()["ice"] is None
+            phone_a.close()
+            phone_b.close()
+        finally:
+            a.engine.close()
+            b.engine.close()
+
+    run(scenario())
+
+
+def test_pooled_streams_carry_media_through_the_relay(run: Run, ports: PortAllocator) -> None:
+    """Streams gathered in advance (server-reflexive and relayed candidates at once); when the
+    far end can reach us only at our relayed address, media and ZRTP go through the TURN
+    allocation (ChannelData) and the call is secure."""
+
+    async def scenario() -> None:
+        relay = await _relay(ports)
+        nodes: list[Node] = []
+        try:
+            for name in ("a", "b"):
+                node = await make_node(ports, ice=True, ice_pool=1,
+                                       ice_servers=lambda n=name: _servers(relay, n))
+                node.engine.start_pool()
+                nodes.append(node)
+            a, b = nodes
+            await wait_for(lambda: all(
+                s._ice is not None and s._ice.gathering_complete
+                for n in nodes for s in n.engine._pool) and all(
+                len(n.engine._pool) == 1 for n in nodes), timeout=5)
+            pooled = a.engine._pool[0]
+            sa, sb = a.engine.allocate_now(label="A"), b.engine.allocate_now(label="B")
+            assert sa is pooled and a.engine._pool[0] is not pooled  # taken, and refilled
+            params = sa.ice_parameters
+            assert params is not None
+            # On loopback the server-reflexive address is the host one (no NAT), so it is not
+            # listed twice, and the engine knows it is not behind NAT.
+            assert {c.kind for c in params.candidates} == {"host", "relay"}
+            assert a.engine.behind_nat is False
+            assert a.engine.stats()["streams"] == 1  # the pool is not a call
+            assert a.engine.stats()["pooled"] == 1
+            # Each may reach the other only at its relayed address (as between two symmetric
+            # NATs): at least one side's media goes through its own allocation.
+            _offer_answer(sa, sb, b_sees=_only(sa.ice_parameters, "relay"),
+                          a_sees=_only(sb.ice_parameters, "relay"))
+            phone_a, phone_b = await _talk(sa, sb)
+            ice_a, ice_b = sa.stats()["ice"], sb.stats()["ice"]
+            assert ice_a["relayed"] or ice_b["relayed"], (ice_a, ice_b)
+            assert relay.core is not None and relay.core.stats.relayed_packets > 10
+            before = relay.core.allocations
+            (sa if ice_a["relayed"] else sb).release()  # its Refresh(0) frees the allocation
+            await wait_for(lambda: relay.core is not None
+                           and relay.core.allocations < before, timeout=3)
+            phone_a.close()
+            phone_b.close()
+        finally:
+            for node in nodes:
+                node.engine.close()
+            relay.close()
 
     run(scenario())

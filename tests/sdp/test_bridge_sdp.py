@@ -11,6 +11,7 @@ from freecall import sdp
 from freecall.sip.message import Request, Response, parse_message
 from freecall.sip.proxy import Side
 from freecall.srtp.calls import MediaCalls, MediaRefused
+from freecall.srtp.ice import Candidate, IceParameters
 
 KEY = ("call-1", "tag-a")
 HASH = "1.10 " + "ab" * 32
@@ -39,6 +40,15 @@ class FakeStream:
     timeouts: list[float | None] = field(default_factory=list)
     started: int = 0
     released: bool = False
+    ice: IceParameters | None = None
+    remote_ice: list[tuple[IceParameters | None, bool]] = field(default_factory=list)
+
+    @property
+    def ice_parameters(self) -> IceParameters | None:
+        return self.ice
+
+    def set_remote_ice(self, params: IceParameters | None, *, controlling: bool) -> None:
+        self.remote_ice.append((params, controlling))
 
     @property
     def local_softphone_rtp(self) -> tuple[str, int]:
@@ -70,15 +80,16 @@ class FakeStream:
 class FakeFactory:
     rtp_timeout: float | None = 30.0
 
-    def __init__(self, capacity: int = 10) -> None:
+    def __init__(self, capacity: int = 10, ice: IceParameters | None = None) -> None:
         self.capacity = capacity
         self.made: list[FakeStream] = []
+        self.ice = ice
 
     def allocate_now(self, *, label: str = "", first: object = None) -> FakeStream:
         if len(self.made) >= self.capacity:
             raise RuntimeError("no pair")
         n = len(self.made)
-        stream = FakeStream(21000 + 4 * n, 21002 + 4 * n)
+        stream = FakeStream(21000 + 4 * n, 21002 + 4 * n, ice=self.ice)
         self.made.append(stream)
         return stream
 
@@ -185,3 +196,80 @@ def test_our_openpgp_key_goes_out_and_the_far_ends_comes_in() -> None:
         bad = FAR_ANSWER.replace("t=0 0\r\n", f"t=0 0\r\na=freecall-openpgp:{junk}\r\n")
         calls2.toward_softphone(KEY, bad.encode())
         assert calls2.calls[KEY].offered_key is None
+
+
+# -- ICE between nodes (RFC 8839) ---------------------------------------------------------------
+
+OUR_ICE = IceParameters("ufragOURS", "p" * 24, (
+    Candidate("h1", 1, 2130706431, "192.0.2.10", 21002, "host"),
+    Candidate("r1", 1, 16777215, "203.0.113.5", 50000, "relay"),
+))
+FAR_ICE = (
+    "a=ice-ufrag:FARufrag\r\na=ice-pwd:" + "q" * 24 + "\r\n"
+    "a=candidate:f1 1 UDP 2130706431 198.51.100.9 30000 typ host\r\n"
+)
+PHONE_ICE = "a=ice-ufrag:loop\r\na=ice-pwd:" + "l" * 24 + "\r\n" + (
+    "a=candidate:1 1 UDP 2130706431 127.0.0.1 40000 typ host\r\n")
+
+
+def _far(ice: str, mux: bool = True) -> bytes:
+    return (
+        "v=0\r\no=bob 7 7 IN IP4 198.51.100.9\r\ns=-\r\nc=IN IP4 198.51.100.9\r\nt=0 0\r\n"
+        f"m=audio 30000 RTP/AVP 0\r\na=zrtp-hash:{HASH}\r\n"
+        + ("a=rtcp-mux\r\n" if mux else "") + ice
+    ).encode()
+
+
+def test_our_offer_carries_our_candidates_and_the_answer_starts_checks_as_controlling() -> None:
+    factory = FakeFactory(ice=OUR_ICE)
+    calls = MediaCalls(factory)
+    offer = PHONE_OFFER.replace("a=sendrecv\r\n", "a=sendrecv\r\n" + PHONE_ICE)
+    out = sdp.parse(calls.toward_network(KEY, offer.encode()))
+    audio = out.media[0]
+    assert audio.attribute_values("ice-ufrag") == ["ufragOURS"]
+    assert [v for v in audio.attribute_values("candidate") if v and "127.0.0.1" in v] == []
+    assert len(audio.attribute_values("candidate")) == 2  # ours, not the softphone's
+    assert audio.has_attribute("rtcp-mux")
+    [stream] = factory.made
+    assert stream.remote_ice == []  # nothing to check before the answer
+    back = sdp.parse(calls.toward_softphone(KEY, _far(FAR_ICE)))
+    [(params, controlling)] = stream.remote_ice
+    assert controlling and params is not None and params.ufrag == "FARufrag"
+    assert params.candidates[0].addr == ("198.51.100.9", 30000)
+    for name in ("ice-ufrag", "ice-pwd", "candidate", "rtcp-mux"):
+        assert not back.media[0].has_attribute(name), name  # the softphone sees none of it
+
+
+def test_an_answer_without_ice_turns_ice_off() -> None:
+    factory = FakeFactory(ice=OUR_ICE)
+    calls = MediaCalls(factory)
+    calls.toward_network(KEY, PHONE_OFFER.encode())
+    calls.toward_softphone(KEY, _far("", mux=False))
+    assert factory.made[0].remote_ice == [(None, True)]
+
+
+def test_the_answerer_checks_only_once_its_answer_leaves() -> None:
+    factory = FakeFactory(ice=OUR_ICE)
+    calls = MediaCalls(factory)
+    calls.toward_softphone(KEY, _far(FAR_ICE))  # the far end's offer: the phone rings
+    [stream] = factory.made
+    assert stream.remote_ice == []
+    answer = PHONE_OFFER.replace("a=rtcp-mux\r\n", "")
+    out = sdp.parse(calls.toward_network(KEY, answer.encode()))
+    [(params, controlling)] = stream.remote_ice
+    assert not controlling and params is not None and params.ufrag == "FARufrag"
+    assert out.media[0].attribute_values("ice-ufrag") == ["ufragOURS"]
+    assert out.media[0].has_attribute("rtcp-mux")
+
+
+@pytest.mark.parametrize("ice, mux", [("", True), (FAR_ICE, False)])
+def test_an_offer_without_ice_or_without_mux_is_answered_without_ice(ice: str, mux: bool) -> None:
+    factory = FakeFactory(ice=OUR_ICE)
+    calls = MediaCalls(factory)
+    calls.toward_softphone(KEY, _far(ice, mux=mux))
+    [stream] = factory.made
+    assert stream.remote_ice == [(None, False)]
+    out = sdp.parse(calls.toward_network(KEY, PHONE_OFFER.encode()))
+    assert not out.media[0].has_attribute("ice-ufrag")
+    assert not out.media[0].has_attribute("candidate")
+    assert not out.media[0].has_attribute("rtcp-mux")

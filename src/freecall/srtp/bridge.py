@@ -105,6 +105,7 @@ from typing import Any, Final, Literal, Protocol, cast
 
 import pylibsrtp
 
+from freecall.srtp import ice as ice_
 from freecall.srtp import zrtp as z
 from freecall.srtp.keys import RetainedSecrets
 from freecall.srtp.media_ports import PortPairPool
@@ -132,6 +133,21 @@ _REPLAY = "replay check failed"
 _DSCP_EF: Final = 0xB8  # RFC 4594 "telephony": Expedited Forwarding, DSCP 46
 _WARNINGS_REPORTED: Final = 5  # per stream; later ones are only counted
 _EARLY_KEPT: Final = 16  # datagrams per socket kept while the stream's sockets are set up
+POOL_MAX_AGE: Final = 600.0
+"""A pre-gathered stream older than this is replaced rather than used: its NAT mappings and the
+relays it chose may have changed (keepalives hold them, but a router reboot does not ask)."""
+POOL_TICK: Final = 30.0
+"""How often the engine looks at its pool: expired entries, relays learnt since, refills..."""
+POOL_TICK_UNFILLED: Final = 2.0
+"""...and how often while it is not full (at start, servers come with the first gossip)."""
+
+
+@dataclass(frozen=True, slots=True)
+class IceServers:
+    """Where a stream's ICE agent gathers: STUN servers and at most one TURN server used."""
+
+    stun: tuple[tuple[str, int], ...] = ()
+    turn: tuple[ice_.TurnServer, ...] = ()
 
 
 class MediaCapacityError(RuntimeError):
@@ -317,10 +333,18 @@ class MediaEngine:
         on_event: Callable[[MediaEvent], None] | None = None,
         max_streams: int | None = None,
         urandom: Callable[[int], bytes] = os.urandom,
+        ice: bool = False,
+        ice_servers: Callable[[], IceServers] | None = None,
+        ice_pool: int = 2,
     ) -> None:
         """``address`` goes into SDP toward the far end; sockets bind to ``bind_host``
         (default: ``address``; give ``0.0.0.0`` behind NAT where the public address is not
-        local). Both socket pairs of a stream come from ``port_range``."""
+        local). Both socket pairs of a stream come from ``port_range``.
+
+        ``ice``: every stream runs an ICE agent (RFC 8445) on its network RTP socket, used
+        when the far end's SDP offers ICE too; ``ice_servers`` says where to gather (asked
+        for each new stream), and ``ice_pool`` streams are kept gathered in advance, because
+        the SDP naming a stream's candidates is written the moment the stream is made."""
         if policy not in ("require", "prefer", "off"):
             raise ValueError(f"bad security policy {policy!r}")
         if zrtp_timeout <= 0:
@@ -351,12 +375,22 @@ class MediaEngine:
         self.allocations_failed = 0
         self.retired: dict[str, int] = dict.fromkeys((*_COUNTERS, "lost"), 0)
         """Counters of released streams, so that totals (metrics) never go backwards."""
+        self.ice = ice
+        self.ice_servers = ice_servers
+        self.ice_pool = max(0, ice_pool)
+        self._pool: list[MediaStream] = []
+        """Streams made and gathered before any call asked (oldest first)."""
+        self._pool_handle: asyncio.TimerHandle | None = None
+        self.behind_nat: bool | None = None
+        """What the last gathering showed: a server-reflexive address other than our own
+        (True), the same (False), or nothing yet (None)."""
 
     # -- streams -------------------------------------------------------------------------------
 
     @property
     def streams(self) -> list[MediaStream]:
-        return list(self._streams.values())
+        """The streams of calls (pre-gathered ones waiting in the pool are not listed)."""
+        return [s for s in self._streams.values() if not s._pooled]
 
     def stream(self, stream_id: int) -> MediaStream | None:
         return self._streams.get(stream_id)
@@ -387,9 +421,18 @@ class MediaEngine:
             not isinstance(first, MediaStream) or first._engine is not self or first.state == CLOSED
         ):
             raise ValueError("first must be a live stream of this engine")
-        if len(self._streams) >= self.max_streams:
-            self.allocations_failed += 1
-            raise MediaCapacityError(f"{self.max_streams} media streams in use")
+        stream = self._take_pooled()
+        if stream is not None:
+            stream._adopt(label, first)
+        else:
+            if len(self._streams) >= self.max_streams:
+                self.allocations_failed += 1
+                raise MediaCapacityError(f"{self.max_streams} media streams in use")
+            stream = self._new_stream(label, first)
+        self._refill_pool()
+        return stream
+
+    def _new_stream(self, label: str, first: MediaStream | None) -> MediaStream:
         phone = self._bind_pair(self.loopback_host, dscp=False)
         try:
             net = self._bind_pair(self.bind_host, dscp=True)
@@ -400,8 +443,97 @@ class MediaEngine:
         self._streams[stream.id] = stream
         if first is not None:
             first._followers.append(stream)
+        if self.ice:
+            servers = self._current_ice_servers()
+            stream._ice = ice_.IceAgent(
+                controlling=True, host_addresses=[(self.address, net[0])],
+                stun_servers=servers.stun, turn_servers=servers.turn, urandom=self.urandom)
+            stream._ice.gather(self.loop.time())  # sent once the sockets are with the loop
         stream._opening = self.loop.create_task(stream._open(phone[1:], net[1:]))
         return stream
+
+    # -- the pool of pre-gathered streams (ICE) ---------------------------------------------------
+
+    def _current_ice_servers(self) -> IceServers:
+        if self.ice_servers is None:
+            return IceServers()
+        try:
+            return self.ice_servers()
+        except Exception:
+            log.exception("ICE servers could not be listed; gathering host candidates only")
+            return IceServers()
+
+    def start_pool(self) -> None:
+        """Fill the pool and look after it every `POOL_TICK` (the daemon calls this once the
+        sources of ICE servers, such as the host cache, are up)."""
+        if not self.ice or self.ice_pool == 0 or self._closed:
+            return
+        self._pool_tick()
+
+    def _pool_tick(self) -> None:
+        now = self.loop.time()
+        for stream in [s for s in self._pool if now - s.created_at > POOL_MAX_AGE]:
+            stream.release()
+        self._refill_pool()
+        if not self._closed:
+            full = len(self._pool) >= self.ice_pool
+            self._pool_handle = self.loop.call_later(
+                POOL_TICK if full else POOL_TICK_UNFILLED, self._pool_tick)
+
+    def _refill_pool(self) -> None:
+        """Best effort: a pool entry only when servers exist to gather from (host candidates
+        need no waiting) and never the last free stream."""
+        if not self.ice or self._closed or len(self._pool) >= self.ice_pool:
+            return
+        servers = self._current_ice_servers()
+        if not servers.stun and not servers.turn:
+            return
+        while len(self._pool) < self.ice_pool and len(self._streams) + 1 < self.max_streams:
+            try:
+                stream = self._new_stream("", None)
+            except MediaCapacityError:
+                self.allocations_failed -= 1  # not a call refused
+                return
+            stream._pooled = True
+            stream._update_handlers()
+            self._pool.append(stream)
+
+    def _recycle(self, stream: MediaStream) -> None:
+        if stream._pooled and stream.state != CLOSED:
+            stream.release()
+            self._refill_pool()
+
+    def _take_pooled(self) -> MediaStream | None:
+        """The oldest gathered stream in the pool (or the oldest at all): its candidates are
+        in the SDP at once."""
+        now = self.loop.time()
+        for stream in [s for s in self._pool if now - s.created_at > POOL_MAX_AGE]:
+            stream.release()
+        if not self._pool:
+            return None
+        ready = [s for s in self._pool if s._ice is not None and s._ice.gathering_complete]
+        stream = ready[0] if ready else self._pool[0]
+        self._pool.remove(stream)
+        return stream
+
+    def _gathered(self, stream: MediaStream, event: ice_.GatheringComplete) -> None:
+        """Learn from each gathering whether we sit behind NAT; log what did not answer."""
+        own = {c.host for c in event.candidates if c.kind == "host"}
+        reflexive = {host for host, _ in event.mapped}
+        if reflexive:
+            nat = bool(reflexive - own)
+            if nat != self.behind_nat:
+                log.info("media: %s (server-reflexive %s)",
+                         "behind NAT" if nat else "on a public address",
+                         ", ".join(sorted(reflexive)))
+            self.behind_nat = nat
+            if not nat and stream._pooled and any(c.kind == "relay" for c in event.candidates) \
+                    and not self._current_ice_servers().turn:
+                # A public node needs no relayed candidate from the mesh's relays: give the
+                # allocation back now and gather again without (iceservers.ice_servers).
+                self.loop.call_soon(self._recycle, stream)
+        for failure in event.failures:
+            log.debug("stream %d: ICE gathering: %s", stream.id, failure)
 
     def _bind_pair(self, host: str, *, dscp: bool) -> tuple[int, socket.socket, socket.socket]:
         family = _family(host)
@@ -435,6 +567,9 @@ class MediaEngine:
         self._ports.give_back(pair[0])
 
     def _forget(self, stream: MediaStream) -> None:
+        if stream._pooled:
+            with contextlib.suppress(ValueError):
+                self._pool.remove(stream)
         if self._streams.pop(stream.id, None) is not None:
             retired = self.retired
             for name in _COUNTERS:
@@ -446,6 +581,8 @@ class MediaEngine:
     def close(self) -> None:
         """Release every stream and stop the timer."""
         self._closed = True
+        if self._pool_handle is not None:
+            self._pool_handle.cancel()
         for stream in list(self._streams.values()):
             stream.release()
         self._timer.cancel()
@@ -495,12 +632,16 @@ class MediaEngine:
         by_state: dict[str, int] = {}
         totals: dict[str, int] = {}
         for stream in self._streams.values():
+            if stream._pooled:
+                continue
             by_state[stream.state] = by_state.get(stream.state, 0) + 1
             for name in _COUNTERS:
                 totals[name] = totals.get(name, 0) + getattr(stream, name)
             totals["lost"] = totals.get("lost", 0) + max(0, stream.reception.lost)
         return {
-            "streams": len(self._streams),
+            "streams": len(self._streams) - len(self._pool),
+            "pooled": len(self._pool),
+            "behind_nat": self.behind_nat,
             "max_streams": self.max_streams,
             "by_state": by_state,
             "port_pairs_free": len(self._ports),
@@ -564,16 +705,22 @@ class MediaStream:
         "_clear_ssrc",
         "_engine",
         "_followers",
+        "_ice",
+        "_ice_active",
+        "_ice_relayed",
+        "_ice_target",
         "_idle_check_at",
         "_idle_seen",
         "_last_active",
         "_leader",
         "_loop",
         "_ms_context",
+        "_net_inner",
         "_net_port",
         "_net_rtcp_ep",
         "_net_rtcp_send",
         "_net_rtp_ep",
+        "_net_rtp_raw",
         "_net_rtp_send",
         "_opening",
         "_peer_seen",
@@ -586,6 +733,7 @@ class MediaStream:
         "_phone_rtp",
         "_phone_rtp_ep",
         "_phone_rtp_send",
+        "_pooled",
         "_protect",
         "_protect_rtcp",
         "_remote_rtcp",
@@ -604,9 +752,11 @@ class MediaStream:
         "_unprotect_rtcp",
         "_zrtp",
         "_zrtp_deadline",
+        "_zrtp_held",
         "created_at",
         "failure_reason",
         "first_media_at",
+        "ice_state",
         "id",
         "insecure_reason",
         "label",
@@ -665,17 +815,7 @@ class MediaStream:
         for name in _COUNTERS:
             setattr(self, name, 0)
         self._rx = ReceptionStats()
-        self._zrtp: z.ZrtpSession | None = None
-        if engine.policy != "off":
-            ssrc = int.from_bytes(engine.urandom(4), "big")
-            self._zrtp = z.ZrtpSession(
-                engine.zrtp_config,
-                engine.secrets.zid,
-                engine.secrets,
-                ssrc=ssrc,
-                urandom=engine.urandom,
-                offer_multistream=leader is not None,
-            )
+        self._zrtp: z.ZrtpSession | None = self._make_zrtp(multistream=leader is not None)
         self._srtp_out: pylibsrtp.Session | None = None
         self._srtp_in: pylibsrtp.Session | None = None
         self._protect: Callable[[bytes], bytes] = _no_srtp
@@ -718,7 +858,46 @@ class MediaStream:
         self._phone_rtcp_send: Callable[[bytes, Addr | None], None] = _no_send
         self._net_rtp_send: Callable[[bytes, Addr | None], None] = _no_send
         self._net_rtcp_send: Callable[[bytes, Addr | None], None] = _no_send
+        self._net_rtp_raw: Callable[[bytes, Addr | None], None] = _no_send
+        """The network RTP socket's own ``sendto`` (ICE's datagrams are wrapped already)."""
+        self._net_inner: Handler = self._net_rtp_any
+        """Where media that came through our TURN allocation goes once unwrapped."""
+        self._ice: ice_.IceAgent | None = None
+        self._ice_active = False  # the far end's SDP has ICE too: ICE decides the path
+        self._ice_target: Addr | None = None
+        self._ice_relayed = False
+        self.ice_state = "off"
+        self._zrtp_held = False  # ZRTP waits for ICE to find a path (RFC 8445 section 12.1)
+        self._pooled = False
         self._opening: asyncio.Task[None] | None = None
+
+    def _make_zrtp(self, *, multistream: bool) -> z.ZrtpSession | None:
+        engine = self._engine
+        if engine.policy == "off":
+            return None
+        return z.ZrtpSession(
+            engine.zrtp_config,
+            engine.secrets.zid,
+            engine.secrets,
+            ssrc=int.from_bytes(engine.urandom(4), "big"),
+            urandom=engine.urandom,
+            offer_multistream=multistream,
+        )
+
+    def _adopt(self, label: str, first: MediaStream | None) -> None:
+        """A pooled stream joins a call: named, and made a further stream of ``first`` (a new
+        ZRTP session offering Multistream: nothing of the old one was sent yet)."""
+        self._pooled = False
+        self.label = label
+        self.created_at = self._loop.time()
+        if first is not None:
+            self._leader = first
+            self._attached = False
+            first._followers.append(self)
+            if self._zrtp is not None:
+                self._zrtp.close()
+                self._zrtp = self._make_zrtp(multistream=True)
+        self._update_handlers()
 
     def __repr__(self) -> str:
         return f"MediaStream(id={self.id}, label={self.label!r}, state={self.state})"
@@ -754,9 +933,10 @@ class MediaStream:
             return
         self._phone_rtp_send = self._sender(self._phone_rtp_ep)
         self._phone_rtcp_send = self._sender(self._phone_rtcp_ep)
-        self._net_rtp_send = self._sender(self._net_rtp_ep)
-        rtcp_ep = self._net_rtp_ep if self._remote_rtcp_mux else self._net_rtcp_ep
-        self._net_rtcp_send = self._sender(rtcp_ep)
+        self._net_rtp_raw = self._sender(self._net_rtp_ep)
+        self._set_net_senders()
+        if self._ice is not None:
+            self._ice_pump(loop.time())  # gathering's first requests waited for the socket
         # If ZRTP started before this point, its first Hello went nowhere; the retransmission
         # timer resends it (RFC 6189 section 6).
         self._update_handlers()
@@ -830,7 +1010,11 @@ class MediaStream:
         """
         family = _family(self._engine.bind_host)
         addr = _normalise(rtp[0], rtp[1], family)
-        if addr != self._sdp_remote_rtp:
+        if self._ice_active:
+            # ICE chooses where media goes; the SDP address is only its default candidate.
+            self._sdp_remote_rtp = addr
+            rtcp_mux = True  # RFC 8839 streams of ours are always muxed (one component)
+        elif addr != self._sdp_remote_rtp:
             first_sdp = self._sdp_remote_rtp is None
             self._sdp_remote_rtp = addr
             if not (first_sdp and self._remote_rtp is not None):
@@ -848,9 +1032,7 @@ class MediaStream:
             self._remote_rtcp = (
                 _normalise(rtcp[0], rtcp[1], family) if rtcp else _next_port(self._remote_rtp)
             )
-        if self._net_rtp_ep.transport is not None:
-            ep = self._net_rtp_ep if rtcp_mux else self._net_rtcp_ep
-            self._net_rtcp_send = self._sender(ep)
+        self._set_net_senders()
         if zrtp_hash is not None and self._zrtp is not None:
             self._peer_zrtp_hash = zrtp_hash
             if self.state in (NEW, SECURING):
@@ -869,6 +1051,150 @@ class MediaStream:
             self._last_active = now
             self._idle_check_at = now + _idle_period(seconds)
             self._engine._schedule(self)
+
+    # -- ICE (RFC 8445, RFC 8839) ---------------------------------------------------------------
+
+    @property
+    def ice_parameters(self) -> ice_.IceParameters | None:
+        """Our ufrag, password and candidates for the far end's SDP (None: no ICE here)."""
+        return self._ice.local_parameters if self._ice is not None else None
+
+    def set_remote_ice(self, params: ice_.IceParameters | None, *, controlling: bool) -> None:
+        """The far end's ICE attributes from its SDP, or None when it does not do ICE (the
+        stream then works as without: SDP address and latching). ``controlling``: we made
+        the offer (RFC 8839 section 4.4.1.1). Call before `set_remote` for the same SDP."""
+        agent = self._ice
+        if agent is None or self.state == CLOSED:
+            return
+        now = self._loop.time()
+        if params is None:
+            if not self._ice_active:
+                self._drop_ice(now)
+            return
+        agent.set_role(controlling)
+        if not self._ice_active:
+            self._ice_active = True
+            self.ice_state = "checking"
+            self._remote_rtp = self._remote_rtcp = None
+            self._rtp_authenticated = False
+        agent.set_remote(params, now)
+        self._ice_pump(now)
+
+    def _drop_ice(self, now: float) -> None:
+        """The far end does not do ICE: free what gathering took (a TURN allocation)."""
+        agent, self._ice = self._ice, None
+        self.ice_state = "off"
+        if agent is not None:
+            agent.close(now)
+            for data, dest in agent.datagrams_to_send():
+                self._net_rtp_raw(data, dest)
+
+    def _ice_pump(self, now: float) -> None:
+        """After any input to the agent: send its datagrams, act on its events."""
+        agent = self._ice
+        if agent is None or self._opening is not None:
+            return  # datagrams wait in the agent until the socket is with the loop
+        for data, dest in agent.datagrams_to_send():
+            self._net_rtp_raw(data, dest)
+        while (event := agent.next_event()) is not None:
+            if isinstance(event, ice_.GatheringComplete):
+                self._engine._gathered(self, event)
+            elif isinstance(event, (ice_.PairValid, ice_.PairSelected)):
+                self._ice_path(event, now)
+            elif isinstance(event, ice_.IceFailed):
+                self.ice_state = "failed"
+                if self._ice_active and self.state in (NEW, SECURING, CLEAR):
+                    self._fail(f"no media path to the far end: ICE failed ({event.reason})")
+            elif isinstance(event, ice_.ConsentLost) and self.state != CLOSED:
+                # RFC 7675 section 5.1: stop sending; the call is over for the user too.
+                self.ice_state = "consent-lost"
+                self._net_rtp_send = self._net_rtcp_send = _no_send
+                self.timed_out = True
+                log.info("stream %d: the far end stopped answering consent checks", self.id)
+                self._engine._emit(MediaTimeout(self, ice_.CONSENT_TIMEOUT))
+            if self.state == CLOSED:
+                return
+        self._engine._schedule(self)
+
+    def _ice_path(self, event: ice_.PairValid | ice_.PairSelected, now: float) -> None:
+        """Media (and ZRTP) go where ICE found the far end: a valid pair at first, the
+        nominated one once selected (RFC 8445 section 12.1)."""
+        if not self._ice_active or self.state == CLOSED:
+            return
+        selected = isinstance(event, ice_.PairSelected)
+        target = _normalise(event.remote.host, event.remote.port,
+                            _family(self._engine.bind_host))
+        moved = target != self._ice_target or event.relayed != self._ice_relayed
+        self._ice_target = target
+        self._ice_relayed = event.relayed
+        self._remote_rtp = self._remote_rtcp = target
+        self._rtp_authenticated = True  # the check was signed with the password from SDP
+        self._rtcp_latched = True
+        if selected or self.ice_state == "checking":
+            self.ice_state = "relayed" if event.relayed else "direct"
+            if not selected:
+                self.ice_state += " (checking)"
+        if moved or selected:
+            log.info("stream %d: media %s %s (%s candidate)%s", self.id,
+                     "through the relay to" if event.relayed else "directly to", target[:2],
+                     event.remote.kind, "" if selected else ", before nomination")
+        self._set_net_senders()
+        if self._zrtp_held and self.state == SECURING:
+            self._zrtp_held = False
+            zs = self._zrtp
+            assert zs is not None
+            self._zrtp_deadline = now + self._engine.zrtp_timeout
+            zs.start(now)
+            self._pump(now)
+        self._update_handlers()
+
+    def _ice_in(self, data: bytes, addr: Addr) -> None:
+        """STUN, or TURN ChannelData from our relay: the agent's; media inside goes on."""
+        agent = self._ice
+        self.stun_in += 1
+        if agent is None:
+            return  # RFC 7983 demultiplexing only
+        now = self._loop.time()
+        inner = agent.receive(data, (addr[0], addr[1]), now)
+        self._ice_pump(now)
+        if inner is not None and self.state != CLOSED:
+            payload, peer = inner
+            self.stun_in -= 1  # it was media
+            try:
+                source = _normalise(peer[0], peer[1], _family(self._engine.bind_host))
+            except ValueError:
+                self.dropped_other += 1
+                return
+            self._net_inner(payload, source)
+
+    def _net_rtp_relayed(self, data: bytes, addr: Addr) -> None:
+        """The network socket while the path goes through our TURN allocation."""
+        if data and (data[0] < 4 or 0x40 <= data[0] <= 0x4F):
+            self._ice_in(data, addr)
+        else:
+            self._net_rtp_any(data, addr)
+
+    def _net_rtp_pooled(self, data: bytes, addr: Addr) -> None:
+        """A pre-gathered stream with no call: only its servers' answers matter."""
+        if data and (data[0] < 4 or 0x40 <= data[0] <= 0x4F):
+            self._ice_in(data, addr)
+        else:
+            self.dropped_other += 1
+
+    def _send_relayed(self, data: bytes, addr: Addr | None) -> None:
+        agent = self._ice
+        if agent is None or addr is None:
+            return
+        wrapped = agent.wrap(data, (addr[0], addr[1]))
+        if wrapped is not None:
+            self._net_rtp_raw(*wrapped)
+
+    def _set_net_senders(self) -> None:
+        if self._net_rtp_ep.transport is None:
+            return
+        send = self._send_relayed if self._ice_relayed else self._net_rtp_raw
+        self._net_rtp_send = send
+        self._net_rtcp_send = send if self._remote_rtcp_mux else self._sender(self._net_rtcp_ep)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -899,6 +1225,10 @@ class MediaStream:
                 self._leader_secure(leader._ms_context, now)
             self._engine._schedule(self)
             return  # waits for the first stream (section 4.4.1: one DH exchange at a time)
+        if self._ice_active and self._ice_target is None:
+            self._zrtp_held = True  # _ice_path starts it (and its bound) on the first path
+            self._engine._schedule(self)
+            return
         self._zrtp_deadline = now + self._engine.zrtp_timeout
         if start_zrtp:
             self._zrtp.start(now)
@@ -912,6 +1242,8 @@ class MediaStream:
             return
         self.state = CLOSED
         self._update_handlers()
+        if self._ice is not None:
+            self._drop_ice(self._loop.time())  # TURN's Refresh(0) leaves before the socket goes
         self._close_transports()
         if self._zrtp is not None:
             self._zrtp.close()
@@ -998,8 +1330,21 @@ class MediaStream:
             peer_zid=result.peer_zid.hex() if result else None,
             cipher=f"{result.cipher}/{result.auth_tag}" if result else None,
             peer_client=self.peer_client_id or None,
+            ice=self._ice_stats(),
         )
         return out
+
+    def _ice_stats(self) -> dict[str, Any] | None:
+        agent = self._ice
+        if agent is None:
+            return None
+        return {
+            "state": self.ice_state,
+            "candidates": sorted({c.kind for c in agent.local_candidates}),
+            "remote": list(self._ice_target[:2]) if self._ice_target else None,
+            "relayed": self._ice_relayed,
+            **agent.stats,
+        }
 
     # -- handlers: which function each socket calls ----------------------------------------------
 
@@ -1010,6 +1355,12 @@ class MediaStream:
             return  # the endpoints keep datagrams until _open hands them over
         phone_rtp: Handler
         net_rtp: Handler
+        if self._pooled and st != CLOSED:
+            self._phone_rtp_ep.datagram_received = _ignore  # type: ignore[method-assign]
+            self._net_rtp_ep.datagram_received = self._net_rtp_pooled  # type: ignore[method-assign]
+            self._phone_rtcp_ep.datagram_received = _ignore  # type: ignore[method-assign]
+            self._net_rtcp_ep.datagram_received = _ignore  # type: ignore[method-assign]
+            return
         if st == CLOSED:
             phone_rtp = net_rtp = _ignore
         elif st == SECURE and self._phone_rtp is not None and self._remote_rtp is not None:
@@ -1019,6 +1370,9 @@ class MediaStream:
             net_rtp = self._net_rtp_clear if self._clear_ssrc is not None else self._net_rtp_any
         else:
             phone_rtp, net_rtp = self._phone_rtp_any, self._net_rtp_any
+        self._net_inner = net_rtp if net_rtp is not _ignore else self._net_rtp_any
+        if self._ice_relayed and st != CLOSED:
+            net_rtp = self._net_rtp_relayed
         eps = (self._phone_rtp_ep, self._net_rtp_ep, self._phone_rtcp_ep, self._net_rtcp_ep)
         handlers: tuple[Handler, ...] = (
             phone_rtp,
@@ -1140,8 +1494,8 @@ class MediaStream:
         if kind == "rtcp":
             self._net_rtcp_in(data, addr)
             return
-        if kind == "stun":
-            self.stun_in += 1  # no ICE here; RFC 7983 demultiplexing only
+        if kind == "stun" or (kind == "unknown" and 0x40 <= data[0] <= 0x4F):
+            self._ice_in(data, addr)  # STUN, or ChannelData (RFC 7983 section 7)
             return
         if kind != "rtp" or len(data) < RTP_HEADER_LEN:
             self.dropped_other += 1
@@ -1175,8 +1529,8 @@ class MediaStream:
             self._zrtp_in(data, addr)
         elif kind == "rtcp":
             self._net_rtcp_in(data, addr)
-        elif kind == "stun":
-            self.stun_in += 1
+        elif kind == "stun" or (kind == "unknown" and 0x40 <= data[0] <= 0x4F):
+            self._ice_in(data, addr)
         elif kind == "rtp":
             self._count_srtp_failure(exc)
         else:
@@ -1229,6 +1583,8 @@ class MediaStream:
 
     def _latch_rtp(self, addr: Addr, *, authenticated: bool) -> None:
         """Send to where the far end really is (symmetric RTP); see the module docstring."""
+        if self._ice_active:
+            return  # ICE chose the path and checks it (consent); packets do not move it
         old = self._remote_rtp
         self._remote_rtp = addr
         self._rtp_authenticated = authenticated
@@ -1321,6 +1677,9 @@ class MediaStream:
             return
         if not self._attached:
             self.dropped_insecure += 1  # a further stream waits for the first; Hello is resent
+            return
+        if self._ice_active and self._ice_target is None:
+            self.dropped_insecure += 1  # no checked path back yet; the far end resends
             return
         now = self._loop.time()
         self.zrtp_in += 1
@@ -1483,7 +1842,8 @@ class MediaStream:
         self.state = CLEAR
         self.insecure_reason = reason
         self._zrtp_deadline = None
-        if not self._rtp_authenticated and self._sdp_remote_rtp is not None:
+        if not self._rtp_authenticated and self._sdp_remote_rtp is not None and (
+                not self._ice_active):
             self._remote_rtp = self._sdp_remote_rtp  # provisional latches meant nothing
         self._update_handlers()
         log.warning("stream %d: media in clear: %s", self.id, reason)
@@ -1503,9 +1863,21 @@ class MediaStream:
         t = self._idle_check_at
         if t is not None and (best is None or t < best):
             best = t
+        if self._ice is not None:
+            t = self._ice.get_timer()
+            if t is not None and (best is None or t < best):
+                best = t
         return best
 
     def _on_timer(self, now: float) -> None:
+        agent = self._ice
+        if agent is not None:
+            t = agent.get_timer()
+            if t is not None and t <= now:
+                agent.handle_timer(now)
+                self._ice_pump(now)
+                if self.state == CLOSED:
+                    return
         zs = self._zrtp
         if zs is not None and self.state in (SECURING, SECURE, FAILED):
             t = zs.get_timer()

@@ -16,11 +16,20 @@ Codecs, formats and directions pass through untouched: the bridge never transcod
 are per dialog (Call-ID and the caller's tag) and m-line index (RFC 3264 section 8 keeps
 indexes stable across re-offers), so a re-INVITE, an UPDATE, early media and forked answers
 reuse them; a stream held (``sendonly``, ``recvonly``, ``inactive``) has no inactivity
-timeout while held.  ``a=rtcp-mux`` is removed in both directions: every leg uses RTCP on
-port + 1 (RFC 5761 section 5.1.1: without it in the answer, the offerer does not mux).  A
-stream starts (ZRTP Hello) once both its targets are known.  :meth:`MediaCalls.release` frees a
-dialog's streams (the daemon calls it when the call ends); unused allocations of a forked or
-failed offer go with it.
+timeout while held.  A stream starts (ZRTP Hello) once both its targets are known.
+
+ICE between nodes (RFC 8445 with RFC 8839's SDP): toward the network, the softphone's own ICE
+attributes (loopback candidates) are removed, and the stream's ``a=ice-ufrag``, ``a=ice-pwd``
+and ``a=candidate`` lines are added with ``a=rtcp-mux`` (one component: RFC 5761), in every
+offer of ours and in an answer to an offer that had them.  The offerer controls (RFC 8839
+section 4.4.1.1).  An answer without ICE, or an offer without ICE or without ``a=rtcp-mux``,
+means no ICE for that stream: the SDP address and latching, as with any SIP endpoint.  The
+answerer starts its checks when its answer leaves (RFC 8445 section 6.1.3.3 in spirit: not
+during minutes of ringing, which would exhaust the ICE timeout), the offerer when the answer
+arrives.  Toward the softphone every ICE attribute and ``a=rtcp-mux`` are removed: the loopback
+legs use RTCP on port + 1 (RFC 5761 section 5.1.1: without it in the answer, no muxing).
+:meth:`MediaCalls.release` frees a dialog's streams (the daemon calls it when the call ends);
+unused allocations of a forked or failed offer go with it.
 
 Pure of I/O itself: the streams come from a :class:`StreamFactory` (the daemon's
 :class:`~freecall.srtp.bridge.MediaEngine`, a fake in tests).
@@ -41,11 +50,16 @@ from ..sdp import Direction, SdpError, ZrtpHash
 from ..sip.message import Request, Response
 from ..sip.proxy import Side
 from ..transport import LogLimiter
+from .ice import IceError, IceParameters
 
 log = logging.getLogger("freecall.media")
 
 DialogKey = tuple[str, str]
 """(Call-ID, the caller's From tag): one call's media."""
+
+ICE_ATTRIBUTES = ("ice-ufrag", "ice-pwd", "ice-options", "ice-lite", "ice-mismatch",
+                  "ice-pacing", "candidate", "remote-candidates", "end-of-candidates")
+"""RFC 8839 section 5: never copied from one side to the other (each leg has its own ICE)."""
 
 OPENPGP_ATTRIBUTE = "freecall-openpgp"
 """Session-level ``a=freecall-openpgp:<base64 key>``: the local party's OpenPGP public key,
@@ -75,6 +89,9 @@ class Stream(Protocol):
         zrtp_hash: str | None = None,
     ) -> None: ...
     def set_rtp_timeout(self, seconds: float | None) -> None: ...
+    @property
+    def ice_parameters(self) -> IceParameters | None: ...
+    def set_remote_ice(self, params: IceParameters | None, *, controlling: bool) -> None: ...
     def start(self) -> None: ...
     def release(self) -> None: ...
 
@@ -105,6 +122,9 @@ class _Leg:
     softphone_known: bool = False
     remote_known: bool = False
     started: bool = False
+    remote_ice: IceParameters | None = None
+    """The far end's ICE attributes from its offer, applied when our answer leaves."""
+    ice: bool = False  # ICE runs on this stream (both sides' SDP had it)
 
 
 @dataclass(eq=False)
@@ -120,6 +140,8 @@ class CallMedia:
     codec: str | None = None
     """The first codec of the last SDP that crossed (the answer's: the one in use), for the
     control API."""
+    we_offered: bool | None = None
+    """Our side sent the first SDP (the initial offer): ICE's controlling agent."""
 
     def streams(self) -> Iterator[Stream]:
         for leg in self.legs.values():
@@ -183,8 +205,12 @@ class MediaCalls:
         call = self.calls.get(key)
         if call is None:
             call = self.calls[key] = CallMedia(key)
+        if call.we_offered is None:
+            call.we_offered = True
         ports: list[tuple[int, int] | None] = []
         first: Stream | None = None
+        for name in ICE_ATTRIBUTES:
+            description.remove_attribute(name)
         try:
             for index, media in enumerate(description.media):
                 if media.is_rejected or not media.media_line.is_rtp:
@@ -206,9 +232,9 @@ class MediaCalls:
                 leg.softphone_known = True
                 port = leg.stream.local_network_rtp[1]
                 ports.append((port, port + 1))
-                media.remove_attribute("crypto")
-                media.remove_attribute("rtcp-mux")
-                media.remove_attribute("zrtp-hash")
+                for name in ("crypto", "rtcp-mux", "zrtp-hash", *ICE_ATTRIBUTES):
+                    media.remove_attribute(name)
+                self._add_ice(call, leg, media)
                 self._hold(leg, description.effective_direction(index))
             if any(p is not None for p in ports):
                 description.rewrite_endpoints(self._network_address(call), ports)
@@ -235,8 +261,12 @@ class MediaCalls:
         call = self.calls.get(key)
         if call is None:
             call = self.calls[key] = CallMedia(key)
+        if call.we_offered is None:
+            call.we_offered = False
         ports: list[tuple[int, int] | None] = []
         first: Stream | None = None
+        session_ice = [(a.name, a.value) for a in description.attributes
+                       if a.name in ("ice-ufrag", "ice-pwd")]
         for index, media in enumerate(description.media):
             if media.is_rejected or not media.media_line.is_rtp:
                 if not media.is_rejected:
@@ -252,6 +282,7 @@ class MediaCalls:
             leg = self._leg(call, index, first)
             first = first or leg.stream
             hashes = media.zrtp_hashes or description.zrtp_hashes
+            self._remote_ice(call, leg, media, session_ice)
             rtcp = media.rtcp
             leg.stream.set_remote(
                 (connection.address, media.port),
@@ -262,11 +293,11 @@ class MediaCalls:
             leg.remote_known = True
             phone_port = leg.stream.local_softphone_rtp[1]
             ports.append((phone_port, phone_port + 1))
-            for name in ("zrtp-hash", "crypto", "rtcp-mux"):
+            for name in ("zrtp-hash", "crypto", "rtcp-mux", *ICE_ATTRIBUTES):
                 media.remove_attribute(name)
             self._hold(leg, description.effective_direction(index))
             self._maybe_start(leg)
-        for name in ("zrtp-hash", "crypto"):
+        for name in ("zrtp-hash", "crypto", *ICE_ATTRIBUTES):
             description.remove_attribute(name)
         for value in description.attribute_values(OPENPGP_ATTRIBUTE):
             call.offered_key = _offered_key(value) or call.offered_key
@@ -309,6 +340,46 @@ class MediaCalls:
                 raise MediaRefused(503, f"no media ports: {error}") from error
             leg = call.legs[index] = _Leg(stream)
         return leg
+
+    @staticmethod
+    def _remote_ice(call: CallMedia, leg: _Leg, media: sdp.MediaDescription,
+                    session: list[tuple[str, str | None]]) -> None:
+        """The far end's ICE attributes: an answer's apply now, an offer's when we answer."""
+        params: IceParameters | None = None
+        if media.has_attribute("rtcp-mux"):  # one component only (module docstring)
+            attributes = [*session, *((a.name, a.value) for a in media.attributes)]
+            try:
+                params = IceParameters.from_attributes(attributes)
+            except IceError as error:
+                log.info("call %s: far end's ICE attributes ignored: %s", call.key[0], error)
+        if call.we_offered:
+            leg.ice = params is not None
+            leg.stream.set_remote_ice(params, controlling=True)
+        else:
+            leg.remote_ice = params
+            if params is None:
+                leg.ice = False
+                leg.stream.set_remote_ice(None, controlling=False)
+
+    @staticmethod
+    def _add_ice(call: CallMedia, leg: _Leg, media: sdp.MediaDescription) -> None:
+        """Our ICE attributes into an SDP leaving for the far end (module docstring)."""
+        ours = leg.stream.ice_parameters
+        if ours is None:
+            return
+        if not call.we_offered:
+            if leg.remote_ice is None and not leg.ice:
+                return  # the far end's offer had no ICE: answer without (RFC 8839 4.3.1)
+            if leg.remote_ice is not None:
+                params, leg.remote_ice = leg.remote_ice, None
+                leg.ice = True
+                leg.stream.set_remote_ice(params, controlling=False)
+                ours = leg.stream.ice_parameters
+                if ours is None:
+                    return
+        for name, value in ours.sdp_attributes():
+            media.add_attribute(name, value)
+        media.add_attribute("rtcp-mux")
 
     def _network_address(self, call: CallMedia) -> str:
         return next(iter(call.streams())).local_network_rtp[0]

@@ -68,6 +68,7 @@ __all__ = [
     "IceFailed",
     "IceParameters",
     "PairSelected",
+    "PairValid",
     "TurnServer",
     "candidate_priority",
     "pair_priority",
@@ -103,6 +104,10 @@ NOMINATION_PATIENCE = 2.0
 answers first, and a direct one that works is worth a second of setup."""
 ICE_TIMEOUT = 15.0
 """No pair selected this long after the remote candidates came: ICE failed."""
+KEEPALIVE_INTERVAL = 15.0
+"""While no far end is known (a pre-gathered socket waiting for a call), a Binding indication to
+each STUN and TURN server this often keeps the NAT bindings that the gathered candidates name
+(RFC 8445 section 11: 15 s default; RFC 5389 section 3 calls indications keepalives)."""
 CONSENT_INTERVAL = 5.0  # RFC 7675 section 5.1: every 5 s, randomised 0.8-1.2
 CONSENT_TIMEOUT = 30.0  # RFC 7675 section 5.1: consent expires 30 s after the last answer
 STUN_RETRANSMITS: Final = (0.1, 0.2, 0.4, 0.8, 1.6)
@@ -271,6 +276,19 @@ class GatheringComplete:
     candidates: tuple[Candidate, ...]
     failures: tuple[str, ...] = ()
     """One line per server that did not answer or refused (for the log)."""
+    mapped: tuple[Addr, ...] = ()
+    """Every address servers saw us at (a server-reflexive one equal to a host candidate is
+    not listed among the candidates, RFC 8445 section 5.1.3, but says "no NAT here")."""
+
+
+@dataclass(frozen=True, slots=True)
+class PairValid:
+    """The first pair whose check succeeded (RFC 8445 section 7.2.5.3.2): media and ZRTP may
+    flow on it before nomination (section 12.1); `PairSelected` names the final pair."""
+
+    local: Candidate
+    remote: Candidate
+    relayed: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,7 +310,7 @@ class ConsentLost:
     """RFC 7675 section 5.1: no answer on the selected pair for 30 s; stop sending media."""
 
 
-IceEvent = GatheringComplete | PairSelected | IceFailed | ConsentLost
+IceEvent = GatheringComplete | PairValid | PairSelected | IceFailed | ConsentLost
 
 
 # -- internal state ---------------------------------------------------------------------------
@@ -388,6 +406,7 @@ class IceAgent:
         self._events: deque[IceEvent] = deque()
         self._gather_pending: set[bytes] = set()
         self._gather_failures: list[str] = []
+        self._mapped: list[Addr] = []
         self.gathering_complete = False
         self._gather_started = False
         self._next_check_at: float | None = None
@@ -399,6 +418,7 @@ class IceAgent:
         self.closed = False
         self._consent_at: float | None = None
         self._consent_answered = 0.0
+        self._keepalive_at: float | None = None
         self._pending_requests: list[tuple[StunMessage, Base, Addr]] = []
         """Checks that came before the far end's credentials; answered, and retriggered then."""
         self.stats = {"checks_sent": 0, "checks_received": 0, "bad_stun": 0, "role_conflicts": 0}
@@ -432,6 +452,8 @@ class IceAgent:
         if self._gather_started:
             return
         self._gather_started = True
+        if self.stun_servers or self._turns:
+            self._keepalive_at = now + KEEPALIVE_INTERVAL
         for server in self.stun_servers:
             tid = self.urandom(12)
             data = encode_message(Method.BINDING, Class.REQUEST, tid, [])
@@ -448,8 +470,8 @@ class IceAgent:
         if self.gathering_complete:
             return
         self.gathering_complete = True
-        self._events.append(
-            GatheringComplete(tuple(self.local_candidates), tuple(self._gather_failures)))
+        self._events.append(GatheringComplete(
+            tuple(self.local_candidates), tuple(self._gather_failures), tuple(self._mapped)))
 
     def _gathered(self, tid: bytes) -> None:
         if tid in self._gather_pending:
@@ -458,6 +480,13 @@ class IceAgent:
                 self._finish_gathering()
 
     # -- remote side -----------------------------------------------------------------------------
+
+    def set_role(self, controlling: bool) -> None:
+        """The role from the offer/answer exchange (RFC 8839 section 4.4.1.1: the offerer
+        controls), decided after the agent was made (a pre-gathered socket takes either)."""
+        if controlling != self.controlling:
+            self.controlling = controlling
+            self._reprioritise()
 
     def set_remote(self, params: IceParameters, now: float) -> None:
         """The far end's ufrag, password and candidates (its SDP). Pairs are formed at once
@@ -468,6 +497,7 @@ class IceAgent:
         if self.remote is not None and params.ufrag != self.remote.ufrag:
             self._restart()
         self.remote = params
+        self._keepalive_at = None  # checks, consent and media keep the bindings from now on
         for cand in params.candidates:
             self._add_remote(cand, now)
         if self._deadline is None and self.selected is None:
@@ -555,7 +585,8 @@ class IceAgent:
         if self.closed:
             return None
         times = [t.deadline for t in self._transactions.values()]
-        for value in (self._next_check_at, self._nominate_at, self._deadline, self._consent_at):
+        for value in (self._next_check_at, self._nominate_at, self._deadline, self._consent_at,
+                      self._keepalive_at):
             if value is not None:
                 times.append(value)
         for turn in self._turns:
@@ -659,13 +690,34 @@ class IceAgent:
         """Stop; release the TURN allocation (Refresh with lifetime 0, RFC 5766 section 7)."""
         if self.closed:
             return
+        self._release_turns()
+        self.closed = True
+        self._transactions.clear()
+
+    def _release_turns(self) -> None:
+        """Refresh with lifetime 0 (RFC 5766 section 7), unanswered: the allocation's quota
+        goes back to the relay at once, or at its lifetime's end if this is lost."""
         for turn in self._turns:
             if turn.state == "allocated":
                 tid = self.urandom(12)
                 self._out.append((self._turn_request(turn, Method.REFRESH, tid, [
                     (Attr.LIFETIME, b"\0\0\0\0")]), turn.server.addr))
-        self.closed = True
-        self._transactions.clear()
+                turn.state = "released"
+                turn.refresh_at = None
+                turn.permissions.clear()
+                turn.channel_refresh.clear()
+        for tid in [t for t, tr in self._transactions.items() if tr.via_relay or tr.kind in (
+                "refresh", "permission", "channel")]:
+            del self._transactions[tid]
+
+    def _keepalive(self, now: float) -> None:
+        """RFC 8445 section 11 / RFC 5389 section 3: a Binding indication to each server."""
+        self._keepalive_at = now + KEEPALIVE_INTERVAL
+        servers = [*self.stun_servers, *(t.server.addr for t in self._turns
+                                         if t.state == "allocated")]
+        for server in dict.fromkeys(servers):
+            self._out.append((encode_message(Method.BINDING, Class.INDICATION, self.urandom(12),
+                                              [], fingerprint=True), server))
 
     # -- transactions ----------------------------------------------------------------------------
 
@@ -702,6 +754,8 @@ class IceAgent:
             self._nominate(now)
         if self._consent_at is not None and now >= self._consent_at:
             self._consent_check(now)
+        if self._keepalive_at is not None and now >= self._keepalive_at:
+            self._keepalive(now)
         if self._deadline is not None and now >= self._deadline and self.selected is None:
             self._fail(f"no candidate pair worked within {ICE_TIMEOUT:g} s")
 
@@ -932,6 +986,7 @@ class IceAgent:
             return
         if self._first_valid_at is None:
             self._first_valid_at = now
+            self._events.append(PairValid(pair.local, pair.remote, pair.base == RELAY))
         if self.controlling and self.selected is None and self._nominate_at is None:
             self._nominate_at = now + NOMINATION_GRACE
             if not any(p.state in (WAITING, IN_PROGRESS) and p.priority > pair.priority
@@ -986,6 +1041,8 @@ class IceAgent:
         self._triggered.clear()
         if pair.base == RELAY:
             self._bind_channel(pair.remote.addr, now)
+        else:
+            self._release_turns()  # RFC 8445 section 8.3: free candidates ICE did not select
         self._events.append(PairSelected(pair.local, pair.remote, pair.base == RELAY))
 
     def _fail(self, reason: str) -> None:
@@ -1024,6 +1081,7 @@ class IceAgent:
             except StunError:
                 mapped = None
             if mapped is not None:
+                self._mapped.append(mapped)
                 self._add_local(self._candidate("srflx", mapped, related=self._host_base,
                                                 server=tr.server))
         else:
@@ -1150,6 +1208,7 @@ class IceAgent:
         if raw_mapped is not None:
             try:
                 mapped = decode_xor_address(raw_mapped, tid)
+                self._mapped.append(mapped)
                 self._add_local(self._candidate("srflx", mapped, related=self._host_base,
                                                 server=turn.server.addr))
             except StunError:
