@@ -185,4 +185,4 @@ def test_calls_reach_a_node_behind_symmetric_nat_through_its_relay(
     assert found, text[-3000:]
     forwarded, refused, pings = (int(x) for x in found[-1])
     print(f"relay: {forwarded} forwarded, {refused} refused, {pings} CRLF pings answered")
-    assert forwarded >= 8 and refused >= 2 and pings >= 4
+    assert forwarded >= 6 and refused >= 2 and pings >= 4  # two calls: INVITE, ACK, BYE each

@@ -155,6 +155,7 @@ class PeeringService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._dirty = False
         self._mdns: _Mdns | None = None
+        self._gossip_address: Address | None = None
 
     # -- life cycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -344,8 +345,13 @@ class PeeringService:
                 relay: RelayVia | Keep | None = KEEP) -> None:
         """What node-level STUN learned (an AddrKind.REFLEXIVE address) and the relay we are
         attached to (Ext.VIA_RELAY), re-signed into our record when they change
-        (docs/peering.md, "Behind NAT")."""
+        (docs/peering.md, "Behind NAT"). While a relay is named, the record leaves out our
+        gossip address: nobody outside can reach it, and nodes that tried would declare us
+        dead and spread it; we still gossip outwards, and answers come back to our source."""
         current = self.announcement
+        if self._gossip_address is None:
+            self._gossip_address = next(
+                (a for a in current.addresses if a.kind == AddrKind.GOSSIP), None)
         addresses, extensions = current.addresses, current.extensions
         if not isinstance(reflexive, Keep):
             addresses = tuple(a for a in addresses if a.kind != AddrKind.REFLEXIVE)
@@ -353,8 +359,11 @@ class PeeringService:
                 addresses = (*addresses, Address(AddrKind.REFLEXIVE, *reflexive))
         if not isinstance(relay, Keep):
             extensions = tuple(e for e in extensions if e[0] != Ext.VIA_RELAY)
+            addresses = tuple(a for a in addresses if a.kind != AddrKind.GOSSIP)
             if relay is not None:
                 extensions = (*extensions, (Ext.VIA_RELAY, relay.encode()))
+            elif self._gossip_address is not None:
+                addresses = (self._gossip_address, *addresses)
         if addresses == current.addresses and extensions == current.extensions:
             return
         self.announcement = dataclasses.replace(current, addresses=addresses,
@@ -419,6 +428,10 @@ class PeeringService:
         records = gossip.lookup_user(key) if "@" in key else gossip.lookup_domain(key)
         if not records:
             records = list(self._answer(key))
+        else:  # a lookup may have brought a newer version of a cached record (or the reverse)
+            newer = {r.node_id: r for r in self._answer(key)}
+            records = [newer[r.node_id] if r.node_id in newer and newer[r.node_id].newer_than(r)
+                       else r for r in records]
         uris: list[SipUri] = []
         for record in records:
             if record.key != gossip.key:
