@@ -808,6 +808,54 @@ class RelayConfig:
         "link-local or otherwise not global (refused with `403` by default, so the relay "
         "cannot be turned against the network it sits in). Tests use `127.0.0.0/8`.",
         parse=_cidr, doc_type="list of CIDRs")
+    sip: Listener | None = setting(  # noqa: RUF009 -- frozen value
+        None, "SIP edge for nodes behind NAT, `tls:HOST:PORT` (5061 is the standard port): "
+        "attached nodes keep a TLS connection here and calls for them are forwarded over it "
+        "(docs/relay.md, \"SIP edge\"). Only attached nodes are reachable through it. `null`: "
+        "off.", parse=_listener(("tls",)), doc_type="listener or null")
+    max_attached: int = setting(
+        10000, "Most nodes attached to the SIP edge at once; more get `503`.",
+        check=_between(1, 1_000_000))
+
+
+def _node_id(text: str) -> str:
+    value = text.strip().lower()
+    if len(value) != 32 or any(c not in "0123456789abcdef" for c in value):
+        raise ValueError(f"expected a node id (32 hex digits), got {text!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class NatConfig:
+    """An endpoint behind NAT (docs/peering.md, "Behind NAT"): node-level STUN, and the TLS
+    connection it keeps to a relay node that calls reach it through."""
+
+    stun: bool = setting(
+        True, "Learn the public address by STUN (RFC 5389) from `media.stun` and the relay "
+        "nodes of the host cache, and publish it in the node record.")
+    attach: Literal["auto", "always", "never"] = setting(
+        "auto", "`auto`: attach to a relay node when STUN finds the node behind NAT; "
+        "`always`: attach whatever STUN says; `never`: do not.")
+    relay: str | None = setting(
+        None, "Node id (32 hex digits) of the relay to attach to first. `null`: any relay of "
+        "the host cache.", parse=_node_id, doc_type="node id or null")
+    keepalive: float = setting(
+        120.0, "RFC 5626 keep-alive interval on the connection to the relay: a CRLF ping is "
+        "sent at a random 80-100% of it; no pong within 10 s and the node reconnects.",
+        parse=parse_duration, check=_between(1, 3600), doc_type="duration")
+    expires: float = setting(
+        600.0, "Lifetime asked for the attachment; renewed at 80% of what the relay grants.",
+        parse=parse_duration, check=_between(60, 86400), doc_type="duration")
+    retry_base: float = setting(
+        30.0, "RFC 5626 section 4.5 back-off after the connection to the relay failed: the "
+        "wait doubles from this with each failure in a row (randomised 50-100%).",
+        parse=parse_duration, check=_between(0.1, 3600), doc_type="duration")
+    retry_max: float = setting(
+        1800.0, "Longest back-off wait.", parse=parse_duration, check=_between(1, 86400),
+        doc_type="duration")
+    probe_interval: float = setting(
+        300.0, "How often STUN is asked again (a NAT's public address may change).",
+        parse=parse_duration, check=_between(1, 86400), doc_type="duration")
 
 
 @dataclass(frozen=True, slots=True)
@@ -954,6 +1002,7 @@ class Config:
     peering: PeeringConfig = field(default_factory=PeeringConfig, metadata=_SECTION)
     media: MediaConfig = field(default_factory=MediaConfig, metadata=_SECTION)
     relay: RelayConfig = field(default_factory=RelayConfig, metadata=_SECTION)
+    nat: NatConfig = field(default_factory=NatConfig, metadata=_SECTION)
     security: SecurityConfig = field(default_factory=SecurityConfig, metadata=_SECTION)
     openpgp: OpenPGPConfig = field(default_factory=OpenPGPConfig, metadata=_SECTION)
     control: ControlConfig = field(default_factory=ControlConfig, metadata=_SECTION)

@@ -38,6 +38,7 @@ from .ops.callrecords import RECORDS_FILE, CallRecordLog, record_of
 from .ops.reload import effective_config, plan_reload
 from .ops.sdnotify import Notifier
 from .peering.gossip import GossipConfig
+from .peering.natservice import NatService
 from .peering.records import Address, AddrKind, NodeIdentity, NodeRecord
 from .peering.service import PeeringService, RecordKey, announcement_for
 from .routing.dns import AsyncDns
@@ -166,6 +167,8 @@ class Daemon:
         self.router: Router | None = None
         self.peering: PeeringService | None = None
         self.dns: AsyncDns | None = None
+        self.nat: NatService | None = None
+        """Node-level STUN and the connection kept to a relay behind NAT (issue 9)."""
         self.media_engine: MediaEngine | None = None
         self._relay_list: tuple[float, list[NodeRecord]] | None = None
         """Relay records of the host cache and when they were listed (for ICE servers)."""
@@ -273,6 +276,7 @@ class Daemon:
         if config.peering.listen is not None and config.sip.public:
             self.peering = await self._start_peering(listeners, advertise, advertise_ip, tls_key)
             transport.peer_key_check = self.peering.tls_key_ok
+            self.nat = await self._start_nat(listeners, self.peering)
         elif config.peering.listen is not None:
             log.info("peering is off: no sip.public listener (a node other nodes cannot reach "
                      "opens nothing beyond loopback)")
@@ -463,6 +467,31 @@ class Daemon:
             dns_timeout=config.dns.timeout,
         )
         await service.start()
+        return service
+
+    async def _start_nat(self, listeners: list[Listener], peering: PeeringService
+                         ) -> NatService | None:
+        """STUN and, behind NAT, the relay link (``nat.*``); off without a TLS listener on
+        the node side (the relay link is TLS) or when there is nothing to do."""
+        config = self.config
+        nat = config.nat
+        tls = next((lst for lst in listeners
+                    if lst.side is Side.PUBLIC and lst.transport == "tls"), None)
+        if not nat.stun and nat.attach == "never":
+            return None
+        stun: list[tuple[str, int]] = []
+        for server in config.media.stun:
+            ip = await _an_ip(server.host, config.dns.timeout)
+            if ip is not None:
+                stun.append((ip, server.port))
+        assert self.transport is not None
+        sent_by = tls.sent_by if tls is not None else "invalid.invalid:5061"
+        service = NatService(nat if tls is not None else dataclasses.replace(
+                                 nat, attach="never"),
+                             transport=self.transport, peering=peering,
+                             identity=peering.identity, stun=stun,
+                             is_local=_is_local_address, sent_by=sent_by)
+        service.start()
         return service
 
     def _record_openpgp_key(self) -> bytes | None:
@@ -706,6 +735,8 @@ class Daemon:
             await self.control.stop()
         if self.router is not None:
             await self.router.close()  # lookups in flight are cancelled, never delivered
+        if self.nat is not None:
+            await self.nat.stop()
         if self.peering is not None:
             await self.peering.stop()  # the host cache is saved
         if self.dns is not None:
@@ -771,6 +802,8 @@ class Daemon:
                     transport.close_flow(flow)
             return
         stats = self.stats
+        if self.nat is not None and not isinstance(msg, Request) and self.nat.response(msg, flow):
+            return  # the answer to our attaching REGISTER (the relay link's, not the layer's)
         if isinstance(msg, Request):
             method = msg.method if msg.method in KNOWN_METHODS else "other"
             stats.requests_in[method] = stats.requests_in.get(method, 0) + 1
@@ -821,6 +854,8 @@ class Daemon:
             self.transport.send(answer, flow)
 
     def _on_flow_closed(self, flow: Flow) -> None:
+        if self.nat is not None:
+            self.nat.flow_closed(flow)
         if self.registrar is not None:
             self.registrar.remove_flow(flow)
             self._pump()

@@ -164,6 +164,8 @@ class TransportCounters:
     framing_errors: int = 0  # fatal stream framing errors (connection closed)
     keepalives_in: int = 0  # CRLFCRLF pings on streams, CRLF datagrams
     pongs_out: int = 0
+    pings_out: int = 0  # CRLFCRLF pings we sent on flows we keep (RFC 5626 section 4.4.1)
+    pongs_in: int = 0
     stun_datagrams: int = 0
     dropped_datagrams: int = 0  # empty, oversized or arriving after close
 
@@ -490,7 +492,10 @@ class _Connection(asyncio.Protocol):
                     self._write(PONG)
                     edge.counters.pongs_out += 1
                 elif item is KeepAlive.PONG:
-                    pass  # the answer to a ping of ours; the activity time is updated already
+                    # the answer to a ping of ours; the activity time is updated already
+                    edge.counters.pongs_in += 1
+                    if edge.on_pong is not None:
+                        edge.on_pong(self.id)
                 else:
                     assert isinstance(item, bytes)
                     edge._stream_message(self, item)
@@ -588,6 +593,11 @@ class SipTransport:
         self.on_flow_closed = on_flow_closed
         self.on_stun = on_stun
         self.peer_key_check = peer_key_check
+        self.on_flow_opened: FlowCallback | None = None
+        """Called when an outgoing connection opened by :meth:`connect` is up (TLS done and
+        the peer's key accepted)."""
+        self.on_pong: Callable[[int], None] | None = None
+        """Called with the connection id when a CRLF pong arrives (RFC 5626 section 4.4.1)."""
         self.server_ssl = server_ssl
         self.client_ssl = client_ssl
         self.options = options or TransportOptions()
@@ -1093,6 +1103,11 @@ class SipTransport:
                 self._write_conn(conn, data, flow)
             else:
                 self._fail(flow, "connection lost")
+        if conn.outgoing and conn.flow is not None and self.on_flow_opened is not None:
+            try:
+                self.on_flow_opened(conn.flow)
+            except Exception:
+                log.exception("on_flow_opened(%s) failed", conn.flow)
 
     def _lost(self, conn: _Connection, exc: Exception | None) -> None:
         if conn.state == "closed" and conn.id not in self._conns:
@@ -1212,6 +1227,41 @@ class SipTransport:
         if connection is None:
             return False
         connection.idle_timeout = self.options.pinned_idle_timeout if timeout is None else timeout
+        return True
+
+    def connect(self, transport: str, remote: Addr) -> Flow | None:
+        """Open a new outgoing connection now (a flow kept to a relay, RFC 5626 section 4.2):
+        its flow (with the connection id), or None when it cannot even start. Whether it
+        opens is told by ``on_flow_opened`` or ``on_flow_closed``/a silent end (see
+        :meth:`is_open`)."""
+        if self._loop is None or self._closing or transport not in STREAM_TRANSPORTS:
+            return None
+        conn = self._connect(Flow(transport, _norm_addr(remote)))
+        return conn.flow if conn is not None else None
+
+    def ping(self, conn: int) -> bool:
+        """Write an RFC 5626 section 4.4.1 CRLFCRLF ping on an open connection."""
+        connection = self._conns.get(conn)
+        if connection is None or connection.state != "open" or connection.transport is None:
+            return False
+        connection._write(PING)
+        self.counters.pings_out += 1
+        return True
+
+    def is_open(self, conn: int) -> bool:
+        """Whether connection ``conn`` is open (or still opening)."""
+        connection = self._conns.get(conn)
+        return connection is not None and connection.usable
+
+    def close_conn(self, conn: int) -> bool:
+        """Close connection ``conn`` (gracefully); False when it is gone already."""
+        connection = self._conns.get(conn)
+        if connection is None:
+            return False
+        if connection.transport is None:
+            connection.state = "closing"  # still connecting: _opened aborts it
+            return True
+        connection.close()
         return True
 
     def alias(self, conn: int, remote: Addr) -> bool:

@@ -16,6 +16,7 @@ scenario (the built-in uas without 180) when that is not what the test is about.
 from __future__ import annotations
 
 import csv
+import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,12 +24,19 @@ from pathlib import Path
 from typing import Any
 
 from .ports import BlockSource, PortBlock
-from .proc import ManagedProcess, wait_port
+from .proc import ManagedProcess, wait_port, wait_until
 
 SCENARIOS = Path(__file__).parent / "scenarios"
 UAS_NO180 = SCENARIOS / "uas_no180.xml"
 BUILTIN = ("uac", "uas", "regexp", "3pcc-C-A", "3pcc-C-B", "3pcc-A", "3pcc-B", "branchc",
            "branchs", "uac_pcap")
+
+
+def _bound_in(netns: Sequence[str], port: int) -> bool:
+    """Whether a socket is bound to ``port`` inside the network namespace of ``netns``."""
+    done = subprocess.run([*netns, "ss", "-Hlnu", f"sport = :{port}"], capture_output=True,
+                          text=True, check=False)
+    return bool(done.stdout.strip())
 
 
 def parse_stats_csv(path: Path) -> list[dict[str, str]]:
@@ -170,6 +178,7 @@ class Sipp:
         variables: Mapping[str, str] | None = None,
         extra_args: Sequence[str] = (),
         ready_timeout: float = 5.0,
+        netns: Sequence[str] = (),
     ) -> SippProcess:
         """Start SIPp. ``scenario`` is a built-in name (``uac``, ``uas``) or an XML file.
 
@@ -215,11 +224,15 @@ class Sipp:
         for key, value in (variables or {}).items():
             argv += ["-key", key, value]
         argv += list(extra_args)
-        proc = ManagedProcess(label, argv, log_path=prefix.with_name(prefix.name + ".out"),
+        proc = ManagedProcess(label, [*netns, *argv],
+                              log_path=prefix.with_name(prefix.name + ".out"),
                               cwd=self.directory).start()
         sp = SippProcess(proc, port, prefix, time_limit)
         self.processes.append(sp)
-        if target is None:
+        if target is None and netns:  # its port is in that namespace: ask it there
+            wait_until(lambda: _bound_in(netns, port), ready_timeout,
+                       message=f"SIPp {label} to bind port {port}")
+        elif target is None:
             kind = "tcp" if transport.startswith("t") else "udp"
             wait_port(port, kind, ready_timeout, proc)
         return sp

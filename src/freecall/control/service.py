@@ -181,6 +181,7 @@ class ControlService:
             "calls_total": daemon.stats.calls_total,
             "registrations": daemon.registrar.binding_count if daemon.registrar else 0,
             "peers": peering.known_nodes() if peering is not None else 0,
+            "nat": daemon.nat.summary() if daemon.nat is not None else None,
         }
 
     def registrations(self) -> list[dict[str, Any]]:

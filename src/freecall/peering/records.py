@@ -82,6 +82,7 @@ class AddrKind(IntEnum):
     MEDIA = 5
     RELAY = 6
     STUN = 7
+    REFLEXIVE = 8  # the node's public address as a STUN server saw it (behind NAT)
 
 
 class Ext(IntEnum):
@@ -95,6 +96,7 @@ class Ext(IntEnum):
     OPENPGP_BINDING = 2  # reserved: OpenPGP signature over the node key (later issue)
     TLS_FINGERPRINT = 3  # SHA-256 of the TLS public key (SPKI DER: tls.certificate_fingerprint)
     NAME = 4  # human-readable node name, UTF-8, informative only
+    VIA_RELAY = 5  # reachable for SIP only through this relay (see RelayVia)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +111,46 @@ class Address:
     def addr(self) -> tuple[str, int]:
         """The (host, port) tuple sockets use."""
         return (self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class RelayVia:
+    """Ext.VIA_RELAY: "send SIP for me to this relay, over TLS, to a peer holding this key".
+
+    A node behind NAT attached to a relay (docs/peering.md, "Reachable through a relay") signs
+    this into its own record, so nobody else can divert its calls. The relay's address and TLS
+    key are carried in full (a caller need not know the relay's own record):
+    relay node id (16 bytes), SHA-256 TLS key fingerprint (32), IP version (1: 4 or 6),
+    address (4 or 16), port (2, big-endian).
+    """
+
+    node_id: bytes
+    tls_fingerprint: bytes
+    host: str
+    port: int
+
+    def encode(self) -> bytes:
+        ip = ipaddress.ip_address(self.host)
+        if (len(self.node_id) != NODE_ID_SIZE or len(self.tls_fingerprint) != 32
+                or not 0 < self.port < 65536):
+            raise RecordError("malformed", "relay via")
+        return (self.node_id + self.tls_fingerprint + bytes((ip.version,)) + ip.packed
+                + _PORT.pack(self.port))
+
+    @classmethod
+    def decode(cls, value: bytes) -> RelayVia | None:
+        """None for a value this version cannot read (a later format is ignored, not refused)."""
+        if len(value) not in (16 + 32 + 1 + 4 + 2, 16 + 32 + 1 + 16 + 2):
+            return None
+        version = value[48]
+        size = 4 if version == 4 else 16 if version == 6 else 0
+        if len(value) != 16 + 32 + 1 + size + 2:
+            return None
+        host = str(ipaddress.ip_address(value[49 : 49 + size]))
+        (port,) = _PORT.unpack_from(value, 49 + size)
+        if port == 0:
+            return None
+        return cls(bytes(value[:16]), bytes(value[16:48]), host, port)
 
 
 def node_id_of(public_key: bytes) -> bytes:
@@ -308,6 +350,12 @@ class NodeRecord:
     def tls_fingerprint(self) -> bytes | None:
         """SHA-256 fingerprint of the node's TLS certificate."""
         return self.extension(Ext.TLS_FINGERPRINT)
+
+    @property
+    def via_relay(self) -> RelayVia | None:
+        """The relay this node takes SIP through (behind NAT), if its record names one."""
+        value = self.extension(Ext.VIA_RELAY)
+        return RelayVia.decode(value) if value is not None else None
 
     def newer_than(self, other: NodeRecord) -> bool:
         """Replacement order: higher seq wins; at equal seq the larger signature (deterministic).

@@ -60,6 +60,7 @@ from .records import (
     NodeRecord,
     RecordCodec,
     RecordError,
+    RelayVia,
     kind_name,
     normalize_route,
 )
@@ -154,6 +155,7 @@ class PeeringService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._dirty = False
         self._mdns: _Mdns | None = None
+        self._gossip_address: Address | None = None
 
     # -- life cycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -339,6 +341,52 @@ class PeeringService:
             self._dirty = True
             self._flush()
 
+    def set_nat(self, *, reflexive: tuple[str, int] | Keep | None = KEEP,
+                relay: RelayVia | Keep | None = KEEP) -> None:
+        """What node-level STUN learned (an AddrKind.REFLEXIVE address) and the relay we are
+        attached to (Ext.VIA_RELAY), re-signed into our record when they change
+        (docs/peering.md, "Behind NAT"). While a relay is named, the record leaves out our
+        gossip address: nobody outside can reach it, and nodes that tried would declare us
+        dead and spread it; we still gossip outwards, and answers come back to our source."""
+        current = self.announcement
+        if self._gossip_address is None:
+            self._gossip_address = next(
+                (a for a in current.addresses if a.kind == AddrKind.GOSSIP), None)
+        addresses, extensions = current.addresses, current.extensions
+        if not isinstance(reflexive, Keep):
+            addresses = tuple(a for a in addresses if a.kind != AddrKind.REFLEXIVE)
+            if reflexive is not None:
+                addresses = (*addresses, Address(AddrKind.REFLEXIVE, *reflexive))
+        if not isinstance(relay, Keep):
+            extensions = tuple(e for e in extensions if e[0] != Ext.VIA_RELAY)
+            addresses = tuple(a for a in addresses if a.kind != AddrKind.GOSSIP)
+            if relay is not None:
+                extensions = (*extensions, (Ext.VIA_RELAY, relay.encode()))
+            elif self._gossip_address is not None:
+                addresses = (self._gossip_address, *addresses)
+        if addresses == current.addresses and extensions == current.extensions:
+            return
+        self.announcement = dataclasses.replace(current, addresses=addresses,
+                                                extensions=extensions)
+        if self.gossip is not None:
+            self.gossip.update_local(self.clock(), addresses=addresses, extensions=extensions)
+            log.info("peering: now announcing %s%s", _addresses(addresses),
+                     _via_note(extensions))
+            self._dirty = True
+            self._flush()
+
+    def records(self) -> list[NodeRecord]:
+        """Every record in the host cache (ours included)."""
+        return [] if self.gossip is None else list(self.gossip.cache.records())
+
+    def records_for(self, route: str) -> list[NodeRecord]:
+        """Records serving ``route`` (``user@domain``: user-specific first, then domain)."""
+        gossip = self.gossip
+        if gossip is None:
+            return []
+        found = gossip.lookup_user(route) if "@" in route else gossip.lookup_domain(route)
+        return [*found, *self._answer(route)]
+
     async def _add_seeds(self, seeds: Sequence[tuple[str, int]]) -> None:
         for host, port in seeds:
             for address in await self._addresses(host):
@@ -380,6 +428,10 @@ class PeeringService:
         records = gossip.lookup_user(key) if "@" in key else gossip.lookup_domain(key)
         if not records:
             records = list(self._answer(key))
+        else:  # a lookup may have brought a newer version of a cached record (or the reverse)
+            newer = {r.node_id: r for r in self._answer(key)}
+            records = [newer[r.node_id] if r.node_id in newer and newer[r.node_id].newer_than(r)
+                       else r for r in records]
         uris: list[SipUri] = []
         for record in records:
             if record.key != gossip.key:
@@ -445,6 +497,9 @@ class PeeringService:
         for _, answered in self._answers.values():
             records.extend(answered)
         for record in records:
+            via = record.via_relay  # a node behind NAT names its relay's address and key
+            if via is not None and via.port == remote[1] and _norm_ip(via.host) == host:
+                wanted.add(via.tls_fingerprint.hex())
             fingerprint = record.tls_fingerprint
             if fingerprint is None:
                 continue
@@ -538,6 +593,12 @@ def _sip_uris(record: NodeRecord) -> list[SipUri]:
     """Where to send SIP to a node: over TLS only if its record names a TLS key (the
     transport then checks the node holds it; plain TCP or UDP to the same node would let
     whoever answers at that address take the call), else TLS, TCP, UDP in that order."""
+    via = record.via_relay
+    if via is not None:
+        # Behind NAT: only through the relay its signed record names, over TLS, the relay's
+        # key checked (tls_key_ok); its own addresses are private or unreachable.
+        host = f"[{via.host}]" if ":" in via.host else via.host
+        return [parse_sip_uri(f"sip:{host}:{via.port};transport=tls")]
     kinds: tuple[tuple[AddrKind, str], ...] = SIP_KINDS
     if record.tls_fingerprint is not None and record.addresses_of(AddrKind.SIP_TLS):
         kinds = SIP_KINDS[:1]
@@ -559,6 +620,13 @@ def with_openpgp_key(extensions: tuple[tuple[int, bytes], ...], key: bytes | Non
 def _openpgp_note(extensions: tuple[tuple[int, bytes], ...]) -> str:
     key = next((v for t, v in extensions if t == Ext.OPENPGP_FINGERPRINT), None)
     return f"; OpenPGP key {key.hex().upper()}" if key is not None else ""
+
+
+def _via_note(extensions: tuple[tuple[int, bytes], ...]) -> str:
+    value = next((v for t, v in extensions if t == Ext.VIA_RELAY), None)
+    via = RelayVia.decode(value) if value is not None else None
+    return f"; reachable through relay {via.node_id.hex()[:16]} at {via.host}:{via.port}" \
+        if via is not None else ""
 
 
 def _addresses(addresses: Sequence[Address]) -> str:
