@@ -9,8 +9,10 @@ harness mistake shows up as a config error, not as a daemon that never answers.
 from __future__ import annotations
 
 import copy
+import http.client
 import json
 import re
+import socket
 import sys
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -160,6 +162,24 @@ class FreecallDaemon:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             payload = resp.read()
         return json.loads(payload) if payload else None
+
+    def unix_api(self, path: str, timeout: float = 5.0) -> Any:
+        """GET on the control API's Unix socket (no token): it reaches a daemon in another
+        network namespace, where its TCP listener is on that namespace's loopback."""
+        state_dir = self.state_dir
+
+        class _Conn(http.client.HTTPConnection):
+            def connect(self) -> None:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.settimeout(timeout)
+                self.sock.connect(str(state_dir / "control.sock"))
+
+        conn = _Conn("localhost")
+        try:
+            conn.request("GET", path)
+            return json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
 
     def metrics_text(self, timeout: float = 5.0) -> str:
         """``/metrics`` (Prometheus text) with the bearer token."""

@@ -27,6 +27,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -135,27 +136,6 @@ class NatLab(Namespaces):
             if done.returncode != 0:
                 raise RuntimeError(f"nft in r{home}: {done.stderr.strip()}")
 
-    def forward(self, home: int, proto: str, port: int) -> None:
-        """A port forward on home ``home``'s router (what a user sets up for a server at
-        home): ``proto`` traffic to the WAN address at ``port`` goes to the home host."""
-        host = self.host_address(home)
-        rules = f"""
-table ip natfwd {{
-  chain prerouting {{
-    type nat hook prerouting priority dstnat - 1; policy accept;
-    iifname "wan0" {proto} dport {port} dnat to {host}
-  }}
-}}
-"""
-        commands = [rules]
-        if self.nats[home - 1] == "symmetric":  # its forward chain lets in only replies
-            commands.append("add rule ip natlab forward ct status dnat accept\n")
-        for text in commands:
-            done = subprocess.run([*self.run(f"r{home}"), "nft", "-f", "-"], input=text,
-                                  text=True, capture_output=True, check=False)
-            if done.returncode != 0:
-                raise RuntimeError(f"nft in r{home}: {done.stderr.strip()}")
-
     def _plug(self, ns: str, ifname: str, pub: str, port: str, cidr: str) -> None:
         ip("-n", ns, "link", "add", ifname, "type", "veth", "peer", "name", port, "netns", pub)
         ip("-n", pub, "link", "set", port, "master", "br0", "up")
@@ -163,18 +143,27 @@ table ip natfwd {{
         ip("-n", ns, "link", "set", ifname, "up")
 
 
-def start_relay(lab: NatLab, directory: Path) -> tuple[ManagedProcess, Path]:
-    """``freecall run --role relay`` on the relay host (STUN, TURN, gossip seed); its state
-    directory holds the TURN shared secret."""
+RELAY_SIP_PORT = 5061
+
+
+def start_relay(lab: NatLab, directory: Path, *, sip: bool = False,
+                gossip_interval: str | None = None) -> tuple[ManagedProcess, Path]:
+    """``freecall run --role relay`` on the relay host (STUN, TURN, gossip seed; with ``sip``
+    its SIP edge for attached nodes on TLS port `RELAY_SIP_PORT`); its state directory holds
+    the TURN shared secret."""
     directory.mkdir(parents=True, exist_ok=True)
     state = directory / "state"
-    config = {
+    config: dict[str, Any] = {
         "node": {"name": "relay1", "role": "relay"},
         "peering": {"listen": f"udp:{RELAY_ADDRESS}:5064", "mdns": False},
         "relay": {"listen": f"udp:{RELAY_ADDRESS}:3478", "realm": "lab.test",
                   "ports": "49152-49407", "allow_peers": ["198.51.100.0/24"]},
         "log": {"level": "debug"},
     }
+    if sip:
+        config["relay"]["sip"] = f"tls:{RELAY_ADDRESS}:{RELAY_SIP_PORT}"
+    if gossip_interval is not None:
+        config["peering"]["interval"] = gossip_interval
     path = directory / "relay.yaml"
     path.write_text(yaml.safe_dump(config))
     process = ManagedProcess(

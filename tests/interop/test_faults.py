@@ -7,22 +7,18 @@ kill -9 of the *local* daemon in a burst of calls is tests/interop/test_service.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from harness import (
     Baresip,
-    FreecallDaemon,
     Harness,
     ManagedProcess,
     Sipp,
@@ -212,23 +208,6 @@ def test_calls_set_up_and_zrtp_completes_with_20_percent_loss_between_nodes(
     assert len(dropped) == 2 and min(dropped) > 20, listed  # the loss really happened
 
 
-def _unix_api(node: FreecallDaemon, path: str) -> Any:
-    """GET on the control API's Unix socket: it reaches a daemon in another network namespace
-    (the socket is a file; its TCP listener is on that namespace's loopback)."""
-    class _Conn(http.client.HTTPConnection):
-        def connect(self) -> None:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.settimeout(5)
-            self.sock.connect(str(node.state_dir / "control.sock"))
-
-    conn = _Conn("localhost")
-    try:
-        conn.request("GET", path)
-        return json.loads(conn.getresponse().read())
-    finally:
-        conn.close()
-
-
 def _sipp_in(harness: Harness, link: JitterLink, host: int, name: str,
              args: list[str]) -> tuple[ManagedProcess, int, Path]:
     """SIPp on a host of the jitter link, its own ports; (process, SIP port, stats CSV)."""
@@ -283,7 +262,7 @@ def test_calls_set_up_and_zrtp_completes_through_200_ms_of_jitter(harness: Harne
             secure: list[tuple[str, str]] = []
 
             def both_secure() -> bool:
-                sides = [[c for c in _unix_api(n, "/api/calls") if c["state"] == "active"
+                sides = [[c for c in n.unix_api("/api/calls") if c["state"] == "active"
                           and c["security"]["media"] == "srtp"] for n in (a, b)]
                 if sides[0] and sides[1]:
                     pair = (sides[0][0]["security"]["sas"], sides[1][0]["security"]["sas"])

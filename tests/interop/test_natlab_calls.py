@@ -1,16 +1,17 @@
 """Calls between homes behind NAT (issue 9): baresip alice behind NAT 1 calls baresip bob behind
 NAT 2 through two freecall daemons, with the real relay (``freecall run --role relay``) on the
-public segment of harness.natlab's lab.
+public segment of harness.natlab's lab, and nothing else: no port forward, no static route, no
+DNS.
 
-The daemons learn the relay from the host cache (the relay is their only gossip seed), gather
-server-reflexive and relayed candidates from it (node-key TURN credentials), keep a pool of
-gathered streams, and run ICE (RFC 8445) in the SDP between them. Full-cone NATs carry the media
-directly; two symmetric NATs only through the relay. Either way ZRTP secures the call (the same
-SAS on both daemons), both phones hear each other's tone, and a capture on the relay host sees
-only ZRTP and SRTP.
-
-Signalling between the homes uses a SIP port forward on each router (a home server set-up);
-reaching a node behind NAT without one is the host cache's relay attachment, tested on its own.
+Each daemon learns the relay from the host cache (the relay is its only gossip seed), finds by
+STUN that it is behind NAT, attaches to the relay's SIP edge (TLS, node key, RFC 5626
+keepalives) and signs "through the relay" into its record, so alice's call to ``bob@b.test``
+reaches bob's node through the relay. Media: each daemon gathers server-reflexive and relayed
+candidates from the relay (node-key TURN credentials), keeps a pool of gathered streams, and
+runs ICE (RFC 8445) in the SDP between them. Full-cone NATs carry the media directly; two
+symmetric NATs only through the relay. Either way ZRTP secures the call (the same SAS on both
+daemons), both phones hear each other's tone, and a capture on the relay host sees only ZRTP and
+SRTP in what it relays.
 """
 
 from __future__ import annotations
@@ -36,19 +37,25 @@ SECURE = r"call (\w+): media secure, SAS (\w+) \((B32|B256)\)"
 
 def _node(harness: Harness, lab: NatLab, home: int, name: str, domain: str,
           users: dict[str, str]) -> FreecallDaemon:
-    host = lab.host_address(home)
     node = harness.daemon(
-        name, users=users, domains=[domain], public_host=host, netns=lab.run(f"h{home}"),
-        start=False,
-        config={"sip": {"advertise": lab.wan_address(home)},  # the router forwards SIP here
-                "media": {"address": host},
-                "peering": {"seeds": [f"{RELAY_ADDRESS}:5064"]},
+        name, users=users, domains=[domain], public_host=lab.host_address(home),
+        netns=lab.run(f"h{home}"), start=False,
+        config={"peering": {"seeds": [f"{RELAY_ADDRESS}:5064"], "interval": "0.3s"},
                 "security": {"policy": "require"},
                 "dns": {"servers": ["127.0.0.1:9"], "timeout": "1s"}})
-    # A wildcard listener puts sip.advertise (the router's address) into Via and Record-Route.
-    node.extra_config["sip"]["public"] = [f"udp:0.0.0.0:{node.public_port}"]
-    lab.forward(home, "udp", node.public_port)
+    harness.started.append(node)
     return node
+
+
+def _knows_through_relay(node: FreecallDaemon, domain: str) -> bool:
+    """``node`` holds the record of ``domain``'s node naming the relay (/api/peers)."""
+    return any(domain in peer["routes"] and peer["through_relay"]
+               for peer in node.unix_api("/api/peers"))
+
+
+def _attached(node: FreecallDaemon) -> bool:
+    link = (node.unix_api("/api/status").get("nat") or {}).get("relay_link") or {}
+    return bool(link.get("state") == "attached")
 
 
 def _phone(harness: Harness, lab: NatLab, home: int, node: FreecallDaemon, user: str,
@@ -104,7 +111,7 @@ class Outcome:
 
 
 def _call(harness: Harness, lab: NatLab, tmp_path: Path) -> Outcome:
-    relay, _ = start_relay(lab, tmp_path / "relay")
+    relay, _ = start_relay(lab, tmp_path / "relay", sip=True, gossip_interval="0.3s")
     capture_path = tmp_path / "relay.pcap"
     capture = subprocess.Popen(
         [*lab.run("relay"), "tcpdump", "-i", "eth0", "-U", "-s0", "-w", str(capture_path),
@@ -112,14 +119,14 @@ def _call(harness: Harness, lab: NatLab, tmp_path: Path) -> Outcome:
     try:
         a = _node(harness, lab, 1, "a", "a.test", USERS_A)
         b = _node(harness, lab, 2, "b", "b.test", USERS_B)
-        a.extra_config["routes"] = {"b.test": f"sip:{lab.wan_address(2)}:{b.public_port}"}
-        b.extra_config["routes"] = {"a.test": f"sip:{lab.wan_address(1)}:{a.public_port}"}
         for node in (a, b):
-            harness.started.append(node)
             node.start()
-        # the relay came by gossip and each pool gathered from it
-        wait_until(lambda: all("media: behind NAT" in n.log_text() for n in (a, b)), 30,
-                   message="both nodes to gather from the relay")
+        # Both attached to the relay's SIP edge, each record names it and has reached the
+        # other node, and each media pool gathered from the relay.
+        wait_until(lambda: _attached(a) and _attached(b), 30, message="both nodes attached")
+        wait_until(lambda: _knows_through_relay(a, "b.test") and _knows_through_relay(b, "a.test")
+                   and all("media: behind NAT" in n.log_text() for n in (a, b)), 30,
+                   message="records naming the relay at the other node, and pools gathered")
         alice = _phone(harness, lab, 1, a, "alice", USERS_A["alice"], "a.test", 440)
         bob = _phone(harness, lab, 2, b, "bob", USERS_B["bob"], "b.test", 880)
         alice.dial("sip:bob@b.test")

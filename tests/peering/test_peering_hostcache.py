@@ -220,5 +220,8 @@ def test_peers_view_has_the_contract_fields() -> None:
     c.put(rec(1), NOW)
     c.heard(rec(1).key, NOW)
     (p,) = c.peers(NOW + 2.5)
-    assert set(p) == {"node_id", "addresses", "routes", "last_seen_s", "relay"}
+    assert set(p) >= {"node_id", "addresses", "routes", "last_seen_s", "relay"}  # CONTRACT
+    assert set(p) - {"node_id", "addresses", "routes", "last_seen_s", "relay"} == {
+        "through_relay"}
     assert p["last_seen_s"] == 2.5 and p["routes"] == ["n1.example"] and p["relay"] is False
+    assert p["through_relay"] is None

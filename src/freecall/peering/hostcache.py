@@ -577,7 +577,8 @@ class HostCache:
     # -- control API and persistence -------------------------------------------------------
 
     def peers(self, now: float) -> list[dict[str, object]]:
-        """The `/api/peers` view: node_id, addresses, routes, last_seen_s, relay."""
+        """The `/api/peers` view: node_id, addresses, routes, last_seen_s, relay,
+        through_relay (``<relay node id>@<host>:<port>`` for a node reached through a relay)."""
         out = []
         for e in self.entries.values():
             s = e.record.summary()
@@ -587,6 +588,7 @@ class HostCache:
                 "routes": s["routes"],
                 "last_seen_s": None if e.last_heard is None else round(now - e.last_heard, 1),
                 "relay": s["relay"],
+                "through_relay": s["through_relay"],
             })
         return out
 

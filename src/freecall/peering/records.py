@@ -394,6 +394,8 @@ class NodeRecord:
             "routes": list(self.routes),
             "relay": self.relay,
             "openpgp": fp.hex().upper() if (fp := self.openpgp_fingerprint) else None,
+            "through_relay": (f"{via.node_id.hex()}@{via.host}:{via.port}"
+                              if (via := self.via_relay) is not None else None),
             "seq": self.seq,
             "expires": self.expires,
         }
