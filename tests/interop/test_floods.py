@@ -8,6 +8,11 @@ to B's media ports and its gossip port. Meanwhile a legitimate caller on 127.0.0
 to the same user at 2 a second through the public listener: every one must complete. After it:
 calls through the softphone listener complete at 50 a second, RSS grew by less than
 ``RSS_GROWTH_MB``, the rate limit logged its block once, no error in the log.
+
+The second test floods from three addresses and a new port per INVITE with the rate limit off,
+never acknowledging the answers: ``security.calls_per_source`` holds each source to its cap
+(``503`` with ``Retry-After`` beyond it), a legitimate caller gets through, and the proxy frees
+the held calls itself after 64*T1.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import threading
 import time
 from pathlib import Path
 
-from harness import UAS_NO180, Harness, Sipp, SippResult
+import yaml
+
+from harness import UAS_NO180, Harness, Sipp, SippResult, wait_until
 from harness.flood import RssSampler, blaster, rss_mb
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "harness" / "scenarios"
@@ -178,6 +185,19 @@ def test_never_acknowledged_invites_from_many_ports_hit_the_per_source_cap(
     after = sipp.run("uac", public, name="after", service="bench", calls=10, rate=5,
                      time_limit=30, extra_args=["-i", CAP_SOURCES[0], "-recv_timeout", "10s"])
     assert after.ok and after.successful == 10, (after, after.errors())
+    # the cap follows a reload (security.calls_per_source is live)
+    config = yaml.safe_load(b.config_path.read_text())
+    config["security"]["calls_per_source"] = 1
+    b.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    summary = b.api("POST", "/api/reload")
+    assert "security.calls_per_source" in summary["applied"], summary
+    sipp.run(SCENARIOS / "flood_invite.xml", public, name="reloaded", service="bench", calls=3,
+             rate=10, transport="un", time_limit=10,
+             extra_args=["-i", LEGIT_SOURCE, "-max_socket", "100"])
+    wait_until(lambda: b.metric("freecall_calls_in_progress") == 1, 5)
+    total = _labelled(b.metrics_text(), "freecall_overload_refused_total",
+                      'reason="calls_per_source"')
+    assert total == refused + 2, (total, refused)
     log = b.log_text()
     for source in CAP_SOURCES:
         assert log.count(f"call cap: {source} has {CAP} calls in progress") == 1
