@@ -345,7 +345,9 @@ class Proxy:
         """Calls in progress per public source IP (settings.calls_per_source); a source
         leaves the dict when its count drops to zero, so memory follows the calls."""
         self._capped: set[str] = set()  # sources at the cap now (logged once on reaching it)
-        self._ack_timers: list[tuple[float, int, Call]] = []
+        self._ack_timers: list[tuple[float, int, tuple[str, str]]] = []
+        """(deadline, seq, dialog key) of answered calls waiting for their ACK: keys, not
+        calls, so that a call that ended is not kept alive for 64*T1 (bounded memory)."""
         self.overload_refused: dict[str, int] = {"calls_per_source": 0, "media_ports": 0}
         """INVITEs answered 503 by this node itself, by reason (a metric)."""
         self.unacknowledged_total = 0
@@ -403,19 +405,26 @@ class Proxy:
             heapq.heappop(heap)
         acks = self._ack_timers
         while acks:
-            first, _, call = acks[0]
-            if call.confirmed is None and call.ended is None:
+            first, _, key = acks[0]
+            if self._awaiting_ack(key) is not None:
                 return first if deadline is None else min(deadline, first)
             heapq.heappop(acks)
         return deadline
+
+    def _awaiting_ack(self, key: tuple[str, str]) -> Call | None:
+        call = self.calls.get(key)
+        if call is None or call.confirmed is not None or call.ended is not None:
+            return None
+        return call
 
     def handle_timer(self, now: float) -> None:
         """Timer C (section 16.8): a branch without a final response for too long; and
         answered calls whose ACK never came (:meth:`_no_ack`)."""
         acks = self._ack_timers
         while acks and acks[0][0] <= now:
-            _, _, call = heapq.heappop(acks)
-            if call.confirmed is None and call.ended is None:
+            _, _, key = heapq.heappop(acks)
+            call = self._awaiting_ack(key)
+            if call is not None:
                 self._no_ack(call, now)
         heap = self._timers
         while heap and heap[0][0] <= now:
@@ -1546,7 +1555,8 @@ class Proxy:
         for branch in context.branches:
             if branch.response is response and branch.txn is not None:
                 call.callee_flow = branch.txn.flow
-        heapq.heappush(self._ack_timers, (now + self.settings.ack_wait, next(self._seq), call))
+        heapq.heappush(self._ack_timers, (now + self.settings.ack_wait, next(self._seq),
+                                          (call.call_id, call.from_tag)))
         self._events.append(CallAnswered(call))
 
     def _call_failed(self, context: Context, status: int, now: float) -> None:
