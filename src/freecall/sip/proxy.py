@@ -1604,11 +1604,7 @@ class Proxy:
         if not settings.calls_per_source or side is not Side.PUBLIC:
             return None
         source = str(flow.remote[0])
-        try:
-            address = ipaddress.ip_address(source)
-        except ValueError:
-            return source
-        if any(address in network for network in settings.cap_exempt):
+        if settings.cap_exempt and _in_networks(source, settings.cap_exempt):
             return None
         return source
 
