@@ -20,11 +20,13 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
-from harness import UAS_NO180, Harness, Sipp, SippResult, wait_until
+from harness import UAS_NO180, Baresip, Harness, Sipp, SippResult, wait_until
+from harness.calls import USERS_A, USERS_B, phone, static_pair
 from harness.flood import RssSampler, blaster, rss_mb
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "harness" / "scenarios"
@@ -204,3 +206,27 @@ def test_never_acknowledged_invites_from_many_ports_hit_the_per_source_cap(
     assert "no ACK for the 2xx within 16 s" in log
     for bad in ("Traceback", " ERROR ", "Task exception"):
         assert bad not in log, log[log.find(bad) - 1500:log.find(bad) + 1500]
+
+
+def test_acknowledged_calls_between_two_nodes_outlive_64_t1(
+    harness: Harness, baresip: Callable[..., Baresip]
+) -> None:
+    """The other side of the no-ACK release: a real call through two nodes (baresip, which
+    follows Record-Route) is seen confirmed by both proxies and lasts past 64*T1 (T1 0.1 s:
+    6.4 s) until the caller hangs up."""
+    nodes = static_pair(harness, wait_control=True,
+                        config={"sip": {"timers": {"t1": "100ms"}}, "openpgp": {"sign": False}})
+    alice = phone(baresip, nodes.a, "alice", USERS_A["alice"], "a.test", 440)
+    bob = phone(baresip, nodes.b, "bob", USERS_B["bob"], "b.test", 880)
+    alice.dial("sip:bob@b.test")
+    alice.wait_event("CALL_ESTABLISHED", 10)
+    bob.wait_event("CALL_ESTABLISHED", 5)
+    time.sleep(64 * 0.1 + 2)
+    for node in (nodes.a, nodes.b):
+        [call] = node.api("GET", "/api/calls")
+        assert call["state"] == "active" and call["ended"] is None, call
+        assert node.metric("freecall_calls_unacknowledged_total") == 0
+    alice.hangup()
+    bob.wait_event("CALL_CLOSED", 5)
+    for node in (nodes.a, nodes.b):
+        assert "no ACK" not in node.log_text()
