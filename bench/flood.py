@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import threading
 import time
@@ -144,10 +145,18 @@ class FloodResult:
                 + "".join(f"  {k} {v}" for k, v in self.extra.items()))
 
 
+def refused_503(node: SipNode) -> dict[str, int]:
+    """B's own 503s so far, by reason (``freecall_overload_refused_total``)."""
+    found = re.findall(r'^freecall_overload_refused_total\{reason="(\w+)"\} (\S+)$',
+                       node.daemon.metrics_text(), re.MULTILINE)
+    return {reason: int(float(value)) for reason, value in found}
+
+
 def sip_flood(node: SipNode, name: str, scenario: str, transport: str, source: str, rate: int,
               seconds: float, legit_rate: float) -> FloodResult:
-    """One flood with legitimate calls alongside it."""
+    """One flood with legitimate calls alongside it; B's 503s during it in ``extra``."""
     d = node.daemon
+    before = refused_503(node)
     target = f"{d.public_host}:{d.public_port}"
     rss_before = rss_mb(node.pid)
     count = int(rate * seconds)
@@ -168,8 +177,11 @@ def sip_flood(node: SipNode, name: str, scenario: str, transport: str, source: s
         elapsed = max(time.monotonic() - started + min(1.0, seconds / 4), 0.001)
         legit.join()
     ok, failed = legit_result[0] if legit_result else (0, 0)
+    after = refused_503(node)
+    extra: dict[str, Any] = {f"503 {reason}": after[reason] - before.get(reason, 0)
+                             for reason in sorted(after)}
     return FloodResult(name, rate, result.created, min(elapsed, result.duration_s) or elapsed,
-                       ok, failed, rss_before, sampler.peak, rss_mb(node.pid))
+                       ok, failed, rss_before, sampler.peak, rss_mb(node.pid), extra)
 
 
 def part_sip(h: Harness, args: argparse.Namespace) -> list[str]:
@@ -208,8 +220,8 @@ def part_sip(h: Harness, args: argparse.Namespace) -> list[str]:
             failures.append(f"{label}: {res.legit_failed} legitimate calls failed")
         results.append(res)
         time.sleep(2)
-    print("waiting 70 s: the floods' unacknowledged calls end at media.rtp_timeout (30 s), "
-          "their transactions 32 s later ...", flush=True)
+    print("waiting 70 s: the floods' unacknowledged calls end at media.rtp_timeout (30 s) or "
+          "64*T1 without ACK (32 s), their transactions 32 s later ...", flush=True)
     time.sleep(70)
     settled = rss_mb(pid)
     after_first = results[-2].rss_after  # the first exempt flood: the costliest

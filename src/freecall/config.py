@@ -904,6 +904,14 @@ class SecurityConfig:
     rate_exempt: tuple[IPNetwork, ...] = setting(
         (), "Source networks (CIDR) never rate limited, e.g. a known busy peer node or gateway.",
         parse=_cidr, doc_type="list of CIDRs")
+    calls_per_source: int = setting(
+        20, "Calls in progress one source IP on the public SIP listeners may have: INVITEs "
+        "not yet answered, or answered but not yet acknowledged (ACK), each holding media "
+        "ports. Its next INVITE gets `503 Service Unavailable` with `Retry-After`, with one "
+        "log line and the `freecall_overload_refused_total` metric, until some are confirmed "
+        "or end. It stops a flood of INVITEs that are never acknowledged, sent from many "
+        "ports, from taking every media port pair. `rate_exempt` sources are not capped. "
+        "`0`: no cap.", check=_between(0, 1_000_000))
     max_sources: int = setting(
         10_000, "Most source IPs the rate limiter and the lockout each remember (least recently "
         "seen forgotten first), so a flood from spoofed addresses cannot grow memory.",

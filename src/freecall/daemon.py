@@ -298,6 +298,9 @@ class Daemon:
                 server_name=config.sip.user_agent,
                 wall_offset=wall_offset,
                 canonical_domain=canonical,
+                calls_per_source=config.security.calls_per_source,
+                cap_exempt=tuple(config.security.rate_exempt),
+                ack_wait=64 * timers.t1,
             ),
             self.registrar,
             resolver=self.router,
@@ -650,7 +653,9 @@ class Daemon:
             self.proxy.lockout = self.stats.lockout
             self.proxy.settings = dataclasses.replace(
                 self.proxy.settings, trusted=tuple(new.sip.trusted),
-                allow_register_from=tuple(new.sip.allow_register_from))
+                allow_register_from=tuple(new.sip.allow_register_from),
+                calls_per_source=new.security.calls_per_source,
+                cap_exempt=tuple(new.security.rate_exempt))
         if self.registrar is not None:
             reg = new.sip.registration
             registrar = self.registrar

@@ -30,7 +30,6 @@ import functools
 import ipaddress
 import itertools
 import logging
-import math
 import socket
 import ssl
 import struct
@@ -38,6 +37,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol, cast
 
+from .ops.logformat import LogLimiter
 from .sip.errors import SipParseError
 from .sip.flow import Addr, Flow
 from .sip.framer import KeepAlive, StreamFramer
@@ -48,6 +48,7 @@ __all__ = [
     "CONGESTION_SAFE_SIZE",
     "BoundListener",
     "ListenSpec",
+    "LogLimiter",
     "SipTransport",
     "Timer",
     "TransportCounters",
@@ -324,32 +325,6 @@ def _ip_bucket(host: str) -> str:
 def _fmt(addr: Addr) -> str:
     host, port = addr
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-class LogLimiter:
-    """At most ``burst`` lines per ``window`` seconds: a flood must not become a log flood."""
-
-    __slots__ = ("burst", "count", "start", "suppressed", "window")
-
-    def __init__(self, burst: int = 20, window: float = 10.0) -> None:
-        self.burst = burst
-        self.window = window
-        self.start = -math.inf
-        self.count = 0
-        self.suppressed = 0
-
-    def allow(self, now: float) -> str | None:
-        """None to stay quiet, else a suffix telling how many lines were left out."""
-        if now - self.start >= self.window:
-            self.start = now
-            self.count = 0
-        if self.count >= self.burst:
-            self.suppressed += 1
-            return None
-        self.count += 1
-        suffix = f" ({self.suppressed} similar lines suppressed)" if self.suppressed else ""
-        self.suppressed = 0
-        return suffix
 
 
 # -- UDP ----------------------------------------------------------------------------------------

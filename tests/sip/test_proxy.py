@@ -16,6 +16,7 @@ from freecall.sip.proxy import (
     CallEnded,
     CallStarted,
     Listener,
+    MediaHook,
     Proxy,
     ProxyEvent,
     ProxySettings,
@@ -78,7 +79,8 @@ class Node:
     """A transaction layer and a proxy, pumped like the daemon pumps them."""
 
     def __init__(self, *, trusted: bool = False, lockout: AuthLockout | None = None,
-                 server_name: str = "freecall") -> None:
+                 server_name: str = "freecall", calls_per_source: int = 0,
+                 media: MediaHook | None = None) -> None:
         import ipaddress
 
         self.layer = TransactionLayer()
@@ -91,6 +93,7 @@ class Node:
             realm="a.test",
             trusted=(ipaddress.ip_network("127.0.0.0/8"),) if trusted else (),
             server_name=server_name,
+            calls_per_source=calls_per_source,
         )
         self.proxy = Proxy(
             self.layer,
@@ -104,6 +107,7 @@ class Node:
             ),
             rng=random.Random(1),
             lockout=lockout,
+            media=media,
         )
         self.events: list[ProxyEvent] = []
         self.now = 0.0
@@ -806,3 +810,117 @@ def test_password_guessing_is_locked_out_per_source() -> None:
     # the lockout expires
     node.advance(301.0)
     assert _register_with(node, cracker, PASSWORDS["alice"], 30) == 200
+
+
+# -- floods that never ACK (issue 11) -------------------------------------------------------------
+
+def _inbound(n: int, source: Flow) -> Request:
+    """An INVITE from another node to bob, the n-th of its Call-ID series."""
+    host = f"{source.remote[0]}:{source.remote[1]}"
+    request = invite("sip:bob@a.test", branch=f"z9hG4bKflood{n}", via_host=host,
+                     frm=f"<sip:x@b.test>;tag=f{n}")
+    request.set("Call-ID", f"flood-{n}")
+    request.set("Contact", Address.parse(f"<sip:x@{host}>"))
+    return request
+
+
+def test_calls_in_progress_are_capped_per_source() -> None:
+    """The (cap+1)-th INVITE from one public source without an ACKed answer gets 503 with
+    Retry-After (RFC 3261 sections 21.5.4, 20.33); other sources are not affected; an ACK
+    or the end of a call frees its place."""
+    node = Node(calls_per_source=2)
+    node.location.bindings["bob@a.test"] = [
+        Binding(Address.parse("<sip:bob@127.0.0.1:5083>"), BOB1)]
+    forwarded = [requests(node.feed(_inbound(n, REMOTE), REMOTE)) for n in range(2)]
+    assert all(len(f) == 1 for f in forwarded)
+    refused = node.feed(_inbound(2, REMOTE), REMOTE)
+    assert not requests(refused)
+    answer = refused[-1][0]
+    assert isinstance(answer, Response) and answer.status == 503
+    assert answer.get("Retry-After") == "32"
+    assert node.proxy.overload_refused["calls_per_source"] == 1
+    assert node.proxy.capped_sources == 1 and node.proxy.calls_in_progress == 2
+    other = Flow("udp", ("198.51.100.8", 5062), ("192.0.2.10", 5062))
+    assert len(requests(node.feed(_inbound(3, other), other))) == 1
+    # the first call is answered and ACKed: confirmed, it no longer counts
+    ((fwd0, _),) = forwarded[0]
+    answered = reply(fwd0, 200, "b0", contact="sip:bob@127.0.0.1:5083")
+    answered.set("Record-Route", fwd0.record_routes[0])  # a UAS echoes Record-Route
+    up = node.feed(answered, BOB1)
+    ok = next(m for m, _ in up if isinstance(m, Response) and m.status == 200)
+    ack = invite(str(ok.contacts[0].uri), method="ACK", branch="z9hG4bKfack0",
+                 frm="<sip:x@b.test>;tag=f0", via_host="198.51.100.7:5062")
+    ack.set("Call-ID", "flood-0")
+    ack.set("To", ok.to)
+    ack.append("Route", ok.record_routes[0])
+    assert [r.method for r, _ in requests(node.feed(ack, REMOTE))] == ["ACK"]
+    assert node.proxy.capped_sources == 0
+    assert len(requests(node.feed(_inbound(4, REMOTE), REMOTE))) == 1
+    # the second is refused by the phone: ended, it no longer counts either
+    ((fwd1, _),) = forwarded[1]
+    node.feed(reply(fwd1, 486, "b1"), BOB1)
+    assert node.proxy.calls_in_progress == 2  # #3 (other source) and #4
+    assert len(requests(node.feed(_inbound(5, REMOTE), REMOTE))) == 1
+    assert responses(node.feed(_inbound(6, REMOTE), REMOTE))[-1] == 503
+    # the softphone side is never capped
+    assert Node(calls_per_source=1).proxy._capped_source(ALICE, Side.SOFTPHONE) is None
+
+
+def test_an_answer_never_acknowledged_ends_the_call_after_64_t1() -> None:
+    """RFC 3261 section 13.3.1.4: no ACK within 64*T1 of the 2xx ends the call; the proxy
+    sends BYE both ways, so the media is freed (CallEnded) even if the UAS never does."""
+    node = Node(calls_per_source=5)
+    node.location.bindings["bob@a.test"] = [
+        Binding(Address.parse("<sip:bob@127.0.0.1:5083>"), BOB1)]
+    ((fwd, _),) = requests(node.feed(_inbound(0, REMOTE), REMOTE))
+    node.feed(reply(fwd, 200, "b0", contact="sip:bob@127.0.0.1:5083"), BOB1)
+    assert node.proxy.calls_in_progress == 1
+    out = node.advance(31.9)
+    assert not any(r.method == "BYE" for r, _ in requests(out))
+    out = node.advance(32.1)
+    byes = {f.remote for r, f in requests(out) if r.method == "BYE"}
+    assert byes == {REMOTE.remote, BOB1.remote}
+    [ended] = [e.call for e in node.events if isinstance(e, CallEnded)]
+    assert ended.outcome == "no ACK for the answer" and ended.ended == pytest.approx(32.0)
+    assert node.proxy.calls_in_progress == 0 and node.proxy.unacknowledged_total == 1
+    assert node.proxy.get_timer() is None or node.proxy.get_timer() > 33  # type: ignore[operator]
+
+
+def test_an_acknowledged_call_outlives_64_t1() -> None:
+    node = Node()
+    register_bob(node)
+    _, out = authenticated_invite(node)
+    (fwd1, _), _ = requests(out)
+    node.feed(reply(fwd1, 200, "d1", contact="sip:bob@127.0.0.1:5083"), BOB1)
+    ack = invite("sip:bob@127.0.0.1:5083", method="ACK", branch="z9hG4bKack1", cseq=2)
+    ack.set("To", Address.parse("<sip:bob@a.test>;tag=d1"))
+    ack.append("Route", fwd1.record_routes[0])
+    node.feed(ack, ALICE)
+    out = node.advance(200.0)
+    assert not any(r.method == "BYE" for r, _ in requests(out))
+    assert not any(isinstance(e, CallEnded) for e in node.events)
+
+
+class _NoPorts:
+    """A media hook whose port pool is empty (srtp/calls.py answers 503)."""
+
+    def crossing(self, message: Request | Response, key: tuple[str, str], ingress: Side,
+                 egress: Side) -> int | None:
+        return 503 if isinstance(message, Request) else None
+
+
+def test_no_media_ports_is_answered_503_with_retry_after() -> None:
+    """Our own capacity (not a downstream 503, which becomes 500 by 16.7 step 6)."""
+    node = Node(media=_NoPorts())
+    register_bob(node)
+    inbound = _inbound(0, REMOTE)
+    inbound.body = b"v=0\r\n"
+    inbound.set("Content-Type", "application/sdp")
+    out = node.feed(inbound, REMOTE)
+    assert not requests(out)
+    answer = out[-1][0]
+    assert isinstance(answer, Response) and answer.status == 503
+    assert answer.get("Retry-After") == "32"
+    assert node.proxy.overload_refused["media_ports"] == 2  # both of bob's devices
+    [ended] = [e.call for e in node.events if isinstance(e, CallEnded)]
+    assert ended.outcome == "failed 503"

@@ -365,6 +365,20 @@ class ControlService:
         out.add("freecall_auth_lockouts_total", "counter",
                 "Sources locked out after repeated failed authentication.",
                 lockout.lockouts_total if lockout else 0)
+        proxy = daemon.proxy
+        if proxy is not None:
+            out.labelled("freecall_overload_refused_total", "counter",
+                         "INVITEs this node answered 503 with Retry-After, by reason "
+                         "(calls_per_source: the source's cap; media_ports: none free).",
+                         {(("reason", k),): v for k, v in sorted(proxy.overload_refused.items())})
+            out.add("freecall_calls_in_progress", "gauge",
+                    "Calls from public sources not yet confirmed by an ACK "
+                    "(security.calls_per_source counts these).", proxy.calls_in_progress)
+            out.add("freecall_calls_capped_sources", "gauge",
+                    "Sources at security.calls_per_source now.", proxy.capped_sources)
+            out.add("freecall_calls_unacknowledged_total", "counter",
+                    "Answered calls the node ended because no ACK came within 64*T1.",
+                    proxy.unacknowledged_total)
         return out.text()
 
     def _resource_gauges(self, out: Exposition) -> None:

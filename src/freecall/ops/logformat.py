@@ -10,6 +10,7 @@ journal already records.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 
@@ -56,3 +57,29 @@ def make_formatter(kind: str) -> OneLineFormatter:
     if kind == "journal":
         return OneLineFormatter(JOURNAL_FORMAT, priority=True)
     return OneLineFormatter(TEXT_FORMAT)
+
+
+class LogLimiter:
+    """At most ``burst`` lines per ``window`` seconds: a flood must not become a log flood."""
+
+    __slots__ = ("burst", "count", "start", "suppressed", "window")
+
+    def __init__(self, burst: int = 20, window: float = 10.0) -> None:
+        self.burst = burst
+        self.window = window
+        self.start = -math.inf
+        self.count = 0
+        self.suppressed = 0
+
+    def allow(self, now: float) -> str | None:
+        """None to stay quiet, else a suffix telling how many lines were left out."""
+        if now - self.start >= self.window:
+            self.start = now
+            self.count = 0
+        if self.count >= self.burst:
+            self.suppressed += 1
+            return None
+        self.count += 1
+        suffix = f" ({self.suppressed} similar lines suppressed)" if self.suppressed else ""
+        self.suppressed = 0
+        return suffix

@@ -28,6 +28,7 @@ LIVE: frozenset[str] = frozenset({
     "security.rate_softphones",
     "security.rate_exempt",
     "security.max_sources",
+    "security.calls_per_source",
     "security.auth_failures",
     "security.auth_window",
     "security.lockout",

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ..ops.logformat import LogLimiter
 from .auth import AuthStatus, DigestServer, parse_credentials
 from .errors import SipParseError
 from .flow import Flow
@@ -175,6 +176,13 @@ class ProxySettings:
     wall_offset: float = 0.0  # wall clock = now + offset, for digest nonces across restarts
     local_hosts: frozenset[str] = frozenset()  # extra names/addresses that mean "this node"
     canonical_domain: str = ""  # the domain of every local AOR (default: the first domain)
+    calls_per_source: int = 0
+    """Most calls in progress (INVITE received, no ACK for its 2xx yet) one source IP on the
+    public side may have; its next INVITE gets 503 with Retry-After. 0: no cap."""
+    cap_exempt: tuple[Network, ...] = ()  # sources never capped (security.rate_exempt)
+    ack_wait: float = 32.0
+    """How long an answered call waits for the caller's ACK before the proxy ends it (64*T1,
+    RFC 3261 section 13.3.1.4); also the Retry-After of our own 503s."""
 
 
 # -- events for the daemon ----------------------------------------------------------------------
@@ -208,6 +216,8 @@ class Call:
     # route sets (RFC 3261 12.1) toward each party, beyond this node, for those BYEs
     caller_route: tuple[Address, ...] = ()
     callee_route: tuple[Address, ...] = ()
+    confirmed: float | None = None  # the caller's ACK for the 2xx passed (RFC 3261 13.2.2.4)
+    source: str | None = None  # the source IP whose calls in progress count this one
 
     @property
     def duration(self) -> float:
@@ -276,6 +286,7 @@ class Branch:
     timer_c: float | None = None
     record_route: bool = False  # add our Record-Route when sent (its address depends on the flow)
     egress: Side = Side.SOFTPHONE  # the side of the listener the branch was sent from
+    overloaded: bool = False  # our own 503 (no media ports): passed upstream as it is
 
 
 @dataclass(slots=True, eq=False)
@@ -330,6 +341,19 @@ class Proxy:
         self._events: list[ProxyEvent] = []
         self.calls: dict[tuple[str, str], Call] = {}  # (Call-ID, caller's From tag)
         self.ended_calls: list[Call] = []
+        self._in_progress: dict[str, int] = {}
+        """Calls in progress per public source IP (settings.calls_per_source); a source
+        leaves the dict when its count drops to zero, so memory follows the calls."""
+        self._capped: set[str] = set()  # sources at the cap now (logged once on reaching it)
+        self._ack_timers: list[tuple[float, int, tuple[str, str]]] = []
+        """(deadline, seq, dialog key) of answered calls waiting for their ACK: keys, not
+        calls, so that a call that ended is not kept alive for 64*T1 (bounded memory)."""
+        self.overload_refused: dict[str, int] = {"calls_per_source": 0, "media_ports": 0}
+        """INVITEs answered 503 by this node itself, by reason (a metric)."""
+        self.unacknowledged_total = 0
+        """Answered calls ended because no ACK came (a metric)."""
+        self._no_ack_log = LogLimiter()  # a flood that never ACKs is not a log flood
+        self._cap_log = LogLimiter()
         self._local_names = {d.lower() for d in settings.domains} | {
             name.lower() for name in settings.local_hosts
         }
@@ -360,17 +384,48 @@ class Proxy:
         """Requests being proxied now (a soak gauge)."""
         return len(self._contexts)
 
+    @property
+    def calls_in_progress(self) -> int:
+        """Calls counted against ``calls_per_source`` now, all sources together (a gauge)."""
+        return sum(self._in_progress.values())
+
+    @property
+    def capped_sources(self) -> int:
+        """Sources whose new INVITEs get 503 now (a gauge)."""
+        return len(self._capped)
+
     def get_timer(self) -> float | None:
         heap = self._timers
+        deadline: float | None = None
         while heap:
-            deadline, _, branch = heap[0]
-            if branch.timer_c == deadline and branch.state is not BranchState.DONE:
-                return deadline
+            first, _, branch = heap[0]
+            if branch.timer_c == first and branch.state is not BranchState.DONE:
+                deadline = first
+                break
             heapq.heappop(heap)
-        return None
+        acks = self._ack_timers
+        while acks:
+            first, _, key = acks[0]
+            if self._awaiting_ack(key) is not None:
+                return first if deadline is None else min(deadline, first)
+            heapq.heappop(acks)
+        return deadline
+
+    def _awaiting_ack(self, key: tuple[str, str]) -> Call | None:
+        call = self.calls.get(key)
+        if call is None or call.confirmed is not None or call.ended is not None:
+            return None
+        return call
 
     def handle_timer(self, now: float) -> None:
-        """Timer C (section 16.8): a branch without a final response for too long."""
+        """Timer C (section 16.8): a branch without a final response for too long; and
+        answered calls whose ACK never came (:meth:`_no_ack`)."""
+        acks = self._ack_timers
+        while acks and acks[0][0] <= now:
+            _, _, key = heapq.heappop(acks)
+            call = self._awaiting_ack(key)
+            if call is not None:
+                self._no_ack(call, now)
         heap = self._timers
         while heap and heap[0][0] <= now:
             deadline, _, branch = heapq.heappop(heap)
@@ -550,11 +605,19 @@ class Proxy:
             # A softphone's transport= names its own hop to us (baresip adds it to whatever is
             # dialled); between nodes RFC 3263 picks the transport from the callee's DNS.
             request.uri = uri.without_params("transport")
+        source = self._capped_source(flow, side) if method == "INVITE" else None
+        if source is not None and self._over_cap(source, now):
+            self.overload_refused["calls_per_source"] += 1
+            self._respond(txn, request, 503, now, headers=self._retry_after())
+            return
         context = Context(next(self._ids), txn, request, side, user, loop_hash=loop_hash)
         txn.user_data = context
         self._contexts[context.id] = context
         if method == "INVITE":
             context.call = self._start_call(context, now)
+            if source is not None:
+                context.call.source = source
+                self._in_progress[source] = self._in_progress.get(source, 0) + 1
         if local_target is not None:
             self._fork_local(context, local_target, now)
         else:
@@ -651,7 +714,14 @@ class Proxy:
                 forwarded, self._media_key(forwarded), context.side, listener.side
             )
             if refused is not None:
-                self._branch_final(branch, self._synthetic(branch, refused), now)
+                response = self._synthetic(branch, refused)
+                if refused == 503:
+                    # Our own media ports are gone (RFC 3261 section 21.5.4): say when to
+                    # come back, and keep it a 503 upstream (see _maybe_finish)
+                    branch.overloaded = True
+                    self.overload_refused["media_ports"] += 1
+                    response.append("Retry-After", self._retry_after()[0][1])
+                self._branch_final(branch, response, now)
                 return
         branch.state = BranchState.TRYING
         txn = self.layer.request(forwarded, flow, now)
@@ -743,8 +813,11 @@ class Proxy:
         if best is None:
             self._final_from_proxy(context, 408, now)
             return
-        if best.status == 503:
-            # 16.7 step 6: a 503 from downstream means "try another proxy", not "this one"
+        if best.status == 503 and not any(
+            b.overloaded and b.response is best for b in context.branches
+        ):
+            # 16.7 step 6: a 503 from downstream means "try another proxy", not "this one";
+            # our own (no media ports) is about this node and goes up as it is, Retry-After
             best = self._rebuild(context, best, 500, "Server Internal Error")
         if best.status in (401, 407):
             self._aggregate_challenges(best, responses)
@@ -1482,6 +1555,8 @@ class Proxy:
         for branch in context.branches:
             if branch.response is response and branch.txn is not None:
                 call.callee_flow = branch.txn.flow
+        heapq.heappush(self._ack_timers, (now + self.settings.ack_wait, next(self._seq),
+                                          (call.call_id, call.from_tag)))
         self._events.append(CallAnswered(call))
 
     def _call_failed(self, context: Context, status: int, now: float) -> None:
@@ -1493,6 +1568,7 @@ class Proxy:
         self._finish_call(call)
 
     def _finish_call(self, call: Call) -> None:
+        self._uncount(call)
         self.calls.pop((call.call_id, call.from_tag), None)
         self.ended_calls.append(call)
         del self.ended_calls[:-200]
@@ -1511,12 +1587,74 @@ class Proxy:
             return
         if from_caller:
             call.cseq_from_caller = max(call.cseq_from_caller, request.cseq.number)
+            if request.method == "ACK" and call.answered is not None and call.confirmed is None:
+                call.confirmed = now  # RFC 3261 section 13.2.2.4: the dialog is confirmed
+                self._uncount(call)
         else:
             call.cseq_from_callee = max(call.cseq_from_callee, request.cseq.number)
         if request.method == "BYE" and call.ended is None:
             call.ended = now
             call.outcome = "hung up by caller" if from_caller else "hung up by callee"
             self._finish_call(call)
+
+    def _capped_source(self, flow: Flow, side: Side) -> str | None:
+        """The source IP an INVITE counts against, or None when it is not capped (the
+        softphone side, an exempt network, no cap)."""
+        settings = self.settings
+        if not settings.calls_per_source or side is not Side.PUBLIC:
+            return None
+        source = str(flow.remote[0])
+        if settings.cap_exempt and _in_networks(source, settings.cap_exempt):
+            return None
+        return source
+
+    def _over_cap(self, source: str, now: float) -> bool:
+        """Whether ``source`` already has ``calls_per_source`` calls in progress: an
+        attacker who never ACKs (from many ports) would otherwise hold every media port
+        pair; one log line when a source reaches the cap."""
+        if self._in_progress.get(source, 0) < self.settings.calls_per_source:
+            return False
+        if source not in self._capped:
+            self._capped.add(source)
+            suffix = self._cap_log.allow(now)
+            if suffix is not None:
+                log.warning("call cap: %s has %d calls in progress (security.calls_per_source):"
+                            " its new INVITEs get 503 until some end%s", source,
+                            self.settings.calls_per_source, suffix)
+        return True
+
+    def _uncount(self, call: Call) -> None:
+        """``call`` no longer counts against its source's cap (confirmed or ended)."""
+        source = call.source
+        if source is None:
+            return
+        call.source = None
+        left = self._in_progress.get(source, 0) - 1
+        if left > 0:
+            self._in_progress[source] = left
+        else:
+            self._in_progress.pop(source, None)
+        if left < self.settings.calls_per_source:
+            self._capped.discard(source)
+
+    def _retry_after(self) -> list[tuple[str, object]]:
+        """RFC 3261 section 20.33: seconds before a refused caller should try again; by
+        then every call answered before the refusal is confirmed or ended."""
+        return [("Retry-After", max(1, round(self.settings.ack_wait)))]
+
+    def _no_ack(self, call: Call, now: float) -> None:
+        """An answered call whose ACK did not come within 64*T1: the UAS would end it with
+        BYE (RFC 3261 section 13.3.1.4); a UAS that does not (a flooding tool's peer, a
+        crashed phone) must not leave the call holding its media ports, so the proxy ends it
+        itself, BYE to both parties, as Timer H/L end the transaction (section 17.2.1, RFC
+        6026 section 8.7)."""
+        self.unacknowledged_total += 1
+        suffix = self._no_ack_log.allow(now)
+        if suffix is not None:
+            log.info("call %s from %s: no ACK for the 2xx within %.0f s (RFC 3261 section "
+                     "13.3.1.4): ending it%s", call.id, call.caller_flow.remote[0]
+                     if call.caller_flow else "?", self.settings.ack_wait, suffix)
+        self.hang_up(call, now, "no ACK for the answer")
 
     def hang_up(self, call: Call, now: float, reason: str = "hung up by the node") -> bool:
         """End an answered call from the middle: a BYE to each party (shutdown, API)."""
