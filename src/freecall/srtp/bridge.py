@@ -1157,7 +1157,7 @@ class MediaStream:
         now = self._loop.time()
         inner = agent.receive(data, (addr[0], addr[1]), now)
         self._ice_pump(now)
-        if inner is not None and self.state != CLOSED:
+        if inner is not None and self.state != CLOSED and not self._pooled:
             payload, peer = inner
             self.stun_in -= 1  # it was media
             try:
