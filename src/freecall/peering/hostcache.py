@@ -87,6 +87,10 @@ class Prepared:
     homes: list[bool]
     groups: list[int]
     expiry: float
+    by_group: list[tuple[int, dict[bytes, None]]] | None = None
+    """Keys by group (filled by :meth:`HostCache.prepare` for templates loaded many times)."""
+    fine: list[tuple[int, dict[bytes, int]]] | None = None
+    """Home records' key -> seq by anti-entropy bucket (likewise)."""
 
 
 def source_of(host: str) -> str:
@@ -173,12 +177,22 @@ class HostCache:
         my_group = self.my_group
         shift = 32 - bits if bits else 32
         keys = [r.key for r in records]
+        homes = [my_group is not None and my_group in r.homes(bits) for r in records]
+        groups = [int.from_bytes(k[:4], "big") >> shift for k in keys]
+        by_group: dict[int, dict[bytes, None]] = {}
+        fine: dict[int, dict[bytes, int]] = {}
+        for k, g, h, r in zip(keys, groups, homes, records, strict=True):
+            by_group.setdefault(g, {})[k] = None
+            if h:
+                fine.setdefault(k[7] & 63, {})[k] = r.seq
         return Prepared(
             records,
             keys,
-            [my_group is not None and my_group in r.homes(bits) for r in records],
-            [int.from_bytes(k[:4], "big") >> shift for k in keys],
+            homes,
+            groups,
             min((r.expires for r in records), default=float("inf")),
+            list(by_group.items()),
+            list(fine.items()),
         )
 
     def bulk_load(self, records: list[NodeRecord] | Prepared, now: float) -> None:
@@ -200,13 +214,21 @@ class HostCache:
         members = self.members
         home_fine = self.home_fine
         self._need_dirty = True
-        for k, g in zip(p.keys, p.groups, strict=True):
-            members[g][k] = None
         mver = self._members_ver
-        for g in set(p.groups):
-            mver[g] += 1
+        if p.by_group is not None:
+            for g, ks in p.by_group:
+                members[g].update(ks)
+                mver[g] += 1
+        else:
+            for k, g in zip(p.keys, p.groups, strict=True):
+                members[g][k] = None
+            for g in set(p.groups):
+                mver[g] += 1
         homes = sum(p.homes)
-        if homes:
+        if p.fine is not None:
+            for f, seqs in p.fine:
+                home_fine[f].update(seqs)
+        elif homes:
             for k, h, r in zip(p.keys, p.homes, p.records, strict=True):
                 if h:
                     home_fine[k[7] & 63][k] = r.seq
