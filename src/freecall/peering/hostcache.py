@@ -35,6 +35,7 @@ from freecall.peering.records import (
     normalize_domain,
     normalize_route,
 )
+from freecall.peering.wire import digests
 from freecall.storage import atomic_write
 
 FINE_BUCKETS = 64
@@ -144,6 +145,7 @@ class HostCache:
         """Bumped whenever a home record comes, goes or changes (anti-entropy page memos)."""
         self._pages: dict[tuple[int, int], tuple[int, list[tuple[bytes, int]]]] = {}
         self._page_sets: dict[tuple[int, int], tuple[int, frozenset[tuple[bytes, int]]]] = {}
+        self._page_bytes: dict[tuple[int, int], tuple[int, bytes]] = {}
         self.by_source: dict[str, dict[bytes, None]] = {}
         self.tombs: OrderedDict[bytes, Tomb] = OrderedDict()
         self.protected: set[bytes] = set()
@@ -364,6 +366,32 @@ class HostCache:
             return memo[1]
         out = frozenset(self.home_page(sub_bits, index))
         self._page_sets[(sub_bits, index)] = (self.home_version, out)
+        return out
+
+    def adopt_pages(self, other: HostCache) -> bool:
+        """Share ``other``'s remembered anti-entropy pages if both hold exactly the same home
+        records (the simulator's warm start: all members of a group do); True if shared.
+        The pages are read only, so sharing them is safe until either cache changes."""
+        if self.home_count != other.home_count or self.home_fine != other.home_fine:
+            return False
+        mine, theirs = self.home_version, other.home_version
+        self._pages = {k: (mine, v) for k, (ver, v) in other._pages.items() if ver == theirs}
+        self._page_sets = {
+            k: (mine, v) for k, (ver, v) in other._page_sets.items() if ver == theirs
+        }
+        self._page_bytes = {
+            k: (mine, v) for k, (ver, v) in other._page_bytes.items() if ver == theirs
+        }
+        return True
+
+    def home_page_bytes(self, sub_bits: int, index: int) -> bytes:
+        """:meth:`home_page` encoded as PAGE digests (what a complete page carries; equal
+        bytes from a member mean the same page), remembered too."""
+        memo = self._page_bytes.get((sub_bits, index))
+        if memo is not None and memo[0] == self.home_version:
+            return memo[1]
+        out = digests(self.home_page(sub_bits, index))
+        self._page_bytes[(sub_bits, index)] = (self.home_version, out)
         return out
 
     def home_keys_in_page(self, sub_bits: int, index: int) -> dict[bytes, int]:

@@ -267,6 +267,7 @@ class Simulation:
             ks.extend(ks[:c])
             rs.extend(rs[:c])
         templates: dict[int, Prepared] = {}
+        pages_of: dict[int, HostCache] = {}
         for idx, n in enumerate(self.nodes):
             mine = n.gossip.my_group
             cache = n.gossip.cache
@@ -299,6 +300,14 @@ class Simulation:
                 grps = [grps[j] for j in sel]
             cache.bulk_load(Prepared(recs, keys, [False] * len(keys), grps, lowest), self.now)
             cache.put(n.gossip.local, self.now)
+            # the group's members hold the same home records: one set of page memos for all
+            first = pages_of.get(mine)
+            if first is None or not cache.adopt_pages(first):
+                pages_of[mine] = cache
+                sub_bits = n.gossip.page_bits()
+                for page in range(1 << sub_bits):
+                    cache.home_page_set(sub_bits, page)
+                    cache.home_page_bytes(sub_bits, page)
 
     def live(self) -> list[int]:
         """Indexes of live nodes."""
