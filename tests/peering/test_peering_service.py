@@ -183,3 +183,42 @@ def test_the_openpgp_key_a_record_names_follows_a_reload(tmp_path: Path) -> None
             await a.stop()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_changed_addresses_are_republished_and_replace_the_old_record(tmp_path: Path) -> None:
+    """republish() (a public address learnt at run time, or moved by a reload) signs the new
+    addresses into a newer record; the peer replaces the old one and routes to the new
+    address only. The same addresses again change nothing; addresses that do not fit a
+    record are refused and the old record stays."""
+
+    async def main() -> None:
+        pa, pb = free_udp_port("127.0.0.21"), free_udp_port("127.0.0.22")
+        a = service(tmp_path, "a", "127.0.0.21", routes=("a.test",), port=pa)
+        b = service(tmp_path, "b", "127.0.0.22", routes=("b.test",),
+                    seeds=[("127.0.0.21", pa)], port=pb)
+        await a.start()
+        await b.start()
+        try:
+            await until(lambda: a.known_nodes() == 1)
+            assert [u.host for u in a.next_hops("b.test")] == ["127.0.0.22"]
+            assert b.gossip is not None
+            seq = b.gossip.local.seq
+            gossip = Address(AddrKind.GOSSIP, "127.0.0.22", pb)
+            moved = [Address(AddrKind.SIP_TLS, "127.0.0.23", 5071)]
+            assert b.republish(gossip=gossip, sip=moved)
+            assert b.gossip.local.seq > seq
+            assert b.announcement.addresses == (gossip, *moved)
+            await until(lambda: [(u.host, u.port) for u in a.next_hops("b.test")]
+                        == [("127.0.0.23", 5071)])
+            held = a.gossip.cache.get(b.identity.node_id) if a.gossip else None
+            assert held is not None and held.seq == b.gossip.local.seq
+            assert not b.republish(gossip=gossip, sip=moved)  # nothing changed: no new seq
+            too_many = [Address(AddrKind.SIP_UDP, "127.0.0.23", 6000 + i) for i in range(8)]
+            assert not b.republish(gossip=gossip, sip=too_many)
+            assert b.announcement.addresses == (gossip, *moved)
+            assert b.gossip.local.addresses == (gossip, *moved)
+        finally:
+            await b.stop()
+            await a.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 30))

@@ -13,8 +13,10 @@ from dataclasses import replace
 from typing import Any
 
 from freecall.peering.gossip import GossipConfig
+from freecall.peering.records import Address, AddrKind
 from freecall.peering.simulate import (
     SimConfig,
+    Simulation,
     main,
     scenario_churn,
     scenario_partition,
@@ -74,3 +76,24 @@ def test_command_line() -> None:
         assert main(["spread", "--nodes", "120", "--rounds", "4", "--group-bits", "3"]) == 0
     out = json.loads(buf.getvalue())
     assert out["scenario"] == "spread" and out["nodes"] == 120 and len(out["reach_curve"]) == 4
+
+
+def test_changed_addresses_replace_the_old_record_everywhere() -> None:
+    """A node's SIP address changes at run time (update_local, what
+    PeeringService.republish calls): within 20 rounds every member of its home groups, and
+    99 % of all nodes, hold the new record (seq + 1) instead of the old one."""
+    sim = Simulation(_cfg(300, seed=4, group_bits=3))
+    sim.run_rounds(3)
+    g = sim.nodes[17].gossip
+    old = g.local
+    moved = (old.addresses[0], Address(AddrKind.SIP_TLS, "198.51.100.7", 5061))
+    rec = g.update_local(sim.now, addresses=moved)
+    sim.flush(17)
+    assert rec.seq > old.seq and rec.addresses == moved
+    for _ in range(20):
+        sim.run_rounds(1)
+        if sim.home_coverage([rec]) == 1.0 and sim.reach(rec) >= 0.99:
+            break
+    assert sim.home_coverage([rec]) == 1.0 and sim.reach(rec) >= 0.99
+    routes = [n.gossip.cache.lookup(old.routes[0]) for n in sim.nodes if n.index != 17]
+    assert sum(r == [rec] for r in routes) >= 0.99 * len(routes)  # the new address, alone

@@ -35,6 +35,7 @@ from freecall.peering.records import (
     normalize_domain,
     normalize_route,
 )
+from freecall.peering.wire import digests
 from freecall.storage import atomic_write
 
 FINE_BUCKETS = 64
@@ -87,6 +88,10 @@ class Prepared:
     homes: list[bool]
     groups: list[int]
     expiry: float
+    by_group: list[tuple[int, dict[bytes, None]]] | None = None
+    """Keys by group (filled by :meth:`HostCache.prepare` for templates loaded many times)."""
+    fine: list[tuple[int, dict[bytes, int]]] | None = None
+    """Home records' key -> seq by anti-entropy bucket (likewise)."""
 
 
 def source_of(host: str) -> str:
@@ -140,6 +145,7 @@ class HostCache:
         """Bumped whenever a home record comes, goes or changes (anti-entropy page memos)."""
         self._pages: dict[tuple[int, int], tuple[int, list[tuple[bytes, int]]]] = {}
         self._page_sets: dict[tuple[int, int], tuple[int, frozenset[tuple[bytes, int]]]] = {}
+        self._page_bytes: dict[tuple[int, int], tuple[int, bytes]] = {}
         self.by_source: dict[str, dict[bytes, None]] = {}
         self.tombs: OrderedDict[bytes, Tomb] = OrderedDict()
         self.protected: set[bytes] = set()
@@ -173,12 +179,22 @@ class HostCache:
         my_group = self.my_group
         shift = 32 - bits if bits else 32
         keys = [r.key for r in records]
+        homes = [my_group is not None and my_group in r.homes(bits) for r in records]
+        groups = [int.from_bytes(k[:4], "big") >> shift for k in keys]
+        by_group: dict[int, dict[bytes, None]] = {}
+        fine: dict[int, dict[bytes, int]] = {}
+        for k, g, h, r in zip(keys, groups, homes, records, strict=True):
+            by_group.setdefault(g, {})[k] = None
+            if h:
+                fine.setdefault(k[7] & 63, {})[k] = r.seq
         return Prepared(
             records,
             keys,
-            [my_group is not None and my_group in r.homes(bits) for r in records],
-            [int.from_bytes(k[:4], "big") >> shift for k in keys],
+            homes,
+            groups,
             min((r.expires for r in records), default=float("inf")),
+            list(by_group.items()),
+            list(fine.items()),
         )
 
     def bulk_load(self, records: list[NodeRecord] | Prepared, now: float) -> None:
@@ -200,13 +216,21 @@ class HostCache:
         members = self.members
         home_fine = self.home_fine
         self._need_dirty = True
-        for k, g in zip(p.keys, p.groups, strict=True):
-            members[g][k] = None
         mver = self._members_ver
-        for g in set(p.groups):
-            mver[g] += 1
+        if p.by_group is not None:
+            for g, ks in p.by_group:
+                members[g].update(ks)
+                mver[g] += 1
+        else:
+            for k, g in zip(p.keys, p.groups, strict=True):
+                members[g][k] = None
+            for g in set(p.groups):
+                mver[g] += 1
         homes = sum(p.homes)
-        if homes:
+        if p.fine is not None:
+            for f, seqs in p.fine:
+                home_fine[f].update(seqs)
+        elif homes:
             for k, h, r in zip(p.keys, p.homes, p.records, strict=True):
                 if h:
                     home_fine[k[7] & 63][k] = r.seq
@@ -342,6 +366,32 @@ class HostCache:
             return memo[1]
         out = frozenset(self.home_page(sub_bits, index))
         self._page_sets[(sub_bits, index)] = (self.home_version, out)
+        return out
+
+    def adopt_pages(self, other: HostCache) -> bool:
+        """Share ``other``'s remembered anti-entropy pages if both hold exactly the same home
+        records (the simulator's warm start: all members of a group do); True if shared.
+        The pages are read only, so sharing them is safe until either cache changes."""
+        if self.home_count != other.home_count or self.home_fine != other.home_fine:
+            return False
+        mine, theirs = self.home_version, other.home_version
+        self._pages = {k: (mine, v) for k, (ver, v) in other._pages.items() if ver == theirs}
+        self._page_sets = {
+            k: (mine, v) for k, (ver, v) in other._page_sets.items() if ver == theirs
+        }
+        self._page_bytes = {
+            k: (mine, v) for k, (ver, v) in other._page_bytes.items() if ver == theirs
+        }
+        return True
+
+    def home_page_bytes(self, sub_bits: int, index: int) -> bytes:
+        """:meth:`home_page` encoded as PAGE digests (what a complete page carries; equal
+        bytes from a member mean the same page), remembered too."""
+        memo = self._page_bytes.get((sub_bits, index))
+        if memo is not None and memo[0] == self.home_version:
+            return memo[1]
+        out = digests(self.home_page(sub_bits, index))
+        self._page_bytes[(sub_bits, index)] = (self.home_version, out)
         return out
 
     def home_keys_in_page(self, sub_bits: int, index: int) -> dict[bytes, int]:

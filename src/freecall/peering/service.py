@@ -387,6 +387,40 @@ class PeeringService:
         found = gossip.lookup_user(route) if "@" in route else gossip.lookup_domain(route)
         return [*found, *self._answer(route)]
 
+    def republish(self, *, gossip: Address | None, sip: Sequence[Address]) -> bool:
+        """This node's own addresses changed at run time (a public address learnt later,
+        say by STUN, or a reload that moved them): sign a new record with them (seq + 1) and
+        spread it; peers replace the old one by its sequence number (docs/peering.md, 3).
+        The arguments are those of :func:`announcement_for`; routes and extensions stay as
+        they are. True if the record changed; False if nothing did, or if the addresses do
+        not fit a record (logged, the old record stays)."""
+        current = self.announcement
+        addresses = addresses_for(gossip, sip)
+        # What set_nat put in stays: the reflexive address, and no gossip address while a
+        # relay is named (the new one is kept for when the node leaves the relay).
+        addresses = (*addresses, *(a for a in current.addresses if a.kind == AddrKind.REFLEXIVE))
+        if any(e[0] == Ext.VIA_RELAY for e in current.extensions):
+            self._gossip_address = gossip
+            addresses = tuple(a for a in addresses if a.kind != AddrKind.GOSSIP)
+        if addresses == current.addresses:
+            return False
+        try:  # a trial signature: the record must fit its size limit
+            self.identity.make_record(seq=0, expires=0, addresses=addresses,
+                                      routes=current.routes, flags=current.flags,
+                                      extensions=current.extensions)
+        except RecordError as error:
+            log.warning("peering: cannot announce %s (%s); keeping %s",
+                        _addresses(addresses), error, _addresses(current.addresses))
+            return False
+        self.announcement = dataclasses.replace(current, addresses=addresses)
+        if self.gossip is not None:
+            self.gossip.update_local(self.clock(), addresses=addresses)
+            log.info("peering: now announcing %s (record %d)", _addresses(addresses),
+                     self.gossip.local.seq)
+            self._dirty = True
+            self._flush()
+        return True
+
     async def _add_seeds(self, seeds: Sequence[tuple[str, int]]) -> None:
         for host, port in seeds:
             for address in await self._addresses(host):
@@ -707,6 +741,11 @@ class _Mdns:
             await self.zc.async_close()
 
 
+def addresses_for(gossip: Address | None, sip: Sequence[Address]) -> tuple[Address, ...]:
+    """The addresses a record announces, in order: gossip first, then SIP."""
+    return ((gossip,) if gossip is not None else ()) + tuple(sip)
+
+
 def announcement_for(
     identity: NodeIdentity,
     *,
@@ -720,7 +759,7 @@ def announcement_for(
     """This node's record content: its addresses, its routes (domains first, then users) as
     far as a record's limits allow (the rest is left out with a warning), the fingerprint of
     the OpenPGP key that signs its SAS hashes, its TLS key fingerprint and its name."""
-    addresses = ((gossip,) if gossip is not None else ()) + tuple(sip)
+    addresses = addresses_for(gossip, sip)
     announced: list[str] = []
     for route in routes:
         try:

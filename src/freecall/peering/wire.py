@@ -100,6 +100,8 @@ class Message:
     need: bytes | None = None
     need_home: list[int] = []  # noqa: RUF012
     page: tuple[int, int, int, list[tuple[bytes, int]]] | None = None
+    page_raw: bytes = b""
+    """The page's digests as sent (an in-sync page is recognised by these bytes alone)."""
     have: list[tuple[bytes, int]] = []  # noqa: RUF012
     home_have: list[tuple[bytes, int]] = []  # noqa: RUF012
     want: list[bytes] = []  # noqa: RUF012
@@ -225,7 +227,8 @@ def parse(data: bytes, start: int, end: int) -> Message:
                 sub_bits, index, flags = _PAGE.unpack_from(p, 0)
                 if sub_bits > 6 or index >= (1 << sub_bits):
                     raise WireError("page index")
-                m.page = (sub_bits, index, flags, _digests(p[3:]))
+                m.page_raw = p[3:]
+                m.page = (sub_bits, index, flags, _digests(m.page_raw))
             elif stype == Sec.NEED:
                 if not 0 < size <= 8192 or m.need is not None:
                     raise WireError("need")
@@ -350,3 +353,8 @@ def encode_answer(qid: int, status: int) -> bytes:
 def encode_page(sub_bits: int, index: int, complete: bool, items: list[tuple[bytes, int]]) -> bytes:
     """PAGE payload."""
     return _PAGE.pack(sub_bits, index, PAGE_COMPLETE if complete else 0) + digests(items)
+
+
+def encode_page_raw(sub_bits: int, index: int, complete: bool, encoded: bytes) -> bytes:
+    """PAGE payload from digests already encoded (:func:`digests`)."""
+    return _PAGE.pack(sub_bits, index, PAGE_COMPLETE if complete else 0) + encoded
