@@ -387,8 +387,8 @@ class Daemon:
         listed = self._relay_list
         if listed is None or now - listed[0] > (30.0 if listed[1] else 2.0):
             peering = self.peering
-            relays = (mesh_relays(peering.gossip.cache.records(), peering.identity.node_id)
-                      if peering is not None and peering.gossip is not None else [])
+            relays = (mesh_relays(peering.records(), peering.identity.node_id)
+                      if peering is not None else [])
             listed = self._relay_list = (now, relays)
         config = self.config
         engine = self.media_engine

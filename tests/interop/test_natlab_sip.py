@@ -18,39 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from harness import FreecallDaemon, Harness
-from harness.natlab import RELAY_ADDRESS, NatLab
-from harness.proc import ManagedProcess, wait_until
+from harness.natlab import RELAY_ADDRESS, RELAY_SIP_PORT, NatLab, start_relay
+from harness.proc import wait_until
 from harness.sipp import Sipp
 
 pytestmark = [pytest.mark.interop]
 
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 SRC = Path(__file__).resolve().parents[2] / "src"
-RELAY_SIP = 5061
 KEEPALIVE = 1.0  # seconds: pings every 0.8-1 s (RFC 5626's 120 s shortened for the test)
-
-
-def _relay(lab: NatLab, directory: Path) -> ManagedProcess:
-    directory.mkdir(parents=True, exist_ok=True)
-    config = {
-        "node": {"name": "relay1", "role": "relay", "state_dir": str(directory / "state")},
-        "peering": {"listen": f"udp:{RELAY_ADDRESS}:5064", "mdns": False, "interval": "0.3s"},
-        "relay": {"listen": f"udp:{RELAY_ADDRESS}:3478", "realm": "lab.test",
-                  "ports": "49152-49407", "sip": f"tls:{RELAY_ADDRESS}:{RELAY_SIP}"},
-        "control": {"listen": None},
-        "log": {"level": "debug"},
-    }
-    path = directory / "relay.yaml"
-    path.write_text(yaml.safe_dump(config))
-    process = ManagedProcess(
-        "relay", [*lab.run("relay"), sys.executable, "-m", "freecall", "run", "-c", str(path)],
-        log_path=directory / "relay.log", cwd=directory).start()
-    wait_until(lambda: " node relay1 listening on " in process.log_text(), 15,
-               message=lambda: "the relay to start: " + process.log_text()[-2000:])
-    return process
 
 
 def _node(harness: Harness, lab: NatLab, home: int, name: str, domain: str,
@@ -86,7 +64,7 @@ def _tls_request(lab: NatLab, home: int, request_uri: str) -> str:
 import socket, ssl
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); ctx.check_hostname = False
 ctx.verify_mode = ssl.CERT_NONE
-s = ctx.wrap_socket(socket.create_connection(("{RELAY_ADDRESS}", {RELAY_SIP}), 5))
+s = ctx.wrap_socket(socket.create_connection(("{RELAY_ADDRESS}", {RELAY_SIP_PORT}), 5))
 s.sendall(("INVITE {request_uri} SIP/2.0\\r\\n"
            "Via: SIP/2.0/TLS 10.9.9.9:5061;branch=z9hG4bKprobe1\\r\\n"
            "From: <sip:mallory@m.test>;tag=1\\r\\nTo: <{request_uri}>\\r\\n"
@@ -110,7 +88,7 @@ def _call(sipp: Sipp, lab: NatLab, a: FreecallDaemon, name: str) -> None:
 def test_calls_reach_a_node_behind_symmetric_nat_through_its_relay(
         harness: Harness, sipp: Sipp, tmp_path: Path) -> None:
     with NatLab(("full-cone", "symmetric")) as lab:
-        relay = _relay(lab, tmp_path / "relay")
+        relay, _ = start_relay(lab, tmp_path / "relay", sip=True, gossip_interval="0.3s")
         try:
             a = _node(harness, lab, 1, "a", "a.test", "alice")
             b = _node(harness, lab, 2, "b", "b.test", "bob")
@@ -144,7 +122,7 @@ def test_calls_reach_a_node_behind_symmetric_nat_through_its_relay(
             b_log = b.log_text()
             for method in ("INVITE sip:bob@b\\.test", "ACK sip:", "BYE sip:"):
                 assert re.search(rf"recv \d+ octets from tls:{re.escape(RELAY_ADDRESS)}:"
-                                 rf"{RELAY_SIP}[^\n]{{0,40}}? \\n {method}", b_log), method
+                                 rf"{RELAY_SIP_PORT}[^\n]{{0,40}}? \\n {method}", b_log), method
             # keep-alives: B pinged, the relay answered every ping
             def pinged() -> bool:
                 link = _status(b)["nat"]["relay_link"]
@@ -153,7 +131,7 @@ def test_calls_reach_a_node_behind_symmetric_nat_through_its_relay(
             wait_until(pinged, 10 * KEEPALIVE, message=lambda: str(_status(b)["nat"]))
             # kill B's kept connection (at the relay's end): B reconnects and is called again
             killed = subprocess.run([*lab.run("relay"), "ss", "-K", "state", "established",
-                                     "sport", "=", f":{RELAY_SIP}", "dst",
+                                     "sport", "=", f":{RELAY_SIP_PORT}", "dst",
                                      lab.wan_address(2)], capture_output=True, text=True,
                                     check=False)
             assert killed.returncode == 0, killed.stderr

@@ -470,10 +470,13 @@ class MediaEngine:
             return
         self._pool_tick()
 
-    def _pool_tick(self) -> None:
+    def _expire_pool(self) -> None:
         now = self.loop.time()
         for stream in [s for s in self._pool if now - s.created_at > POOL_MAX_AGE]:
             stream.release()
+
+    def _pool_tick(self) -> None:
+        self._expire_pool()
         self._refill_pool()
         if not self._closed:
             full = len(self._pool) >= self.ice_pool
@@ -506,9 +509,7 @@ class MediaEngine:
     def _take_pooled(self) -> MediaStream | None:
         """The oldest gathered stream in the pool (or the oldest at all): its candidates are
         in the SDP at once."""
-        now = self.loop.time()
-        for stream in [s for s in self._pool if now - s.created_at > POOL_MAX_AGE]:
-            stream.release()
+        self._expire_pool()
         if not self._pool:
             return None
         ready = [s for s in self._pool if s._ice is not None and s._ice.gathering_complete]
@@ -1151,21 +1152,22 @@ class MediaStream:
     def _ice_in(self, data: bytes, addr: Addr) -> None:
         """STUN, or TURN ChannelData from our relay: the agent's; media inside goes on."""
         agent = self._ice
-        self.stun_in += 1
         if agent is None:
+            self.stun_in += 1
             return  # RFC 7983 demultiplexing only
         now = self._loop.time()
         inner = agent.receive(data, (addr[0], addr[1]), now)
         self._ice_pump(now)
-        if inner is not None and self.state != CLOSED and not self._pooled:
-            payload, peer = inner
-            self.stun_in -= 1  # it was media
-            try:
-                source = _normalise(peer[0], peer[1], _family(self._engine.bind_host))
-            except ValueError:
-                self.dropped_other += 1
-                return
-            self._net_inner(payload, source)
+        if inner is None or self.state == CLOSED or self._pooled:
+            self.stun_in += 1  # ICE's own, or nothing to pass on
+            return
+        payload, peer = inner
+        try:
+            source = _normalise(peer[0], peer[1], _family(self._engine.bind_host))
+        except ValueError:
+            self.dropped_other += 1
+            return
+        self._net_inner(payload, source)
 
     def _net_rtp_relayed(self, data: bytes, addr: Addr) -> None:
         """The network socket while the path goes through our TURN allocation."""
