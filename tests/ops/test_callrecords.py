@@ -27,6 +27,21 @@ def test_each_record_is_one_json_line_written_at_once(tmp_path: Path) -> None:
     log.close()
 
 
+def test_header_bytes_that_are_not_utf8_are_written_as_replacement_characters(
+        tmp_path: Path) -> None:
+    """A From header with a byte that is not UTF-8 reaches the record as a lone surrogate
+    (surrogateescape); the wire fuzzer found that it made the write raise."""
+    path = tmp_path / "calls.jsonl"
+    log = CallRecordLog(path)
+    raw = b"sip:al\xceice@a.test".decode("utf-8", "surrogateescape")
+    assert log.append({"id": "c0", "from": raw, "to": "sip:bob@b.test é"})
+    [record] = list(read_records(path))
+    assert record["from"] == "sip:al\ufffdice@a.test"
+    assert record["to"] == "sip:bob@b.test é"
+    path.read_bytes().decode("utf-8")  # the file stays UTF-8
+    log.close()
+
+
 def test_a_line_cut_by_a_crash_is_closed_and_skipped(tmp_path: Path) -> None:
     path = tmp_path / "calls.jsonl"
     path.write_bytes(b'{"id":"a"}\n{"id":"b", "trunc')

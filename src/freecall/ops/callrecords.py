@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ log = logging.getLogger("freecall.records")
 
 RECORDS_FILE = "calls.jsonl"
 PENDING_LIMIT = 10_000
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class CallRecordLog:
@@ -63,8 +65,13 @@ class CallRecordLog:
 
     def append(self, record: dict[str, Any]) -> bool:
         """Write one record now (and any earlier ones a failure held back)."""
-        line = (json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str)
-                + "\n").encode()
+        text = json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str) + "\n"
+        try:
+            line = text.encode()
+        except UnicodeEncodeError:
+            # Header bytes that are not UTF-8 arrive as lone surrogates (surrogateescape): the
+            # file stays UTF-8, one U+FFFD for each such byte.
+            line = _LONE_SURROGATE.sub("\ufffd", text).encode()
         self.pending.append(line)
         try:
             while self.pending:
