@@ -1040,7 +1040,10 @@ class Daemon:
                 proxy.handle_event(event, now)
             while (pevent := proxy.next_event()) is not None:
                 busy = True
-                self._on_proxy_event(pevent, now)
+                try:
+                    self._on_proxy_event(pevent, now)
+                except Exception:  # one event's failure must not hold back the ones queued
+                    log.exception("handling %s failed", type(pevent).__name__)
             while (revent := registrar.next_event()) is not None:
                 busy = True
                 self._registrations_dirty = True
