@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
@@ -728,6 +728,42 @@ def test_an_in_dialog_request_to_a_minted_contact_without_route_is_delivered() -
             assert hop.remote == ALICE.remote
         else:
             assert not requests(out) and responses(out)[-1] >= 400
+
+
+def test_an_ack_to_a_minted_contact_without_route_reaches_the_softphone() -> None:
+    """A UAS that does not echo Record-Route (SIPp's) leaves the dialog with no route set:
+    the caller's ACK for the 2xx comes straight to the Contact we gave out. It must reach
+    the softphone and confirm the call, or the answer is retransmitted and the call, never
+    confirmed, counts against its source's cap and is ended after 64*T1."""
+    node = Node()
+    node.proxy.settings = replace(node.proxy.settings, calls_per_source=5)
+    node.location.bindings["bob@a.test"] = [
+        Binding(Address.parse("<sip:bob@127.0.0.1:5083>"), BOB1)
+    ]
+    inbound = invite("sip:bob@a.test", branch="z9hG4bKnorr", via_host="198.51.100.7:5062",
+                     frm="<sip:carol@b.test>;tag=c9")
+    inbound.set("Contact", Address.parse("<sip:carol@198.51.100.7:5062>"))
+    ((fwd, _),) = requests(node.feed(inbound, REMOTE))
+    assert node.proxy.calls_in_progress == 1
+    # SIPp's Contact has no user part; and no Record-Route echoed
+    ok = reply(fwd, 200, "b1", contact="sip:127.0.0.1:5083")
+    ((answer, _),) = [(m, f) for m, f in node.feed(ok, BOB1) if isinstance(m, Response)]
+    assert not answer.record_routes
+    contact = answer.contacts[0].sip_uri
+    assert contact is not None and "fcc" in contact.params
+    for uri, delivered in ((f"{contact}", True),
+                           ("sip:192.0.2.10:5062;fcc=c2lwOnZpY3RpbUAyMDMuMC4xMTMuNQ.aaaa", False)):
+        ack = invite(uri, method="ACK", branch=f"z9hG4bKack{delivered}",
+                     frm="<sip:carol@b.test>;tag=c9", via_host="198.51.100.7:5062")
+        ack.set("To", Address.parse("<sip:bob@a.test>;tag=b1"))
+        out = node.feed(ack, REMOTE)
+        if delivered:
+            ((to_bob, hop),) = requests(out)
+            assert to_bob.method == "ACK" and str(to_bob.uri) == "sip:127.0.0.1:5083"
+            assert hop.remote == BOB1.remote
+            assert node.proxy.calls_in_progress == 0  # confirmed: off the source's cap
+        else:
+            assert not requests(out)  # a forged token: dropped (ACKs are never answered)
 
 
 # -- issue 11: scanners ---------------------------------------------------------------------------

@@ -939,6 +939,11 @@ class Proxy:
         """An ACK for a 2xx is forwarded statelessly along the dialog's route (16.11)."""
         stamp = ack.via.branch or ""
         state = self._dialog_route_state(self._pop_own_routes(ack), ack)
+        if state == "none" and self._minted_contact(ack.uri):
+            # A UAS that did not echo Record-Route (SIPp's) leaves no route set: the ACK
+            # comes to the Contact we gave out, whose HMAC _next_hop_flow checks (as for
+            # any in-dialog request, see _in_dialog).
+            state = "ours"
         if state == "ours":
             next_flow = self._next_hop_flow(ack, now)
         else:
