@@ -40,7 +40,7 @@ DEVICES = 10
 MEDIA_PORTS = 34000  # A 34000-34399, B 34400-34799: outside the harness pool and the defaults
 GAUGES = ("freecall_open_fds", "freecall_tasks", "freecall_timer_entries",
           "freecall_sip_transactions", "freecall_proxy_contexts", "freecall_media_calls",
-          "freecall_peers", "freecall_registrations")
+          "freecall_peers", "freecall_registrations", "freecall_calls_in_progress")
 TOLERANCE = {  # allowed growth from the first to the last steady sample, per node
     "rss_mb": 12.0, "freecall_open_fds": 12, "freecall_tasks": 6,
     "freecall_timer_entries": 400, "freecall_sip_transactions": 200,
@@ -256,6 +256,13 @@ def run_soak(h: Harness, *, seconds: float, rate: float = 1.0, hold: float = 30.
             if growth > limit:
                 failures.append(f"{node.name}: {key} grew by {growth:.1f} from "
                                 f"{s.times[judged[0]]:.0f} s to the end (limit {limit})")
+        # calls not yet confirmed by their ACK (security.calls_per_source counts them): a
+        # call is confirmed within milliseconds, so a few at most; the held calls themselves
+        # here would mean ACKs are lost (as when an ACK to a minted Contact was dropped)
+        unconfirmed = max(s.values["freecall_calls_in_progress"])
+        if unconfirmed > max(3.0, 3 * rate):
+            failures.append(f"{node.name}: {unconfirmed:.0f} calls unconfirmed at once (their "
+                            "ACKs did not arrive)")
         if min(s.values["freecall_peers"][i] for i in steady) < len(nodes) - 1:
             failures.append(f"{node.name}: knows fewer than {len(nodes) - 1} peers")
         text = node.log_text()
