@@ -1019,6 +1019,7 @@ def test_pooled_streams_carry_media_through_the_relay(run: Run, ports: PortAlloc
             # listed twice, and the engine knows it is not behind NAT.
             assert {c.kind for c in params.candidates} == {"host", "relay"}
             assert a.engine.behind_nat is False
+            assert (a.engine.nat.source, a.engine.stats()["nat_source"]) == ("media", "media")
             assert a.engine.stats()["streams"] == 1  # the pool is not a call
             assert a.engine.stats()["pooled"] == 1
             # Each may reach the other only at its relayed address (as between two symmetric

@@ -181,7 +181,9 @@ class ControlService:
             "calls_total": daemon.stats.calls_total,
             "registrations": daemon.registrar.binding_count if daemon.registrar else 0,
             "peers": peering.known_nodes() if peering is not None else 0,
-            "nat": daemon.nat.summary() if daemon.nat is not None else None,
+            "nat": (daemon.nat.summary() if daemon.nat is not None
+                    else {**daemon.nat_view.summary(), "attach": "never", "relay_link": None}
+                    if peering is not None else None),
         }
 
     def registrations(self) -> list[dict[str, Any]]:
