@@ -138,6 +138,8 @@ def test_calls_reach_a_node_behind_symmetric_nat_through_its_relay(
             edge = unix_api(relay_state, "/api/status")["sip_edge"]
             assert edge["attached"] == 2 and edge["forwarded"] >= 3, edge
             assert nat_b["source"] in ("stun", "media"), nat_b
+            assert unix_metric(b.state_dir, "freecall_nat_behind") == 1
+            assert unix_metric(b.state_dir, "freecall_nat_relay_attached") == 1
             shown = _cli_status(b.state_dir)
             assert re.search(r"^NAT +behind NAT \(by (STUN|media gathering)", shown, re.M), shown
             assert re.search(rf"^relay link +attached [0-9a-f]{{16}} at {re.escape(RELAY_ADDRESS)}:"
