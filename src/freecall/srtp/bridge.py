@@ -485,8 +485,22 @@ class MediaEngine:
         for stream in [s for s in self._pool if now - s.created_at > POOL_MAX_AGE]:
             stream.release()
 
+    def _retire_other_turn(self) -> None:
+        """A pooled stream that did not gather from the TURN server the node chooses now (its
+        signalling attached to another relay since, or no relay was known then) is replaced:
+        a call's media then crosses the relay its signalling does, not a second one
+        (docs/relay.md, "One relay per node")."""
+        if not self._pool:
+            return
+        wanted = self._current_ice_servers().turn
+        for stream in list(self._pool):
+            agent = stream._ice
+            if agent is not None and any(not agent.is_turn_server(t.addr) for t in wanted):
+                stream.release()
+
     def _pool_tick(self) -> None:
         self._expire_pool()
+        self._retire_other_turn()
         self._refill_pool()
         if not self._closed:
             full = len(self._pool) >= self.ice_pool
