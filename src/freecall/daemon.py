@@ -38,6 +38,7 @@ from .ops.callrecords import RECORDS_FILE, CallRecordLog, record_of
 from .ops.reload import effective_config, plan_reload
 from .ops.sdnotify import Notifier
 from .peering.gossip import GossipConfig
+from .peering.nat import NatView
 from .peering.natservice import NatService
 from .peering.records import Address, AddrKind, NodeIdentity, NodeRecord
 from .peering.service import PeeringService, RecordKey, announcement_for
@@ -169,6 +170,10 @@ class Daemon:
         self.dns: AsyncDns | None = None
         self.nat: NatService | None = None
         """Node-level STUN and the connection kept to a relay behind NAT (issue 9)."""
+        self.nat_view = NatView()
+        """The one "behind NAT?" verdict: node-level STUN's answer, else the media gathering's
+        (freecall.peering.nat.NatView); the record, the relay link, the mesh TURN choice and
+        /api/status read it."""
         self.media_engine: MediaEngine | None = None
         self._relay_list: tuple[float, list[NodeRecord]] | None = None
         """Relay records of the host cache and when they were listed (for ICE servers)."""
@@ -373,6 +378,7 @@ class Daemon:
             ice=config.media.ice,
             ice_servers=self._ice_servers,
             ice_pool=config.media.ice_pool,
+            nat_view=self.nat_view,
         )
         self.media = MediaCalls(self.media_engine,
                                 key_offer=self.keys.offer if self.keys is not None else None,
@@ -391,11 +397,15 @@ class Daemon:
                       if peering is not None else [])
             listed = self._relay_list = (now, relays)
         config = self.config
-        engine = self.media_engine
+        relays = listed[1]
+        preferred = self.nat.preferred_relay() if self.nat is not None else None
+        if preferred is not None and self.peering is not None:
+            # the relay our signalling is attached to first: one relay sees our traffic
+            relays = mesh_relays(relays, self.peering.identity.node_id, preferred)
         return ice_servers(
-            stun=config.media.stun, turn=config.media.turn, relays=listed[1],
+            stun=config.media.stun, turn=config.media.turn, relays=relays,
             identity=self.peering.identity if self.peering is not None else None,
-            wall_now=time.time(), behind_nat=engine.behind_nat if engine is not None else None)
+            wall_now=time.time(), behind_nat=self.nat_view.behind_nat)
 
     async def _start_openpgp(self) -> SasKeys | None:
         """Our OpenPGP key (made on first start, naming every user of every domain we
@@ -493,7 +503,7 @@ class Daemon:
                                  nat, attach="never"),
                              transport=self.transport, peering=peering,
                              identity=peering.identity, stun=stun,
-                             is_local=_is_local_address, sent_by=sent_by)
+                             is_local=_is_local_address, sent_by=sent_by, view=self.nat_view)
         service.start()
         return service
 

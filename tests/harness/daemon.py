@@ -37,6 +37,41 @@ def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]
     return out
 
 
+def unix_get(state_dir: Path, path: str, timeout: float = 5.0) -> bytes:
+    """GET ``path`` on the control Unix socket of the daemon (endpoint or relay) whose state
+    directory is ``state_dir`` (``control.sock``, no token): the body, raising on a status
+    other than 200. It works across network namespaces (the socket is a file)."""
+
+    class _Conn(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(str(state_dir / "control.sock"))
+
+    conn = _Conn("localhost")
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        body = response.read()
+        assert response.status == 200, f"GET {path}: {response.status} {body[:200]!r}"
+        return body
+    finally:
+        conn.close()
+
+
+def unix_api(state_dir: Path, path: str, timeout: float = 5.0) -> Any:
+    """:func:`unix_get` decoded as JSON."""
+    return json.loads(unix_get(state_dir, path, timeout))
+
+
+def unix_metric(state_dir: Path, name: str, timeout: float = 5.0) -> float:
+    """The unlabelled sample ``name`` of ``/metrics`` over the Unix socket; fails if absent."""
+    text = unix_get(state_dir, "/metrics", timeout).decode()
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name} not in /metrics:\n{text}"
+    return float(match.group(1))
+
+
 class FreecallDaemon:
     """One freecall node on 127.0.0.1 with its own ports and state directory.
 
@@ -166,20 +201,7 @@ class FreecallDaemon:
     def unix_api(self, path: str, timeout: float = 5.0) -> Any:
         """GET on the control API's Unix socket (no token): it reaches a daemon in another
         network namespace, where its TCP listener is on that namespace's loopback."""
-        state_dir = self.state_dir
-
-        class _Conn(http.client.HTTPConnection):
-            def connect(self) -> None:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.settimeout(timeout)
-                self.sock.connect(str(state_dir / "control.sock"))
-
-        conn = _Conn("localhost")
-        try:
-            conn.request("GET", path)
-            return json.loads(conn.getresponse().read())
-        finally:
-            conn.close()
+        return unix_api(self.state_dir, path, timeout)
 
     def metrics_text(self, timeout: float = 5.0) -> str:
         """``/metrics`` (Prometheus text) with the bearer token."""

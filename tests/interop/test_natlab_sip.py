@@ -5,7 +5,9 @@ their node key, keep the flow with RFC 5626 CRLF pings and publish "through the 
 signed records. A SIPp UAC on A calls a SIPp UAS registered at B by address (``bob@b.test``),
 with no DNS and no static route: INVITE, 200, ACK and BYE all cross the relay. B's connection is
 then killed: B reconnects (a new symmetric-NAT mapping) and a second call works. The relay
-refuses what is not for an attached node.
+refuses what is not for an attached node. What an operator sees is checked on the way: the
+relay's /metrics and /api/status (its SIP edge's figures, over its Unix control socket) and
+``freecall status`` of node B (its NAT state and relay link) and of the relay.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import pytest
 
 from harness import FreecallDaemon, Harness
+from harness.daemon import unix_api, unix_metric
 from harness.natlab import RELAY_ADDRESS, RELAY_SIP_PORT, NatLab, start_relay
 from harness.proc import wait_until
 from harness.sipp import Sipp
@@ -58,17 +61,18 @@ def _attached(node: FreecallDaemon) -> bool:
     return link.get("state") == "attached"
 
 
-def _tls_request(lab: NatLab, home: int, request_uri: str) -> str:
-    """One INVITE sent straight to the relay's SIP edge over TLS from a home: the status line."""
+def _tls_request(lab: NatLab, home: int, request_uri: str, method: str = "INVITE") -> str:
+    """One request sent straight to the relay's SIP edge over TLS from a home: the status
+    line."""
     script = f"""
 import socket, ssl
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); ctx.check_hostname = False
 ctx.verify_mode = ssl.CERT_NONE
 s = ctx.wrap_socket(socket.create_connection(("{RELAY_ADDRESS}", {RELAY_SIP_PORT}), 5))
-s.sendall(("INVITE {request_uri} SIP/2.0\\r\\n"
+s.sendall(("{method} {request_uri} SIP/2.0\\r\\n"
            "Via: SIP/2.0/TLS 10.9.9.9:5061;branch=z9hG4bKprobe1\\r\\n"
            "From: <sip:mallory@m.test>;tag=1\\r\\nTo: <{request_uri}>\\r\\n"
-           "Call-ID: probe@m.test\\r\\nCSeq: 1 INVITE\\r\\nMax-Forwards: 70\\r\\n"
+           "Call-ID: probe@m.test\\r\\nCSeq: 1 {method}\\r\\nMax-Forwards: 70\\r\\n"
            "Content-Length: 0\\r\\n\\r\\n").encode())
 print(s.recv(4096).decode().split("\\r\\n")[0])
 """
@@ -76,6 +80,15 @@ print(s.recv(4096).decode().split("\\r\\n")[0])
                           capture_output=True, text=True, timeout=15, check=False)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
+
+
+def _cli_status(state: Path) -> str:
+    """``freecall status`` as an operator runs it, for the daemon of a state directory."""
+    done = subprocess.run([sys.executable, "-m", "freecall", "status", "--state-dir",
+                           str(state)], capture_output=True, text=True, timeout=30,
+                          check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
 
 
 def _call(sipp: Sipp, lab: NatLab, a: FreecallDaemon, name: str) -> None:
@@ -88,7 +101,8 @@ def _call(sipp: Sipp, lab: NatLab, a: FreecallDaemon, name: str) -> None:
 def test_calls_reach_a_node_behind_symmetric_nat_through_its_relay(
         harness: Harness, sipp: Sipp, tmp_path: Path) -> None:
     with NatLab(("full-cone", "symmetric")) as lab:
-        relay, _ = start_relay(lab, tmp_path / "relay", sip=True, gossip_interval="0.3s")
+        relay, relay_state = start_relay(lab, tmp_path / "relay", sip=True,
+                                         gossip_interval="0.3s")
         try:
             a = _node(harness, lab, 1, "a", "a.test", "alice")
             b = _node(harness, lab, 2, "b", "b.test", "bob")
@@ -117,6 +131,22 @@ def test_calls_reach_a_node_behind_symmetric_nat_through_its_relay(
                     break
                 time.sleep(0.5)
             assert result.ok, result.errors()
+            # the operator's view: the relay's SIP edge figures, and B's NAT state
+            assert unix_metric(relay_state, "freecall_relay_sip_attached") == 2
+            assert unix_metric(relay_state, "freecall_relay_sip_connections") >= 2
+            assert unix_metric(relay_state, "freecall_relay_sip_forwarded_total") >= 3
+            edge = unix_api(relay_state, "/api/status")["sip_edge"]
+            assert edge["attached"] == 2 and edge["forwarded"] >= 3, edge
+            assert nat_b["source"] in ("stun", "media"), nat_b
+            assert unix_metric(b.state_dir, "freecall_nat_behind") == 1
+            assert unix_metric(b.state_dir, "freecall_nat_relay_attached") == 1
+            shown = _cli_status(b.state_dir)
+            assert re.search(r"^NAT +behind NAT \(by (STUN|media gathering)", shown, re.M), shown
+            assert re.search(rf"^relay link +attached [0-9a-f]{{16}} at {re.escape(RELAY_ADDRESS)}:"
+                             rf"{RELAY_SIP_PORT} for \d+ s", shown, re.M), shown
+            relay_shown = _cli_status(relay_state)
+            assert re.search(r"^SIP edge +2 node\(s\) attached", relay_shown, re.M), relay_shown
+            print(shown, relay_shown, sep="\n")
             # every message of the call crossed the relay: B saw the INVITE and the BYE on
             # the connection it keeps to the relay
             b_log = b.log_text()
@@ -143,6 +173,10 @@ def test_calls_reach_a_node_behind_symmetric_nat_through_its_relay(
             # never an open relay: a domain no record routes through the relay, then bob once
             # B is gone (its record still names the relay; it is not attached)
             assert _tls_request(lab, 1, "sip:carol@c.test").startswith("SIP/2.0 403"), "c"
+            assert _tls_request(lab, 1, f"sip:{RELAY_ADDRESS}", "REGISTER").startswith(
+                "SIP/2.0 403")  # no attach proof
+            assert unix_metric(relay_state, "freecall_relay_sip_refused_total") >= 1
+            assert unix_metric(relay_state, "freecall_relay_sip_attach_refused_total") >= 1
             b.stop()
             assert _tls_request(lab, 1, "sip:bob@b.test").startswith("SIP/2.0 404")
             a.stop()

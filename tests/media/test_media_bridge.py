@@ -991,6 +991,37 @@ def test_a_far_end_without_ice_gets_the_sdp_address(run: Run, ports: PortAllocat
     run(scenario())
 
 
+def test_pooled_streams_follow_the_relay_the_node_chooses(run: Run,
+                                                         ports: PortAllocator) -> None:
+    """A pooled stream allocated at one relay is replaced once the node chooses another (its
+    signalling attached there): the allocation at the first relay is given back."""
+
+    async def scenario() -> None:
+        first, second = await _relay(ports), await _relay(ports)
+        choice = [first]
+        node = await make_node(ports, ice=True, ice_pool=1,
+                               ice_servers=lambda: _servers(choice[0], "a"))
+        try:
+            node.engine.start_pool()
+            await wait_for(lambda: first.core is not None and first.core.allocations == 1,
+                           timeout=5)
+            choice[0] = second
+            handle = node.engine._pool_handle
+            assert handle is not None
+            handle.cancel()
+            node.engine._pool_tick()  # the engine's own look at its pool, without the wait
+            await wait_for(lambda: second.core is not None and second.core.allocations == 1
+                           and first.core is not None and first.core.allocations == 0,
+                           timeout=5)
+            assert len(node.engine._pool) == 1
+        finally:
+            node.engine.close()
+            first.close()
+            second.close()
+
+    run(scenario())
+
+
 def test_pooled_streams_carry_media_through_the_relay(run: Run, ports: PortAllocator) -> None:
     """Streams gathered in advance (server-reflexive and relayed candidates at once); when the
     far end can reach us only at our relayed address, media and ZRTP go through the TURN
@@ -1019,6 +1050,7 @@ def test_pooled_streams_carry_media_through_the_relay(run: Run, ports: PortAlloc
             # listed twice, and the engine knows it is not behind NAT.
             assert {c.kind for c in params.candidates} == {"host", "relay"}
             assert a.engine.behind_nat is False
+            assert (a.engine.nat.source, a.engine.stats()["nat_source"]) == ("media", "media")
             assert a.engine.stats()["streams"] == 1  # the pool is not a call
             assert a.engine.stats()["pooled"] == 1
             # Each may reach the other only at its relayed address (as between two symmetric

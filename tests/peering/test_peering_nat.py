@@ -114,7 +114,7 @@ def test_relay_candidates_need_the_flag_a_tls_address_and_a_key() -> None:
     found = relay_candidates(records, b"\0" * 8)
     assert {r.node_id for r in found} == {good.node_id, other.node_id}
     assert relay_candidates(records, b"\0" * 8, other.node_id)[0].node_id == other.node_id
-    assert relay_candidates(records, good.key) == [r for r in found
+    assert relay_candidates(records, good.node_id) == [r for r in found
                                                    if r.node_id == other.node_id]
 
 

@@ -204,7 +204,48 @@ def render_status(status: dict[str, Any]) -> str:
     lines.append(f"registered   {status.get('registrations', 0)} contact(s); "
                  f"peers known: {status.get('peers', 0)}")
     lines.append("listening    " + "\n             ".join(status.get("listeners") or ["-"]))
+    nat = status.get("nat")
+    if isinstance(nat, dict):
+        lines += render_nat(nat)
+    edge = status.get("sip_edge")
+    if isinstance(edge, dict):
+        lines.append(f"allocations  {status.get('allocations', 0)} (TURN)")
+        lines.append(f"SIP edge     {edge.get('attached', 0)} node(s) attached, "
+                     f"{edge.get('connections_open', 0)} TLS connection(s); "
+                     f"{edge.get('forwarded', 0)} forwarded, {edge.get('refused', 0)} refused, "
+                     f"{edge.get('attach_refused', 0)} attach(es) refused")
     return "\n".join(lines)
+
+
+def render_nat(nat: dict[str, Any]) -> list[str]:
+    """The node's NAT state (``/api/status`` ``nat``): the verdict and whose it is, the
+    mapping, the public address, and the link to the relay calls reach us through."""
+    behind = nat.get("behind_nat")
+    verdict = ("behind NAT" if behind is True else "not behind NAT" if behind is False
+               else "unknown")
+    source = nat.get("source")
+    said = {"stun": "by STUN", "media": "by media gathering"}.get(str(source), "")
+    mapping = nat.get("mapping")
+    details = [d for d in (said, f"mapping {mapping}" if mapping and behind else "",
+                           f"public {nat['public_address']}" if nat.get("public_address")
+                           else "") if d]
+    lines = [f"NAT          {verdict}" + (f" ({', '.join(details)})" if details else "")]
+    link = nat.get("relay_link")
+    if isinstance(link, dict):
+        state = str(link.get("state"))
+        relay = link.get("relay") if isinstance(link.get("relay"), dict) else None
+        where = (f" {str(relay.get('node_id'))[:16]} at {relay.get('address')}"
+                 if relay else "")
+        text = f"relay link   {state}{where}"
+        if state == "attached" and link.get("attached_s") is not None:
+            text += f" for {link['attached_s']:.0f} s"
+        text += (f" ({link.get('attaches', 0)} attach(es), {link.get('failures', 0)} "
+                 f"failure(s) in a row, {link.get('pongs', 0)}/"
+                 f"{link.get('keepalives_sent', 0)} keep-alives answered)")
+        lines.append(text)
+    elif nat.get("attach") is not None:
+        lines.append(f"relay link   none (nat.attach: {nat.get('attach')})")
+    return lines
 
 
 def render_peers(peers: list[dict[str, Any]]) -> str:

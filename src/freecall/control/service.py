@@ -181,7 +181,9 @@ class ControlService:
             "calls_total": daemon.stats.calls_total,
             "registrations": daemon.registrar.binding_count if daemon.registrar else 0,
             "peers": peering.known_nodes() if peering is not None else 0,
-            "nat": daemon.nat.summary() if daemon.nat is not None else None,
+            "nat": (daemon.nat.summary() if daemon.nat is not None
+                    else {**daemon.nat_view.summary(), "attach": "never", "relay_link": None}
+                    if peering is not None else None),
         }
 
     def registrations(self) -> list[dict[str, Any]]:
@@ -331,6 +333,18 @@ class ControlService:
         peering = daemon.peering
         out.add("freecall_peers", "gauge", "Nodes in the host cache.",
                 peering.known_nodes() if peering else 0)
+        behind = daemon.nat_view.behind_nat
+        if behind is not None:
+            out.add("freecall_nat_behind", "gauge",
+                    "1 when the node is behind NAT (node-level STUN, else the media "
+                    "gathering), 0 when not; absent while unknown.", int(behind))
+        if daemon.nat is not None:
+            link = daemon.nat.link
+            out.add("freecall_nat_relay_attached", "gauge",
+                    "1 while the node is attached to a relay that calls reach it through.",
+                    int(link.state == "attached"))
+            out.add("freecall_nat_relay_attaches_total", "counter",
+                    "Attachments to a relay (a reconnect counts again).", link.attaches)
         gossip = peering.gossip if peering is not None else None
         if gossip is not None:
             out.labelled("freecall_gossip_events_total", "counter",

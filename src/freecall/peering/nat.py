@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import ipaddress
 import random
 import struct
@@ -58,6 +59,7 @@ __all__ = [
     "Close",
     "Connect",
     "NatStatus",
+    "NatView",
     "Publish",
     "RelayLink",
     "SendPing",
@@ -67,6 +69,7 @@ __all__ = [
     "check_attach_proof",
     "classify",
     "mapped_address",
+    "rank_relays",
     "relay_candidates",
 ]
 
@@ -197,23 +200,128 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+# -- the one verdict ----------------------------------------------------------------------------
+
+class NatView:
+    """The node's one answer to "behind NAT?", from two observers.
+
+    * Node-level STUN (:class:`NatStatus`, ``NatService``): a socket of its own asks up to
+      three servers on purpose, again every ``nat.probe_interval``, and also tells the mapping
+      behaviour. When it has an answer, that answer is the verdict.
+    * The media engine's ICE gathering (RFC 8445 section 5.1.1.2: a server-reflexive candidate
+      other than the host candidate means a NAT on the path): the verdict while STUN has none
+      (``nat.stun: false``, or no server answered the probe).
+
+    Each informs the other: a gathering that contradicts STUN's answer sets :attr:`recheck`
+    (the network may have changed under a laptop; STUN is asked again at once rather than at
+    the next probe), and the listeners hear of every change of verdict (the relay link is
+    then wanted or dropped without waiting for its next look).
+    """
+
+    def __init__(self) -> None:
+        self.stun: NatStatus = UNKNOWN
+        self.media: bool | None = None
+        """What the last gathering showed (None: no gathering got a server-reflexive answer)."""
+        self.media_public: tuple[str, int] | None = None
+        """A server-reflexive address of the last gathering that showed a NAT (its port is
+        that of a media socket)."""
+        self.recheck = False
+        """A gathering contradicted STUN's answer: probe again now."""
+        self.changes = 0
+        """How often the verdict changed (``/api/status``: a flapping verdict is a finding)."""
+        self.listeners: list[Callable[[], None]] = []
+
+    @property
+    def behind_nat(self) -> bool | None:
+        """The verdict: True, False, or None while neither observer has an answer."""
+        if self.stun.behind_nat is not None:
+            return self.stun.behind_nat
+        return self.media
+
+    @property
+    def source(self) -> str:
+        """Whose answer :attr:`behind_nat` is: ``stun``, ``media`` or ``none``."""
+        if self.stun.behind_nat is not None:
+            return "stun"
+        return "media" if self.media is not None else "none"
+
+    @property
+    def public(self) -> tuple[str, int] | None:
+        """The public address of whoever gave the verdict (None: not behind NAT, unknown)."""
+        if self.stun.behind_nat is not None:
+            return self.stun.public
+        return self.media_public if self.media else None
+
+    def from_stun(self, status: NatStatus) -> None:
+        """A probe's classification (UNKNOWN when no server answered: the gathering rules)."""
+        before = self.behind_nat
+        self.stun = status
+        self.recheck = False
+        self._changed(before, False)
+
+    def from_media(self, behind: bool, reflexive: Iterable[tuple[str, int]] = ()) -> None:
+        """A gathering's server-reflexive addresses were (``behind``) or were not our own."""
+        before = self.behind_nat
+        self.media = behind
+        if behind:
+            self.media_public = min(reflexive, default=self.media_public)
+        ask = self.stun.behind_nat is not None and behind != self.stun.behind_nat \
+            and not self.recheck
+        if ask:
+            self.recheck = True
+        self._changed(before, ask)
+
+    def _changed(self, before: bool | None, ask: bool) -> None:
+        changed = self.behind_nat != before
+        if changed and before is not None:
+            self.changes += 1
+        if changed or ask:
+            for listener in list(self.listeners):
+                listener()
+
+    def summary(self) -> dict[str, object]:
+        """``/api/status`` ``nat``: the verdict and what each observer said."""
+        public = self.public
+        return {"public_address": f"{_host(public[0])}:{public[1]}" if public else None,
+                "behind_nat": self.behind_nat, "mapping": self.stun.mapping,
+                "source": self.source, "stun_behind_nat": self.stun.behind_nat,
+                "media_behind_nat": self.media, "verdict_changes": self.changes}
+
+
 # -- relay choice -------------------------------------------------------------------------------
 
-def relay_candidates(records: Iterable[NodeRecord], own_key: bytes,
+def relay_weight(own_id: bytes, node_id: bytes) -> bytes:
+    """Rendezvous (highest random weight) hashing: every node ranks the relays differently, so
+    the load spreads, and a node keeps its choice while its relay stays in the host cache."""
+    return hashlib.sha256(own_id + node_id).digest()
+
+
+def rank_relays(records: Iterable[NodeRecord], own_id: bytes, preferred: bytes | None = None,
+                *, flags: int = Flag.RELAY) -> list[NodeRecord]:
+    """The one order in which a node prefers the relays of its host cache (records with one
+    of ``flags``, not its own), for its signalling (:func:`relay_candidates`), its TURN and
+    its STUN servers alike: ``preferred`` (a node id: ``nat.relay``, or the relay the node is
+    attached to) first, then by :func:`relay_weight`, highest first. Callers filter by the
+    addresses and keys each use needs; the order stays the same (docs/relay.md, "One relay
+    per node")."""
+    found = [r for r in records if r.flags & flags and r.node_id != own_id]
+    found.sort(key=lambda r: relay_weight(own_id, r.node_id), reverse=True)
+    found.sort(key=lambda r: r.node_id != preferred)  # stable: the preferred one moves first
+    return found
+
+
+def relay_candidates(records: Iterable[NodeRecord], own_id: bytes,
                      preferred: bytes | None = None) -> list[RelayVia]:
-    """Relays a node can attach to: records with the RELAY flag, a SIP-over-TLS address and a
-    TLS key (the key is what makes the relay's identity checkable), ``preferred`` (a node id)
-    first, then in node-id order (the caller rotates through them on failure)."""
+    """Relays the node ``own_id`` can attach to: records with the RELAY flag, a SIP-over-TLS
+    address and a TLS key (the key is what makes the relay's identity checkable), in
+    :func:`rank_relays` order (the caller rotates through them on failure)."""
     found: list[RelayVia] = []
-    for record in records:
-        if record.key == own_key or not record.flags & Flag.RELAY:
-            continue
+    for record in rank_relays(records, own_id, preferred):
         fingerprint = record.tls_fingerprint
         tls = record.addresses_of(AddrKind.SIP_TLS)
         if fingerprint is None or len(fingerprint) != 32 or not tls:
             continue
         found.append(RelayVia(record.node_id, fingerprint, tls[0].host, tls[0].port))
-    found.sort(key=lambda r: (r.node_id != preferred, r.node_id))
     return found
 
 

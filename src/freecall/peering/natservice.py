@@ -2,7 +2,9 @@
 
 :class:`NatService` asks STUN servers (``media.stun`` and the STUN/relay nodes of the host
 cache) for the node's public address from one UDP socket, publishes it in the node record
-(AddrKind.REFLEXIVE) and, when the node is behind NAT (``nat.attach``), drives a
+(AddrKind.REFLEXIVE), gives its classification to the node's one verdict
+(:class:`~freecall.peering.nat.NatView`, which the media engine's gathering informs too) and,
+when that verdict says behind NAT (``nat.attach``), drives a
 :class:`~freecall.peering.nat.RelayLink` over the daemon's own :class:`SipTransport`: the TLS
 connection to the relay is an ordinary transport connection, so the requests the relay forwards
 over it reach the proxy like any other, and their responses go back over it (RFC 3261 section
@@ -32,6 +34,7 @@ from .nat import (
     Close,
     Connect,
     NatStatus,
+    NatView,
     Publish,
     RelayLink,
     SendPing,
@@ -40,6 +43,7 @@ from .nat import (
     binding_request,
     classify,
     mapped_address,
+    rank_relays,
     relay_candidates,
 )
 from .records import AddrKind, Flag, NodeIdentity, RelayVia
@@ -50,6 +54,9 @@ log = logging.getLogger("freecall.nat")
 STUN_TIMEOUT = 3.0
 STUN_SERVERS = 3  # at most this many asked per probe (two tell the mapping behaviour)
 IDLE_CHECK = 5.0  # while behind NAT and not attached: look for relays in the cache this often
+RECHECK_MIN = 60.0
+"""A gathering that contradicts STUN's answer brings the next probe forward, to no sooner than
+this after the last one (a disagreement that persists does not turn into a probe per call)."""
 
 
 class NatService:
@@ -58,7 +65,7 @@ class NatService:
     def __init__(self, config: NatConfig, *, transport: SipTransport, peering: PeeringService,
                  identity: NodeIdentity, stun: Sequence[tuple[str, int]],
                  is_local: Callable[[str], bool], sent_by: str,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, view: NatView | None = None) -> None:
         self.config = config
         self.transport = transport
         self.peering = peering
@@ -68,7 +75,11 @@ class NatService:
         self.sent_by = sent_by
         self.clock = clock
         self.rng = random.SystemRandom()
-        self.status: NatStatus = UNKNOWN
+        self.view = view if view is not None else NatView()
+        """The node's one "behind NAT?" verdict: ours when STUN answers, else the media's."""
+        self.view.listeners.append(self._wake_up)
+        self._wake = asyncio.Event()
+        self._last_probe: float | None = None
         self.link = RelayLink(self.rng, keepalive=config.keepalive, expires=config.expires,
                               retry_base=config.retry_base, retry_max=config.retry_max)
         self.flow: Flow | None = None
@@ -80,6 +91,21 @@ class NatService:
         self._preferred = bytes.fromhex(config.relay) if config.relay else None
 
     # -- life cycle -----------------------------------------------------------------------
+    @property
+    def status(self) -> NatStatus:
+        """What node-level STUN found (the verdict itself is :attr:`view`)."""
+        return self.view.stun
+
+    def preferred_relay(self) -> bytes | None:
+        """The relay this node prefers for everything (rank_relays' ``preferred``): the one its
+        signalling is attached to, else ``nat.relay``."""
+        published = self.link.published
+        return published.node_id if published is not None else self._preferred
+
+    def _wake_up(self) -> None:
+        """The verdict changed (or a gathering contradicted STUN): look again now."""
+        self._wake.set()
+
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._timer = Timer(loop, self._on_timer)
@@ -102,28 +128,35 @@ class NatService:
 
     async def _run(self) -> None:
         """Probe now and every ``probe_interval``; in between, look for relays while one is
-        wanted and none is attached."""
+        wanted and none is attached, and at once when the verdict changes."""
         loop = asyncio.get_running_loop()
         next_probe = loop.time()
         while True:
+            if self.view.recheck and self.config.stun and self._last_probe is not None:
+                next_probe = min(next_probe, self._last_probe + RECHECK_MIN)
             if loop.time() >= next_probe:
                 if self.config.stun:
+                    self._last_probe = loop.time()
                     await self.probe()
                 # no answer yet (no server known before gossip found one): ask again soon
                 next_probe = loop.time() + (self.config.probe_interval
                                             if self.status.public is not None or not
                                             self.config.stun else IDLE_CHECK)
             self._choose_relays()
-            await asyncio.sleep(IDLE_CHECK if self.link.state in ("idle", "waiting")
-                                else min(self.config.probe_interval, 60.0))
+            self._wake.clear()
+            wait = (IDLE_CHECK if self.link.state in ("idle", "waiting")
+                    else min(self.config.probe_interval, 60.0))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.0, min(
+                    wait, next_probe - loop.time())))
 
     # -- STUN (RFC 5389 section 7) ---------------------------------------------------------
     def stun_servers(self) -> list[tuple[str, int]]:
-        """``media.stun``, then STUN/relay nodes of the host cache (their STUN address)."""
+        """``media.stun``, then STUN/relay nodes of the host cache (their STUN address) in the
+        node's one order of preference (rank_relays: its own relay first)."""
         out = list(self.stun)
-        for record in self.peering.records():
-            if record.key == self.identity.key or not record.flags & (Flag.STUN | Flag.RELAY):
-                continue
+        for record in rank_relays(self.peering.records(), self.identity.node_id,
+                                  self.preferred_relay(), flags=Flag.STUN | Flag.RELAY):
             for address in record.addresses_of(AddrKind.STUN):
                 if address.addr not in out:
                     out.append(address.addr)
@@ -132,6 +165,7 @@ class NatService:
     async def probe(self) -> NatStatus:
         """Ask each server from one socket (retransmitting at 0.5, 1.5 s: RFC 5389 section
         7.2.1's RTO doubling), classify what came back, publish it."""
+        self.view.recheck = False
         servers = self.stun_servers()
         if not servers:
             return self.status
@@ -182,15 +216,22 @@ class NatService:
                      if status.behind_nat is False else "NAT unknown", status.mapping,
                      ", ".join(f"{h}:{p}" for h, p in servers))
         if mappings or self.status.public is None:
-            self.status = status
-        self.peering.set_nat(reflexive=self.status.public if self.status.behind_nat else None)
+            self.view.from_stun(status)
+        self._publish_reflexive()
         return self.status
+
+    def _publish_reflexive(self) -> None:
+        """The record's reflexive address follows the one verdict (STUN's mapping, else the
+        media gathering's), so the record never says otherwise than ``/api/status``."""
+        view = self.view
+        self.peering.set_nat(reflexive=view.public if view.behind_nat else None)
 
     # -- the relay link --------------------------------------------------------------------
     def _choose_relays(self) -> None:
+        self._publish_reflexive()
         mode = self.config.attach
-        wanted = mode == "always" or (mode == "auto" and self.status.behind_nat is True)
-        relays = relay_candidates(self.peering.records(), self.identity.key,
+        wanted = mode == "always" or (mode == "auto" and self.view.behind_nat is True)
+        relays = relay_candidates(self.peering.records(), self.identity.node_id,
                                   self._preferred) if wanted else []
         if relays or not wanted or self.link.state not in ("idle", "waiting"):
             self.link.want(relays, self._now())
@@ -302,5 +343,5 @@ class NatService:
 
     def summary(self) -> dict[str, object]:
         """``/api/status`` ``nat``."""
-        return {**self.status.summary(), "attach": self.config.attach,
+        return {**self.view.summary(), "attach": self.config.attach,
                 "relay_link": self.link.summary(self._now())}

@@ -2,7 +2,8 @@
 
 A relay has no softphones, calls or keys, so those resources answer empty lists (and 404 for
 a call); what an operator watches is served: ``/api/status`` (``freecall status``),
-``/api/peers`` and ``/metrics`` with the relay's allocations and traffic. The same token,
+``/api/peers`` and ``/metrics`` with the relay's allocations and traffic, and its SIP edge's
+attached nodes, forwarded and refused requests and open TLS connections. The same token,
 Unix socket and loopback-only default as the endpoint's API (control.* keys).
 """
 
@@ -67,7 +68,23 @@ class RelayControl:
             "name": self.config.node.name,
             "peers": peering.known_nodes() if peering is not None else 0,
             "allocations": core.allocations if core is not None else 0,
+            "sip_edge": self.sip_edge(),
         }
+
+    def sip_edge(self) -> dict[str, Any] | None:
+        """The SIP edge's figures (``/api/status`` ``sip_edge``; null when ``relay.sip`` is
+        off): what its stop line logs, live."""
+        daemon = self.daemon
+        edge, transport = daemon.edge, daemon.sip
+        if edge is None or transport is None:
+            return None
+        counters = transport.counters
+        return {"attached": len(edge.attached), "max_attached": edge.max_attached,
+                "forwarded": edge.forwarded, "refused": edge.refused,
+                "attach_refused": edge.attach_refused,
+                "keepalives_answered": counters.keepalives_in,
+                "connections_open": sum(counters.connections_open.values()),
+                "connections_refused": counters.connections_refused}
 
     def registrations(self) -> list[dict[str, Any]]:
         return []
@@ -121,6 +138,25 @@ class RelayControl:
                     stats.relayed_packets)
             out.add("freecall_relay_bytes_total", "counter", "Bytes relayed.",
                     stats.relayed_bytes)
+        edge = self.sip_edge()
+        if edge is not None:
+            out.add("freecall_relay_sip_attached", "gauge",
+                    "Nodes attached to the SIP edge now (relay.max_attached at most).",
+                    edge["attached"])
+            out.add("freecall_relay_sip_forwarded_total", "counter",
+                    "Requests the SIP edge forwarded to or from an attached node.",
+                    edge["forwarded"])
+            out.add("freecall_relay_sip_refused_total", "counter",
+                    "Requests the SIP edge refused (403 routed elsewhere, 404 node not "
+                    "attached, 483).", edge["refused"])
+            out.add("freecall_relay_sip_attach_refused_total", "counter",
+                    "Attaching REGISTERs refused (no or bad proof, table full).",
+                    edge["attach_refused"])
+            out.add("freecall_relay_sip_keepalives_total", "counter",
+                    "RFC 5626 CRLF pings answered on the SIP edge.",
+                    edge["keepalives_answered"])
+            out.add("freecall_relay_sip_connections", "gauge",
+                    "TLS connections open on the SIP edge.", edge["connections_open"])
         peering = self.daemon.peering
         out.add("freecall_peers", "gauge", "Nodes in the host cache.",
                 peering.known_nodes() if peering is not None else 0)

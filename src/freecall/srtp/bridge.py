@@ -105,6 +105,7 @@ from typing import Any, Final, Literal, Protocol, cast
 
 import pylibsrtp
 
+from freecall.peering.nat import NatView
 from freecall.srtp import ice as ice_
 from freecall.srtp import zrtp as z
 from freecall.srtp.keys import RetainedSecrets
@@ -336,6 +337,7 @@ class MediaEngine:
         ice: bool = False,
         ice_servers: Callable[[], IceServers] | None = None,
         ice_pool: int = 2,
+        nat_view: NatView | None = None,
     ) -> None:
         """``address`` goes into SDP toward the far end; sockets bind to ``bind_host``
         (default: ``address``; give ``0.0.0.0`` behind NAT where the public address is not
@@ -344,7 +346,9 @@ class MediaEngine:
         ``ice``: every stream runs an ICE agent (RFC 8445) on its network RTP socket, used
         when the far end's SDP offers ICE too; ``ice_servers`` says where to gather (asked
         for each new stream), and ``ice_pool`` streams are kept gathered in advance, because
-        the SDP naming a stream's candidates is written the moment the stream is made."""
+        the SDP naming a stream's candidates is written the moment the stream is made.
+        ``nat_view``: the node's one "behind NAT?" verdict (shared with node-level STUN), which
+        each gathering informs; the engine's own when not given."""
         if policy not in ("require", "prefer", "off"):
             raise ValueError(f"bad security policy {policy!r}")
         if zrtp_timeout <= 0:
@@ -381,9 +385,15 @@ class MediaEngine:
         self._pool: list[MediaStream] = []
         """Streams made and gathered before any call asked (oldest first)."""
         self._pool_handle: asyncio.TimerHandle | None = None
-        self.behind_nat: bool | None = None
-        """What the last gathering showed: a server-reflexive address other than our own
-        (True), the same (False), or nothing yet (None)."""
+        self.nat = nat_view if nat_view is not None else NatView()
+        """The node's "behind NAT?" verdict; each gathering reports what it showed to it."""
+
+    @property
+    def behind_nat(self) -> bool | None:
+        """The node's verdict (:class:`~freecall.peering.nat.NatView`): node-level STUN when
+        it has an answer, else what the last gathering showed (a server-reflexive address
+        other than our own: True; the same: False), None while neither knows."""
+        return self.nat.behind_nat
 
     # -- streams -------------------------------------------------------------------------------
 
@@ -475,8 +485,22 @@ class MediaEngine:
         for stream in [s for s in self._pool if now - s.created_at > POOL_MAX_AGE]:
             stream.release()
 
+    def _retire_other_turn(self) -> None:
+        """A pooled stream that did not gather from the TURN server the node chooses now (its
+        signalling attached to another relay since, or no relay was known then) is replaced:
+        a call's media then crosses the relay its signalling does, not a second one
+        (docs/relay.md, "One relay per node")."""
+        if not self._pool:
+            return
+        wanted = self._current_ice_servers().turn
+        for stream in list(self._pool):
+            agent = stream._ice
+            if agent is not None and any(not agent.is_turn_server(t.addr) for t in wanted):
+                stream.release()
+
     def _pool_tick(self) -> None:
         self._expire_pool()
+        self._retire_other_turn()
         self._refill_pool()
         if not self._closed:
             full = len(self._pool) >= self.ice_pool
@@ -523,15 +547,17 @@ class MediaEngine:
         reflexive = {host for host, _ in event.mapped}
         if reflexive:
             nat = bool(reflexive - own)
-            if nat != self.behind_nat:
+            if nat != self.nat.media:
                 log.info("media: %s (server-reflexive %s)",
                          "behind NAT" if nat else "on a public address",
                          ", ".join(sorted(reflexive)))
-            self.behind_nat = nat
-            if not nat and stream._pooled and any(c.kind == "relay" for c in event.candidates) \
+            self.nat.from_media(nat, [m for m in event.mapped if m[0] not in own])
+            if self.behind_nat is False and stream._pooled \
+                    and any(c.kind == "relay" for c in event.candidates) \
                     and not self._current_ice_servers().turn:
-                # A public node needs no relayed candidate from the mesh's relays: give the
-                # allocation back now and gather again without (iceservers.ice_servers).
+                # A public node (by the one verdict: STUN's answer wins over this gathering)
+                # needs no relayed candidate from the mesh's relays: give the allocation back
+                # now and gather again without (iceservers.ice_servers).
                 self.loop.call_soon(self._recycle, stream)
         for failure in event.failures:
             log.debug("stream %d: ICE gathering: %s", stream.id, failure)
@@ -643,6 +669,7 @@ class MediaEngine:
             "streams": len(self._streams) - len(self._pool),
             "pooled": len(self._pool),
             "behind_nat": self.behind_nat,
+            "nat_source": self.nat.source,
             "max_streams": self.max_streams,
             "by_state": by_state,
             "port_pairs_free": len(self._ports),

@@ -3,23 +3,24 @@
 Configured ``media.stun`` and ``media.turn`` (UDP) come first. Relay nodes learnt from the host
 cache (records with the RELAY flag and a RELAY or STUN address) add a STUN server each (up to
 `MAX_STUN`) and one TURN server, with node-key credentials (freecall.relay.credentials: only
-mesh nodes the relay knows get an allocation). Each node prefers its own relay among those known
-(rendezvous hashing on the two node ids), so the load spreads over relays and a node keeps the
-same one while the set is stable.
+mesh nodes the relay knows get an allocation). Relays come in the node's one order of
+preference (freecall.peering.nat.rank_relays: the relay its signalling is attached to first,
+then rendezvous hashing on the two node ids), so the load spreads over relays, a node keeps the
+same one while the set is stable, and its media and its signalling go through the same relay.
 
-A node whose gathering showed a public address (its server-reflexive address is its own) takes
-no relayed candidate from the mesh: peers behind NAT reach it directly, and the relays' quota
-is kept for nodes that need it (RFC 8445 section 5.1.1.2 leaves the choice of servers to the
-agent). A configured ``media.turn`` is always used.
+A node that is not behind NAT (the one verdict of freecall.peering.nat.NatView: node-level
+STUN, else the media gathering) takes no relayed candidate from the mesh: peers behind NAT reach
+it directly, and the relays' quota is kept for nodes that need it (RFC 8445 section 5.1.1.2
+leaves the choice of servers to the agent). A configured ``media.turn`` is always used.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
 
 from ..config import HostPort
 from ..config import TurnServer as TurnConfig
+from ..peering.nat import rank_relays
 from ..peering.records import AddrKind, NodeIdentity, NodeRecord
 from ..relay.credentials import node_key_credentials
 from .bridge import IceServers
@@ -30,17 +31,12 @@ CREDENTIAL_TTL = 24 * 3600.0
 """Node-key TURN credentials are asked for per stream; a day covers any call."""
 
 
-def _rank(own_id: bytes, record: NodeRecord) -> bytes:
-    """Rendezvous (highest random weight) hashing: every node ranks relays differently."""
-    return hashlib.sha256(own_id + record.node_id).digest()
-
-
-def mesh_relays(records: Iterable[NodeRecord], own_id: bytes) -> list[NodeRecord]:
-    """Relay records with an address to use, this node's preferred first."""
-    relays = [r for r in records if r.relay and r.node_id != own_id and (
-        r.addresses_of(AddrKind.RELAY) or r.addresses_of(AddrKind.STUN))]
-    relays.sort(key=lambda r: _rank(own_id, r), reverse=True)
-    return relays
+def mesh_relays(records: Iterable[NodeRecord], own_id: bytes,
+                preferred: bytes | None = None) -> list[NodeRecord]:
+    """Relay records with an address to use, in the node's order (``preferred``: the relay
+    its signalling is attached to, else ``nat.relay``)."""
+    return [r for r in rank_relays(records, own_id, preferred)
+            if r.addresses_of(AddrKind.RELAY) or r.addresses_of(AddrKind.STUN)]
 
 
 def ice_servers(
