@@ -999,8 +999,9 @@ def test_pooled_streams_follow_the_relay_the_node_chooses(run: Run,
     async def scenario() -> None:
         first, second = await _relay(ports), await _relay(ports)
         choice = [first]
+        choice_servers: list[IceServers | None] = [None]
         node = await make_node(ports, ice=True, ice_pool=1,
-                               ice_servers=lambda: _servers(choice[0], "a"))
+                               ice_servers=lambda: choice_servers[0] or _servers(choice[0], "a"))
         try:
             node.engine.start_pool()
             await wait_for(lambda: first.core is not None and first.core.allocations == 1,
@@ -1014,6 +1015,17 @@ def test_pooled_streams_follow_the_relay_the_node_chooses(run: Run,
                            and first.core is not None and first.core.allocations == 0,
                            timeout=5)
             assert len(node.engine._pool) == 1
+            # a second TURN server listed after the chosen one: the agent uses the first only,
+            # so the stream is kept (not replaced at every look)
+            kept = node.engine._pool[0]
+            both = _servers(second, "a")
+            choice_servers[0] = IceServers(stun=both.stun,
+                                           turn=(*both.turn, *_servers(first, "a").turn))
+            node.engine._pool_tick()
+            await asyncio.sleep(0.3)
+            assert node.engine._pool == [kept]
+            assert second.core is not None and first.core is not None
+            assert second.core.allocations == 1 and first.core.allocations == 0
         finally:
             node.engine.close()
             first.close()

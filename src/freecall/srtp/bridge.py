@@ -492,7 +492,7 @@ class MediaEngine:
         (docs/relay.md, "One relay per node")."""
         if not self._pool:
             return
-        wanted = self._current_ice_servers().turn
+        wanted = self._current_ice_servers().turn[:1]  # an agent allocates at the first only
         for stream in list(self._pool):
             agent = stream._ice
             if agent is not None and any(not agent.is_turn_server(t.addr) for t in wanted):
