@@ -42,6 +42,7 @@ def test_a_relay_status_shows_its_sip_edge() -> None:
                           "allocations": 3, "sip_edge": {
                               "attached": 2, "connections_open": 2, "forwarded": 8,
                               "refused": 1, "attach_refused": 1}})
-    assert "allocations  3 (TURN)" in text
+    assert "allocations  3 (TURN); peers known: 0" in text
+    assert "calls " not in text and "registered" not in text  # no softphones on a relay
     assert ("SIP edge     2 node(s) attached, 2 TLS connection(s); 8 forwarded, 1 refused, "
             "1 attach(es) refused") in text

@@ -199,17 +199,20 @@ def render_status(status: dict[str, Any]) -> str:
     if status.get("node_id"):
         lines.append(f"node id      {status['node_id']}")
     lines.append(f"signing key  {status.get('key_fingerprint') or '-'}")
-    lines.append(f"calls        {status.get('calls_active', 0)} active, "
-                 f"{status.get('calls_total', 0)} since start")
-    lines.append(f"registered   {status.get('registrations', 0)} contact(s); "
-                 f"peers known: {status.get('peers', 0)}")
+    if status.get("role") == "relay":  # no softphones, no calls: its allocations instead
+        lines.append(f"allocations  {status.get('allocations', 0)} (TURN); "
+                     f"peers known: {status.get('peers', 0)}")
+    else:
+        lines.append(f"calls        {status.get('calls_active', 0)} active, "
+                     f"{status.get('calls_total', 0)} since start")
+        lines.append(f"registered   {status.get('registrations', 0)} contact(s); "
+                     f"peers known: {status.get('peers', 0)}")
     lines.append("listening    " + "\n             ".join(status.get("listeners") or ["-"]))
     nat = status.get("nat")
     if isinstance(nat, dict):
         lines += render_nat(nat)
     edge = status.get("sip_edge")
     if isinstance(edge, dict):
-        lines.append(f"allocations  {status.get('allocations', 0)} (TURN)")
         lines.append(f"SIP edge     {edge.get('attached', 0)} node(s) attached, "
                      f"{edge.get('connections_open', 0)} TLS connection(s); "
                      f"{edge.get('forwarded', 0)} forwarded, {edge.get('refused', 0)} refused, "
