@@ -1413,8 +1413,8 @@ class Gossip:
                 prio = True
             else:
                 if cache.tombs and cache.tombstoned(k, seq):
-                    if high and len(self._revive) < 64:
-                        self._revive[k] = None  # news to a member: check it first-hand
+                    if high and cache.tombs[k].seq == seq and len(self._revive) < 64:
+                        self._revive[k] = None  # alive to a member: check it first-hand
                     continue
                 prio = high or (
                     cfg.group_bits == 0
