@@ -9,13 +9,16 @@ Lookups go to the route's home group (one hop, or two through a forwarder).
 Each round (``interval``) a node opens one exchange with one partner: a member of its own group
 half of the time, else a member of a random other group (now and then a node it thinks dead):
 
-    SYNC   PING [NEED] [NEED_HOME] [WANT, PAGE: same group] [HOME_HAVE] [HAVE] [DEAD]
-    REPLY  ACK [WANT] [WANT_LOW] [RECORD...] [HOME_HAVE] [HAVE] [DEAD]
+    SYNC   PING [NEED] [NEED_HOME] [WANT, SUMMARY (PAGE while new): same group]
+           [HOME_HAVE] [HAVE] [DEAD]
+    REPLY  ACK [WANT] [WANT_LOW] [RECORD...] [HOME_HAVE, PAGE: where summaries differ]
+           [HOME_HAVE] [HAVE] [DEAD]
     then   [WANT] [RECORD...]  until nobody wants anything more  (at most 4 datagrams)
 
 HAVE/HOME_HAVE carry digests (key, seq) of new record versions (rumour-mongering, a bounded
-number of times each); PAGE carries one slice of the sender's home records (anti-entropy
-between group members: repairs what rumours missed, heals partitions). Records travel only
+number of times each); PAGE carries one slice of the sender's home records, SUMMARY a hash
+of each slice (anti-entropy between group members: repairs what rumours missed, heals
+partitions; a page travels only for a slice where two members differ). Records travel only
 when asked for, when a digest comparison proves the other side lacks them, or as news for a
 group (pushed once by each member that first gets it). A node hands its own record to its home
 groups (acknowledged) and probes, suspects and buries peers that stop answering.
