@@ -240,3 +240,31 @@ def test_false_death_claims_silence_the_claims_not_the_claimer() -> None:
     s.run_rounds(1)
     assert v.stats.get("drop_banned", 0) == 0 and atk.key in v.cache.entries
     assert all(h.key in v.cache.entries for h in homes)  # nobody was buried on a claim
+
+
+def test_settled_members_find_a_silent_change_through_slice_summaries() -> None:
+    """A newer version that one member holds and nobody rumours (put straight into its cache)
+    reaches the whole group only through anti-entropy: settled members send a SUMMARY, not
+    a page, and a partner whose summary differs answers with the page of that slice."""
+    s = sim(16, group_bits=0, events=False)
+    s.run_rounds(2)
+    a, k = s.nodes[0].gossip, s.nodes[5].gossip
+    newer = k.identity.make_record(seq=k.local.seq + 1, expires=k.local.expires,
+                                   addresses=k.local.addresses, routes=k.local.routes)
+    assert a.cache.put(newer, s.now) == "updated"
+    sent: list[wire.Message] = []
+    real_send = a._send_to
+
+    def spy(b: wire.Builder, pk: bytes, addr: tuple[str, int], now: float) -> bool:
+        data = b.finish(a.identity.public_key, int(now), b"k" * 32)
+        sent.append(wire.parse(data, wire.HEADER.size, len(data) - wire.MAC_SIZE))
+        return real_send(b, pk, addr, now)
+
+    a._send_to = spy  # type: ignore[method-assign]
+    s.run_rounds(20)
+    syncs = [m for m in sent if m.pings and m.summary is not None]
+    assert syncs and not any(m.page for m in syncs)  # settled: summaries, no pages
+    assert any(m.page for m in sent if not m.pings)  # pages answer differing summaries
+    holders = [n for n in s.nodes
+               if (e := n.gossip.cache.entry(k.key)) is not None and e.record.seq >= newer.seq]
+    assert len(holders) == len(s.nodes)

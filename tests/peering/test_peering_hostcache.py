@@ -9,7 +9,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from freecall.peering.hostcache import CACHE_FILE, HostCache
+from freecall.peering.hostcache import CACHE_FILE, HostCache, digest_hash
 from freecall.peering.records import (
     Address,
     AddrKind,
@@ -177,6 +177,45 @@ def test_pages_are_remembered_until_a_home_record_changes() -> None:
     check()
     c.bulk_load(recs[20:], NOW)
     check()
+
+
+def test_slice_summaries_follow_every_change_and_show_where_two_caches_differ() -> None:
+    bits = 2
+    recs = [rec(i) for i in range(60)]
+    a, b = cache(group_bits=bits, my_group=1), cache(group_bits=bits, my_group=1)
+    for r in recs[:30]:
+        a.put(r, NOW)
+    b.bulk_load(recs[:30], NOW)
+    homed = [i for i in range(30) if 1 in recs[i].homes(bits)]
+    assert len(homed) >= 4
+
+    def fresh(c: HostCache, sub_bits: int) -> bytes:
+        width = 64 >> sub_bits
+        out = b""
+        for i in range(1 << sub_bits):
+            x = 0
+            for f in range(i * width, (i + 1) * width):
+                for k, s in c.home_fine[f].items():
+                    x ^= digest_hash(k, s)
+            out += ((x ^ (x >> 32)) & 0xFFFFFFFF).to_bytes(4, "big")
+        return out
+
+    for sub_bits in (0, 2, 3):  # the same records: the same summary, at any slicing
+        assert a.home_summary(sub_bits) == b.home_summary(sub_bits) == fresh(a, sub_bits)
+    # one newer version in b: exactly the slice holding it differs
+    k = recs[homed[0]].key
+    assert b.put(rec(homed[0], seq=5), NOW) == "updated"
+    mine, theirs = a.home_summary(3), b.home_summary(3)
+    differ = [i for i in range(8) if mine[4 * i : 4 * i + 4] != theirs[4 * i : 4 * i + 4]]
+    assert differ == [(k[7] & 63) >> 3]
+    assert theirs == fresh(b, 3)
+    # removal, a change of routes and a bulk load keep it exact
+    b.remove(recs[homed[1]].key, NOW, tomb=True)
+    assert b.home_summary(3) == fresh(b, 3)
+    assert b.put(rec(homed[2], seq=6, routes=("elsewhere.example",)), NOW) == "updated"
+    assert b.home_summary(3) == fresh(b, 3)
+    b.bulk_load(recs[30:], NOW)
+    assert b.home_summary(3) == fresh(b, 3) != a.home_summary(3)
 
 
 def test_save_and_load(tmp_path: Path) -> None:

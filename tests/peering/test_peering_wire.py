@@ -41,6 +41,7 @@ def test_all_sections_round_trip() -> None:
     b.add(Sec.LOOKUP, wire.encode_lookup(Lookup(9, 2, "alice@example.org")))
     b.add(Sec.LOOKUP, wire.encode_lookup(Lookup(10, 0, "x.org", PK, ("2001:db8::5", 5064))))
     b.add(Sec.ANSWER, wire.encode_answer(9, wire.Answer.FOUND))
+    b.add(Sec.SUMMARY, wire.encode_summary(2, bytes(range(16))))
     b.add(99, b"unknown sections are skipped")
     m = parse_auth(b.finish(PK, int(NOW), KEY))
     assert m.pings == [7] and m.acks == [8] and m.need == b"\x80" + bytes(7)
@@ -52,6 +53,18 @@ def test_all_sections_round_trip() -> None:
     assert m.lookups == [Lookup(9, 2, "alice@example.org"),
                          Lookup(10, 0, "x.org", PK, ("2001:db8::5", 5064))]
     assert m.answers == [(9, wire.Answer.FOUND)]
+    assert m.summary == (2, bytes(range(16)))
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x07" + bytes(512), b"\x02" + bytes(15),
+                                     b"\x02" + bytes(17)])
+def test_summary_of_the_wrong_size_is_malformed(payload: bytes) -> None:
+    b = Builder()
+    b.add(Sec.SUMMARY, payload)
+    with pytest.raises(WireError):
+        parse_auth(b.finish(PK, int(NOW), KEY))
+    with pytest.raises(WireError):
+        wire.encode_summary(2, bytes(15))
 
 
 def test_builder_never_exceeds_the_datagram_limit() -> None:

@@ -94,6 +94,17 @@ class Prepared:
     """Home records' key -> seq by anti-entropy bucket (likewise)."""
 
 
+_MIX = 0x9E3779B97F4A7C15
+_M64 = (1 << 64) - 1
+
+
+def digest_hash(key: bytes, seq: int) -> int:
+    """64-bit hash of one (key, seq) digest for the slice summaries: the key is already
+    uniform (a hash of the public key); the seq goes through an odd multiplier, so two
+    versions of one record always hash apart."""
+    return int.from_bytes(key, "big") ^ ((seq * _MIX) & _M64)
+
+
 def source_of(host: str) -> str:
     """Quota bucket of a sender address: the IP, or its /64 for IPv6."""
     try:
@@ -146,6 +157,9 @@ class HostCache:
         self._pages: dict[tuple[int, int], tuple[int, list[tuple[bytes, int]]]] = {}
         self._page_sets: dict[tuple[int, int], tuple[int, frozenset[tuple[bytes, int]]]] = {}
         self._page_bytes: dict[tuple[int, int], tuple[int, bytes]] = {}
+        self._fine_hash: list[int | None] = [None] * FINE_BUCKETS
+        """XOR of :func:`digest_hash` over each fine bucket's home records (None: stale)."""
+        self._summaries: dict[int, tuple[int, bytes]] = {}
         self.by_source: dict[str, dict[bytes, None]] = {}
         self.tombs: OrderedDict[bytes, Tomb] = OrderedDict()
         self.protected: set[bytes] = set()
@@ -227,13 +241,16 @@ class HostCache:
             for g in set(p.groups):
                 mver[g] += 1
         homes = sum(p.homes)
+        fine_hash = self._fine_hash
         if p.fine is not None:
             for f, seqs in p.fine:
                 home_fine[f].update(seqs)
+                fine_hash[f] = None
         elif homes:
             for k, h, r in zip(p.keys, p.homes, p.records, strict=True):
                 if h:
                     home_fine[k[7] & 63][k] = r.seq
+                    fine_hash[k[7] & 63] = None
         self.home_count += homes
         self.home_version += 1
         self.next_expiry = min(self.next_expiry, p.expiry)
@@ -382,6 +399,10 @@ class HostCache:
         self._page_bytes = {
             k: (mine, v) for k, (ver, v) in other._page_bytes.items() if ver == theirs
         }
+        self._fine_hash = list(other._fine_hash)
+        self._summaries = {
+            k: (mine, v) for k, (ver, v) in other._summaries.items() if ver == theirs
+        }
         return True
 
     def home_page_bytes(self, sub_bits: int, index: int) -> bytes:
@@ -393,6 +414,33 @@ class HostCache:
         out = digests(self.home_page(sub_bits, index))
         self._page_bytes[(sub_bits, index)] = (self.home_version, out)
         return out
+
+    def home_summary(self, sub_bits: int) -> bytes:
+        """One u32 per anti-entropy slice: the XOR of :func:`digest_hash` over the slice's
+        home records (what a SUMMARY carries; a member whose slice hashes to the same value
+        holds the same versions, but for a 2**-32 chance). Kept per fine bucket and redone
+        only where a home record changed, so it costs little even under churn."""
+        memo = self._summaries.get(sub_bits)
+        if memo is not None and memo[0] == self.home_version:
+            return memo[1]
+        fh = self._fine_hash
+        fine = self.home_fine
+        for f in range(FINE_BUCKETS):
+            if fh[f] is None:
+                x = 0
+                for k, seq in fine[f].items():
+                    x ^= digest_hash(k, seq)
+                fh[f] = x
+        width = FINE_BUCKETS >> sub_bits
+        out = bytearray()
+        for i in range(0, FINE_BUCKETS, width):
+            x = 0
+            for f in range(i, i + width):
+                x ^= fh[f]  # type: ignore[operator]
+            out += ((x ^ (x >> 32)) & 0xFFFFFFFF).to_bytes(4, "big")
+        res = bytes(out)
+        self._summaries[sub_bits] = (self.home_version, res)
+        return res
 
     def home_keys_in_page(self, sub_bits: int, index: int) -> dict[bytes, int]:
         """Keys (and seqs) of the home records in one anti-entropy page."""
@@ -469,7 +517,9 @@ class HostCache:
         if n == cmin or (n == cmin + 1 and e.group == self.my_group):  # crossed upwards
             self._need_dirty = True
         if e.home:
-            self.home_fine[fine_bucket(key)][key] = e.record.seq
+            fb = fine_bucket(key)
+            self.home_fine[fb][key] = e.record.seq
+            self._fine_hash[fb] = None
             self.home_count += 1
             self.home_version += 1
         if e.source is not None:
@@ -499,7 +549,9 @@ class HostCache:
         if n == cmin - 1 or (n == cmin and e.group == self.my_group):  # crossed downwards
             self._need_dirty = True
         if e.home:
-            self.home_fine[fine_bucket(key)].pop(key, None)
+            fb = fine_bucket(key)
+            self.home_fine[fb].pop(key, None)
+            self._fine_hash[fb] = None
             self.home_count -= 1
             self.home_version += 1
         if e.source is not None:
@@ -514,7 +566,9 @@ class HostCache:
         if record.routes == e.record.routes:
             e.record = record
             if e.home:
-                self.home_fine[fine_bucket(key)][key] = record.seq
+                fb = fine_bucket(key)
+                self.home_fine[fb][key] = record.seq
+                self._fine_hash[fb] = None
                 self.home_version += 1
             self.version += 1
             self.next_expiry = min(self.next_expiry, record.expires)

@@ -308,6 +308,7 @@ class Simulation:
                 for page in range(1 << sub_bits):
                     cache.home_page_set(sub_bits, page)
                     cache.home_page_bytes(sub_bits, page)
+                cache.home_summary(sub_bits)
 
     def live(self) -> list[int]:
         """Indexes of live nodes."""

@@ -59,6 +59,7 @@ class Sec(IntEnum):
     HOME_HAVE = 13  # like HAVE, for records homed in the receiver's group (fetched first)
     NEED_HOME = 14  # u16 groups: the sender's record is homed there and it knows nobody
     WANT_LOW = 15  # like WANT, for records that are merely interesting (served as bulk)
+    SUMMARY = 16  # anti-entropy: sub_bits u8, one u32 hash of the home records per slice
 
 
 class Answer(IntEnum):
@@ -72,7 +73,8 @@ class Answer(IntEnum):
 
 PAGE_COMPLETE = 1
 _CONTENT = frozenset(
-    (Sec.RECORD, Sec.RELAY, Sec.HAVE, Sec.HOME_HAVE, Sec.PAGE, Sec.WANT, Sec.WANT_LOW)
+    (Sec.RECORD, Sec.RELAY, Sec.HAVE, Sec.HOME_HAVE, Sec.PAGE, Sec.WANT, Sec.WANT_LOW,
+     Sec.SUMMARY)
 )
 
 
@@ -102,6 +104,8 @@ class Message:
     page: tuple[int, int, int, list[tuple[bytes, int]]] | None = None
     page_raw: bytes = b""
     """The page's digests as sent (an in-sync page is recognised by these bytes alone)."""
+    summary: tuple[int, bytes] | None = None
+    """(sub_bits, the slices' u32 hashes as sent): compared with ours as bytes."""
     have: list[tuple[bytes, int]] = []  # noqa: RUF012
     home_have: list[tuple[bytes, int]] = []  # noqa: RUF012
     want: list[bytes] = []  # noqa: RUF012
@@ -229,6 +233,13 @@ def parse(data: bytes, start: int, end: int) -> Message:
                     raise WireError("page index")
                 m.page_raw = p[3:]
                 m.page = (sub_bits, index, flags, _digests(m.page_raw))
+            elif stype == Sec.SUMMARY:
+                if size < 1 or m.summary is not None:
+                    raise WireError("summary")
+                sub_bits = p[0]
+                if sub_bits > 6 or size != 1 + (4 << sub_bits):
+                    raise WireError("summary size")
+                m.summary = (sub_bits, p[1:])
             elif stype == Sec.NEED:
                 if not 0 < size <= 8192 or m.need is not None:
                     raise WireError("need")
@@ -358,3 +369,10 @@ def encode_page(sub_bits: int, index: int, complete: bool, items: list[tuple[byt
 def encode_page_raw(sub_bits: int, index: int, complete: bool, encoded: bytes) -> bytes:
     """PAGE payload from digests already encoded (:func:`digests`)."""
     return _PAGE.pack(sub_bits, index, PAGE_COMPLETE if complete else 0) + encoded
+
+
+def encode_summary(sub_bits: int, hashes: bytes) -> bytes:
+    """SUMMARY payload: ``hashes`` is one u32 per slice (``4 << sub_bits`` bytes)."""
+    if sub_bits > 6 or len(hashes) != 4 << sub_bits:
+        raise WireError("summary size")
+    return bytes((sub_bits,)) + hashes
