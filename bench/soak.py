@@ -37,14 +37,18 @@ def main() -> None:
     parser.add_argument("--sample", type=float, default=30.0, help="seconds between samples")
     parser.add_argument("--warmup", type=float, default=120.0,
                         help="seconds before the steady state is measured")
+    parser.add_argument("--census", action="store_true",
+                        help="run A and B under bench/census.py (tracemalloc): where memory "
+                             "grows, in <logs>/{a,b}/state/census.txt")
     args = parser.parse_args()
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start; "
           f"{args.minutes:g} min, {args.rate:g} calls/s held {args.hold:g} s", flush=True)
     run_dir = Path(os.environ.get("FREECALL_BENCH_DIR", "/tmp")) / f"freecall-soak-{os.getpid()}"
     with Harness(run_dir) as h:
+        census = [sys.executable, str(ROOT / "bench" / "census.py")] if args.census else None
         result = run_soak(h, seconds=args.minutes * 60, rate=args.rate, hold=args.hold,
                           refresh=args.refresh, sample=args.sample, warmup=args.warmup,
-                          log=lambda line: print(line, flush=True))
+                          log=lambda line: print(line, flush=True), command=census)
     print(result.report())
     print("\n" + ("PASS" if not result.failures
                   else "FAIL:\n  " + "\n  ".join(result.failures)))
