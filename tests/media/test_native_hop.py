@@ -286,3 +286,30 @@ def test_a_stream_holding_its_hop_is_collected(out: socket.socket, sink: socket.
     del owner, sess
     gc.collect()
     assert ref() is None
+
+
+def test_without_the_extension_the_bridge_runs_python() -> None:
+    """Where no compiler built it, the bridge imports, says so, and keeps the Python path."""
+    import subprocess
+    import sys
+
+    code = """
+import asyncio, sys
+sys.modules["freecall.srtp._hop"] = None  # as if the optional build had been skipped
+from freecall.srtp import bridge
+from freecall.srtp.keys import RetainedSecrets
+
+async def main():
+    engine = bridge.MediaEngine(asyncio.get_running_loop(), address="127.0.0.1",
+                                port_range=(40000, 40003), retained_secrets=RetainedSecrets(None))
+    assert engine.stats()["native"] is False
+    engine.close()
+
+assert bridge.NATIVE_AVAILABLE is False
+asyncio.run(main())
+print("python path")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "python path"
