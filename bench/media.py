@@ -21,7 +21,9 @@ first media packet, calls join evenly over the ramp, each phone on its own 20 ms
 Phases, each with its own warm-up and measured window, the same load generator:
 
 * ``direct``: phone A_i <-> phone B_i, no worker: the harness's own latency floor;
-* ``bridge``: the chain above;
+* ``bridge``: the chain above, with the secure per-packet path in C (``freecall.srtp._hop``,
+  ``media.native: auto``) when the extension is built;
+* ``bridge-py``: the same with the Python handlers (``media.native: off``);
 * ``fwd-call``: the bridge's topology (4 sockets per call, per-call keys) with nothing but
   ``protect``/``unprotect`` and ``sendto`` in each handler: what per-call sockets cost;
 * ``fwd-one``: the ceiling of the brief: one uvloop datagram socket in, one out, ``protect`` per
@@ -69,7 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 import pylibsrtp
 import uvloop
 
-from freecall.srtp.bridge import MediaEngine
+from freecall.srtp.bridge import NATIVE_AVAILABLE, MediaEngine
 from freecall.srtp.keys import RetainedSecrets
 
 FRAME = 160
@@ -78,7 +80,7 @@ STAMP = struct.Struct("!IBxxxIq")  # call, direction, per-phone seq, send time (
 FILL = bytes(range(FRAME - STAMP.size))
 BIG_BUFFER = 4 << 20
 POINTS = (50.0, 90.0, 99.0, 99.9)
-PHASES = ("bridge", "fwd-call", "fwd-one")
+PHASES = ("bridge", "bridge-py", "fwd-call", "fwd-one")
 SATURATED = 90.0  # worker CPU %, past which a phase's figures describe a saturated core
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -317,7 +319,9 @@ def load_main(conn: Connection, calls: int, cpu: int | None) -> None:
 # Workers: the two bridge engines, or a bare forwarder
 
 
-def bridge_main(conn: Connection, calls: int, cpu: int | None, first_port: int) -> None:
+def bridge_main(
+    conn: Connection, calls: int, cpu: int | None, first_port: int, native: bool
+) -> None:
     where = pin(cpu)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
@@ -330,6 +334,7 @@ def bridge_main(conn: Connection, calls: int, cpu: int | None, first_port: int) 
             retained_secrets=RetainedSecrets(None),
             zrtp_timeout=30.0,
             rtp_timeout=None,
+            native=native,
         )
         for k in (0, 1)
     ]
@@ -355,6 +360,8 @@ def bridge_main(conn: Connection, calls: int, cpu: int | None, first_port: int) 
     streams = [s for e in engines for s in e.streams]
 
     def hops() -> int:
+        for s in streams:
+            s.sync_counters()  # what the C hops counted
         return sum(s.net_rtp_out + s.phone_rtp_out for s in streams)
 
     window = Window(hops)
@@ -377,6 +384,7 @@ def bridge_main(conn: Connection, calls: int, cpu: int | None, first_port: int) 
     totals = [e.stats()["totals"] for e in engines]
     result = window.result()
     result.update(
+        native=sum(bool(s.stats()["native"]) for s in streams),
         secure_at_t0=secure_at_t0,
         streams=len(streams),
         zrtp_ms=zrtp_ms,
@@ -648,9 +656,10 @@ def run_phase(
     proc = None
     if name != "direct":
         worker_conn, child = ctx.Pipe()
-        if name == "bridge":
+        if name in ("bridge", "bridge-py"):
             target: Any = bridge_main
-            wargs: tuple[Any, ...] = (child, args.calls, cpus[0], args.first_port)
+            wargs: tuple[Any, ...] = (
+                child, args.calls, cpus[0], args.first_port, name == "bridge")
         else:
             target, wargs = forwarder_main, (child, args.calls, cpus[0], name)
         proc = ctx.Process(target=target, args=wargs)
@@ -698,9 +707,8 @@ def main(argv: list[str] | None = None) -> int:
         "--only",
         choices=(*PHASES, "fwd-mux", "fwd-ssrc"),
         action="append",
-        help="worker phases to run (repeatable; default: bridge, fwd-call, fwd-one; ratios are"
-        " printed when those three ran; fwd-mux, fwd-call with one shared loopback socket per"
-        " side, runs only when named)",
+        help="worker phases to run (repeatable; default: bridge, bridge-py, fwd-call, fwd-one;"
+        " ratios are printed when those four ran; fwd-mux and fwd-ssrc run only when named)",
     )
     parser.add_argument(
         "--rt",
@@ -725,6 +733,7 @@ def main(argv: list[str] | None = None) -> int:
         f"media bench: {args.calls} calls x 2 directions x 50 pps (G.711, 20 ms), "
         f"{args.seconds:g} s measured per phase after {args.ramp:g} s ramp + {args.warmup:g} s "
         "warm-up; "
+        f"bridge hop in {'C' if NATIVE_AVAILABLE else 'Python (freecall.srtp._hop not built)'}; "
         f"{os.cpu_count()} CPUs, load on {load_where}, worker alike; "
         f"load average {os.getloadavg()[0]:.2f}",
         flush=True,
@@ -785,8 +794,9 @@ def report_table(args: argparse.Namespace, phases: list[Phase]) -> None:
 def report(args: argparse.Namespace, direct: Phase, best: dict[str, Phase]) -> None:
     report_table(args, [direct, *best.values()])
     bridge, fwd_call, fwd_one = best["bridge"], best["fwd-call"], best["fwd-one"]
+    bridge_py = best["bridge-py"]
     print()
-    for p in (bridge, fwd_call, fwd_one):
+    for p in (bridge, bridge_py, fwd_call, fwd_one):
         added = [v - d for v, d in zip(p.lat, direct.lat, strict=True)]
         text = ", ".join(f"p{q:g} {v:.3f}" for q, v in zip(POINTS, added, strict=True))
         print(f"latency added by {p.name:8} (2 hops, minus direct): {text} ms")
@@ -800,6 +810,13 @@ def report(args: argparse.Namespace, direct: Phase, best: dict[str, Phase]) -> N
     print(
         f"bridge / fwd-one (the ceiling): {ratio_one:.2f}x; bridge / fwd-call (same sockets "
         f"and keys per call, no logic): {ratio_call:.2f}x"
+    )
+    rate_py = bridge_py.hops_per_cpu_second
+    print(
+        f"bridge hop in C on {bridge.worker.get('native')}/{bridge.worker.get('streams')} "
+        f"streams; bridge-py (Python handlers) / fwd-one: "
+        f"{rate_py / fwd_one.hops_per_cpu_second:.2f}x; bridge / bridge-py: "
+        f"{rate / rate_py:.2f}x"
     )
     for name, what in (
         ("fwd-mux", "one shared loopback socket per side"),

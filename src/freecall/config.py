@@ -751,6 +751,12 @@ class MediaConfig:
         "or two, and an offer names its candidates the moment it leaves). Only used when "
         "there are servers to gather from; `0`: gather per call (candidates that come late "
         "are still used, but not signalled).", check=_between(0, 64))
+    native: Literal["auto", "off"] = setting(
+        "auto", "`auto`: a secure call's per-packet path (SRTP and the send, each way) runs in "
+        "C where the optional extension `freecall.srtp._hop` was built (it needs a C compiler "
+        "at install); `off`: always the Python handlers. ZRTP, RTCP, STUN, relayed media and "
+        "clear calls are Python either way. A change applies to calls from their next change "
+        "of state.")
 
 
 def _relay_ports(text: str) -> PortRange:

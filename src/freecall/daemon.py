@@ -66,6 +66,7 @@ from .sip.ratelimit import AuthLockout, Decision, SourceLimiter
 from .sip.registrar import Registrar
 from .sip.transaction import TimerValues, TransactionLayer
 from .srtp.bridge import (
+    NATIVE_AVAILABLE,
     IceServers,
     MediaEngine,
     MediaEvent,
@@ -379,12 +380,15 @@ class Daemon:
             ice_servers=self._ice_servers,
             ice_pool=config.media.ice_pool,
             nat_view=self.nat_view,
+            native=config.media.native != "off",
         )
         self.media = MediaCalls(self.media_engine,
                                 key_offer=self.keys.offer if self.keys is not None else None,
                                 on_remote_sdp=self._remote_sdp_crossed)
-        log.info("media on %s, ports %d-%d, security policy %s", address,
-                 config.media.ports.first, config.media.ports.last, config.security.policy)
+        log.info("media on %s, ports %d-%d, security policy %s, secure per-packet path in %s",
+                 address, config.media.ports.first, config.media.ports.last,
+                 config.security.policy,
+                 "C" if self.media_engine.native and NATIVE_AVAILABLE else "Python")
 
     def _ice_servers(self) -> IceServers:
         """STUN and TURN for the next media stream: configured ones and the mesh's relays
@@ -658,6 +662,7 @@ class Daemon:
             engine.policy = new.security.policy
             engine.zrtp_timeout = new.security.zrtp_timeout
             engine.rtp_timeout = new.media.rtp_timeout
+            engine.native = new.media.native != "off"
         self._apply_limits(new.security)
         if self.proxy is not None:
             self.proxy.lockout = self.stats.lockout

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import http.client
 import json
+import os
 import re
 import socket
 import sys
@@ -24,6 +25,10 @@ import yaml
 from .addr import SipAddr
 from .ports import BlockSource
 from .proc import ManagedProcess, wait_port, wait_until
+
+MEDIA_NATIVE = os.environ.get("FREECALL_TEST_MEDIA_NATIVE", "auto")
+"""``media.native`` of every daemon under test: ``FREECALL_TEST_MEDIA_NATIVE=off`` runs the
+suite's calls on the Python media path instead of the C hop (issue 6)."""
 
 
 def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -144,7 +149,8 @@ class FreecallDaemon:
             "users": {user: {"password": pw} for user, pw in self.users.items()},
             "peering": {"listen": f"udp:{self.public_host}:{self.peering_port}", "mdns": False},
             "media": {"address": self.public_host,
-                      "ports": f"{self.media_ports[0]}-{self.media_ports[1]}"},
+                      "ports": f"{self.media_ports[0]}-{self.media_ports[1]}",
+                      "native": MEDIA_NATIVE},
             "control": {"listen": f"127.0.0.1:{self.control_port}"},
             "log": {"level": "debug", "sip_trace": True},
         }

@@ -19,6 +19,7 @@ import pytest
 
 from harness import Baresip, FreecallDaemon, Harness, Linphonec, assert_tone
 from harness.calls import USERS_A, USERS_B, Nodes, phone, static_pair, talk_and_hang_up
+from harness.daemon import MEDIA_NATIVE
 from harness.pcap import Datagram, udp_datagrams
 
 SECURE = r"call (\w+): media secure, SAS (\w+) \((B32|B256)\)"
@@ -103,6 +104,10 @@ def test_a_call_between_two_nodes_is_srtp_on_the_wire_with_one_sas(
     assert checks, "no ICE connectivity checks between the nodes"
     for node in (nodes.a, nodes.b):
         assert re.search(r"stream \d+: media directly to", node.log_text()), node.log_text()
+        # the secure per-packet path ran in C (media.native: auto), or in Python when the
+        # suite runs with FREECALL_TEST_MEDIA_NATIVE=off
+        native = re.search(r"stream \d+: secure path in C", node.log_text()) is not None
+        assert native == (MEDIA_NATIVE != "off"), node.log_text()
     srtp = [d for d in media if not is_zrtp(d.payload) and rtp_payload(d.payload) is not None]
     assert len(srtp) > 200, f"only {len(srtp)} media packets between the nodes"
     for d in srtp:

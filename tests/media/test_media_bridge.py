@@ -11,6 +11,7 @@ patching.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ipaddress
 import os
 import socket
@@ -31,6 +32,7 @@ from freecall.srtp.bridge import (
     CLEAR,
     CLOSED,
     FAILED,
+    NATIVE_AVAILABLE,
     SECURE,
     IceServers,
     MediaCapacityError,
@@ -50,6 +52,8 @@ from harness.ports import PortAllocator, PortBlock
 from zrtp.zrtp_harness import FakePeer
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
+NATIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("native", default=True)
+"""Whether the scenario's engines run the secure fast path in C (the `run` fixture sets it)."""
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
@@ -230,6 +234,7 @@ async def make_node(allocator: PortAllocator, **kwargs: Any) -> Node:
     events: list[MediaEvent] = []
     kwargs.setdefault("retained_secrets", RetainedSecrets(None))
     kwargs.setdefault("address", "127.0.0.1")
+    kwargs.setdefault("native", NATIVE.get())
     engine = MediaEngine(
         asyncio.get_running_loop(),
         port_range=(block.first, block.last),
@@ -263,12 +268,17 @@ def is_zrtp(data: bytes) -> bool:
     return classify_datagram(data) == "zrtp"
 
 
-@pytest.fixture(params=["asyncio", "uvloop"])
+@pytest.fixture(params=["asyncio", "uvloop", "uvloop-python"])
 def run(request: pytest.FixtureRequest) -> Run:
-    factory = uvloop.new_event_loop if request.param == "uvloop" else asyncio.new_event_loop
+    """Each scenario on the standard loop and on uvloop with the C hop (`media.native: auto`,
+    the extension must be built), and on uvloop with the Python handlers (`off`)."""
+    factory = asyncio.new_event_loop if request.param == "asyncio" else uvloop.new_event_loop
+    native = request.param != "uvloop-python"
+    assert NATIVE_AVAILABLE, "freecall.srtp._hop is not built (pip install -e . needs gcc)"
 
     def runner(coro: Coroutine[Any, Any, Any]) -> Any:
         async def bounded() -> Any:
+            NATIVE.set(native)
             async with asyncio.timeout(10):
                 return await coro
 
@@ -324,6 +334,10 @@ class Call:
             await asyncio.sleep(0.005)
             both = self.phone_a.rtp.received and self.phone_b.rtp.received
             if self.sa.secure and self.sb.secure and both:
+                for s in (self.sa, self.sb):
+                    stats = s.stats()
+                    relayed = stats["ice"] is not None and stats["ice"]["relayed"]
+                    assert stats["native"] == (NATIVE.get() and not relayed)
                 return
         raise AssertionError(f"not secure: {self.sa.stats()} {self.sb.stats()}")
 

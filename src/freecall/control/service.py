@@ -428,6 +428,8 @@ class ControlService:
         streams = [s for s in call_media.streams() if isinstance(s, MediaStream)]
         if not streams:
             return None
+        for stream in streams:
+            stream.sync_counters()  # the C hop's counts (srtp/bridge.py)
         first = streams[0]
         remote = first.remote_rtp_address
         local = first.local_network_rtp

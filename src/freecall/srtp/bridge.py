@@ -69,6 +69,15 @@ Decisions, and why:
   first; anything that fails it is classified on the slow path), no clock, no logging, no
   allocation beyond pylibsrtp's result. ZRTP security warnings (forged packets cause them) are
   counted; only the first five per stream are logged and raised as events.
+* **The per-packet path in C.** Where the optional extension `freecall.srtp._hop` was built
+  and ``media.native`` is ``auto``, a secure stream's two RTP sockets get C hops instead
+  (`_native_hops`): the event loop calls C with ``(data, addr)``, which runs libsrtp on
+  pylibsrtp's own session and ``sendto`` on the other socket's descriptor. Whatever is not a
+  plain authenticated RTP packet goes to the Python handler above, unchanged (ZRTP, STUN,
+  RTCP on the RTP port, forgeries, replays), and an authenticated packet from a new source
+  calls `_latch_rtp`. The hops count in C; `sync_counters` folds their counts and RFC 3550
+  A.3 state into the stream (stats, the engine's totals and the inactivity check call it).
+  Relayed paths (our TURN allocation), a lost ICE consent and any other state stay Python.
 * **Cost.** ``bench/media.py`` measures it against bare forwarders (docs/performance.md). Over
   half the time per packet is the kernel's UDP path; per-call keys and destinations (cold libsrtp
   contexts, one socket per phone) cost about 20 % against one key and one sink, sockets per
@@ -111,11 +120,19 @@ from freecall.srtp import zrtp as z
 from freecall.srtp.keys import RetainedSecrets
 from freecall.srtp.media_ports import PortPairPool
 from freecall.srtp.rtp import MAX_DROPOUT, RTP_HEADER_LEN, ReceptionStats, is_rtcp_type, rtp_ssrc
-from freecall.srtp.srtp_policy import srtp_call, srtp_sessions
+from freecall.srtp.srtp_policy import srtp_call, srtp_pointers, srtp_sessions
 from freecall.srtp.zrtp_messages import classify_datagram
 from freecall.transport import Timer
 
+try:  # the optional C extension (setup.py): without it the Python handlers run
+    from freecall.srtp import _hop
+except ImportError:  # pragma: no cover - built wherever the tests run
+    _hop = None  # type: ignore[assignment]
+
 log = logging.getLogger("freecall.media")
+
+NATIVE_AVAILABLE: Final = _hop is not None
+"""The C hop (`freecall.srtp._hop`) was built: secure streams can use it (``media.native``)."""
 
 Addr = tuple[Any, ...]
 """A socket address as the event loop reports it: ``(host, port)``, or 4 items for IPv6."""
@@ -286,6 +303,9 @@ class _Endpoint(asyncio.DatagramProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        stream = self.stream
+        if stream._hop_out is not None and stream.state != CLOSED:
+            stream._update_handlers()  # the C hops send on raw fds: not past a lost socket
 
 
 def _factory(ep: _Endpoint) -> Callable[[], _Endpoint]:
@@ -338,6 +358,7 @@ class MediaEngine:
         ice_servers: Callable[[], IceServers] | None = None,
         ice_pool: int = 2,
         nat_view: NatView | None = None,
+        native: bool = True,
     ) -> None:
         """``address`` goes into SDP toward the far end; sockets bind to ``bind_host``
         (default: ``address``; give ``0.0.0.0`` behind NAT where the public address is not
@@ -348,7 +369,11 @@ class MediaEngine:
         for each new stream), and ``ice_pool`` streams are kept gathered in advance, because
         the SDP naming a stream's candidates is written the moment the stream is made.
         ``nat_view``: the node's one "behind NAT?" verdict (shared with node-level STUN), which
-        each gathering informs; the engine's own when not given."""
+        each gathering informs; the engine's own when not given.
+
+        ``native``: secure streams run their per-packet path in C (`freecall.srtp._hop`)
+        when it was built (`NATIVE_AVAILABLE`); False keeps them on the Python handlers
+        (``media.native: off``). Takes effect at each stream's next change of state."""
         if policy not in ("require", "prefer", "off"):
             raise ValueError(f"bad security policy {policy!r}")
         if zrtp_timeout <= 0:
@@ -382,6 +407,7 @@ class MediaEngine:
         self.ice = ice
         self.ice_servers = ice_servers
         self.ice_pool = max(0, ice_pool)
+        self.native = native
         self._pool: list[MediaStream] = []
         """Streams made and gathered before any call asked (oldest first)."""
         self._pool_handle: asyncio.TimerHandle | None = None
@@ -662,6 +688,7 @@ class MediaEngine:
             if stream._pooled:
                 continue
             by_state[stream.state] = by_state.get(stream.state, 0) + 1
+            stream.sync_counters()
             for name in _COUNTERS:
                 totals[name] = totals.get(name, 0) + getattr(stream, name)
             totals["lost"] = totals.get("lost", 0) + max(0, stream.reception.lost)
@@ -676,6 +703,7 @@ class MediaEngine:
             "port_pairs_total": self._ports.capacity,
             "allocations_failed": self.allocations_failed,
             "policy": self.policy,
+            "native": self.native and NATIVE_AVAILABLE,
             "totals": totals,
         }
 
@@ -733,6 +761,8 @@ class MediaStream:
         "_clear_ssrc",
         "_engine",
         "_followers",
+        "_hop_in",
+        "_hop_out",
         "_ice",
         "_ice_active",
         "_ice_relayed",
@@ -898,6 +928,10 @@ class MediaStream:
         self._zrtp_held = False  # ZRTP waits for ICE to find a path (RFC 8445 section 12.1)
         self._pooled = False
         self._opening: asyncio.Task[None] | None = None
+        self._hop_out: _hop.Hop | None = None
+        """Phone->net in C while the secure fast path runs natively (`_native_hops`)..."""
+        self._hop_in: _hop.Hop | None = None
+        """...and net->phone."""
 
     def _make_zrtp(self, *, multistream: bool) -> z.ZrtpSession | None:
         engine = self._engine
@@ -1105,6 +1139,7 @@ class MediaStream:
             self.ice_state = "checking"
             self._remote_rtp = self._remote_rtcp = None
             self._rtp_authenticated = False
+            self._update_handlers()
         agent.set_remote(params, now)
         self._ice_pump(now)
 
@@ -1137,6 +1172,7 @@ class MediaStream:
                 # RFC 7675 section 5.1: stop sending; the call is over for the user too.
                 self.ice_state = "consent-lost"
                 self._net_rtp_send = self._net_rtcp_send = _no_send
+                self._update_handlers()  # the C hop stops sending too
                 self.timed_out = True
                 log.info("stream %d: the far end stopped answering consent checks", self.id)
                 self._engine._emit(MediaTimeout(self, ice_.CONSENT_TIMEOUT))
@@ -1329,10 +1365,35 @@ class MediaStream:
 
     @property
     def reception(self) -> ReceptionStats:
+        self.sync_counters()
         return self._rx
+
+    def sync_counters(self) -> None:
+        """Bring the counter attributes and `reception` up to date: while the C hops run,
+        they count in C. `stats`, `reception`, the engine's totals and the inactivity check
+        call this; anything else reading the counter attributes should too."""
+        hop_out, hop_in = self._hop_out, self._hop_in
+        if hop_out is None or hop_in is None:
+            return
+        packets, octets, sent, sent_octets, dropped, errors = hop_out.take()
+        self.phone_rtp_in += packets
+        self.phone_rtp_in_bytes += octets
+        self.net_rtp_out += sent
+        self.net_rtp_out_bytes += sent_octets
+        self.dropped_other += dropped
+        self.send_errors += errors
+        packets, octets, sent, sent_octets, dropped, errors = hop_in.take()
+        self.net_rtp_in += packets
+        self.net_rtp_in_bytes += octets
+        self.phone_rtp_out += sent
+        self.phone_rtp_out_bytes += sent_octets
+        self.dropped_other += dropped
+        self.send_errors += errors
+        self._rx.set_state(hop_in.rx_state)
 
     def stats(self) -> dict[str, Any]:
         """Counters and state for the control API (no key material)."""
+        self.sync_counters()
         out: dict[str, Any] = {name: getattr(self, name) for name in _COUNTERS}
         result = self.result
         out.update(
@@ -1360,6 +1421,7 @@ class MediaStream:
             cipher=f"{result.cipher}/{result.auth_tag}" if result else None,
             peer_client=self.peer_client_id or None,
             ice=self._ice_stats(),
+            native=self._hop_out is not None,
         )
         return out
 
@@ -1384,6 +1446,7 @@ class MediaStream:
             return  # the endpoints keep datagrams until _open hands them over
         phone_rtp: Handler
         net_rtp: Handler
+        secure = False
         if self._pooled and st != CLOSED:
             self._phone_rtp_ep.datagram_received = _ignore  # type: ignore[method-assign]
             self._net_rtp_ep.datagram_received = self._net_rtp_pooled  # type: ignore[method-assign]
@@ -1394,6 +1457,7 @@ class MediaStream:
             phone_rtp = net_rtp = _ignore
         elif st == SECURE and self._phone_rtp is not None and self._remote_rtp is not None:
             phone_rtp, net_rtp = self._phone_rtp_secure, self._net_rtp_secure
+            secure = True
         elif st == CLEAR and self._phone_rtp is not None and self._remote_rtp is not None:
             phone_rtp = self._phone_rtp_clear
             net_rtp = self._net_rtp_clear if self._clear_ssrc is not None else self._net_rtp_any
@@ -1402,6 +1466,12 @@ class MediaStream:
         self._net_inner = net_rtp if net_rtp is not _ignore else self._net_rtp_any
         if self._ice_relayed and st != CLOSED:
             net_rtp = self._net_rtp_relayed
+        hops = self._native_hops() if secure else None
+        if hops is not None:
+            phone_rtp, net_rtp = hops
+        elif self._hop_out is not None:
+            self.sync_counters()
+            self._hop_out = self._hop_in = None
         eps = (self._phone_rtp_ep, self._net_rtp_ep, self._phone_rtcp_ep, self._net_rtcp_ep)
         handlers: tuple[Handler, ...] = (
             phone_rtp,
@@ -1411,6 +1481,52 @@ class MediaStream:
         )
         for ep, handler in zip(eps, handlers, strict=True):
             ep.datagram_received = handler  # type: ignore[method-assign,assignment]
+
+    def _native_hops(self) -> tuple[_hop.Hop, _hop.Hop] | None:
+        """The secure fast path in C, where it applies: the extension is built, the engine
+        allows it, and both sides send straight on their own sockets (not through our TURN
+        relay, not after ICE consent was lost). Made once per keying, retargeted after."""
+        if (
+            _hop is None
+            or not self._engine.native
+            or self._net_rtp_send is not self._net_rtp_raw
+            or self._phone_rtp_send is _no_send
+        ):
+            return None
+        net_t, phone_t = self._net_rtp_ep.transport, self._phone_rtp_ep.transport
+        if net_t is None or phone_t is None:
+            return None
+        phone, remote = self._phone_rtp, self._remote_rtp
+        assert phone is not None and remote is not None
+        hop_out, hop_in = self._hop_out, self._hop_in
+        if hop_out is not None and hop_in is not None:
+            hop_out.set_dest(remote)
+            hop_in.set_dest(phone)
+            hop_in.set_source(remote)
+            return hop_out, hop_in
+        tx, rx = self._srtp_out, self._srtp_in
+        if tx is None or rx is None:
+            return None
+        protect, unprotect = srtp_pointers(tx, "protect"), srtp_pointers(rx, "unprotect")
+        if protect is None or unprotect is None:
+            return None
+        try:
+            net_fd = net_t.get_extra_info("socket").fileno()
+            phone_fd = phone_t.get_extra_info("socket").fileno()
+            hop_out = _hop.Hop(tx, *protect, net_fd, remote, self._phone_rtp_secure)
+            hop_in = _hop.Hop(rx, *unprotect, phone_fd, phone, self._net_rtp_secure,
+                              unprotect=True, source=remote, latch=self._hop_latch)
+        except (AttributeError, OSError, ValueError) as exc:
+            log.debug("stream %d: secure path stays in Python: %s", self.id, exc)
+            return None
+        hop_in.rx_state = self._rx.state()
+        self._hop_out, self._hop_in = hop_out, hop_in
+        log.debug("stream %d: secure path in C", self.id)
+        return hop_out, hop_in
+
+    def _hop_latch(self, addr: Addr) -> None:
+        """The C hop authenticated a packet from a source other than the remote: latch."""
+        self._latch_rtp(addr, authenticated=True)
 
     # Fast paths. Keep them short: every line here runs 50 times a second per call and side.
 
@@ -1618,6 +1734,9 @@ class MediaStream:
         self._remote_rtp = addr
         self._rtp_authenticated = authenticated
         self.latches += 1
+        if self._hop_out is not None and self._hop_in is not None:
+            self._hop_out.set_dest(addr)
+            self._hop_in.set_source(addr)
         if self._remote_rtcp_mux:
             self._remote_rtcp = addr
         elif not self._rtcp_latched:
@@ -1933,6 +2052,7 @@ class MediaStream:
         if timeout is None or self.state in (CLOSED, FAILED):
             self._idle_check_at = None
             return
+        self.sync_counters()  # activity the C hop counted
         seen = self.net_rtp_in + self.net_rtcp_in + self.zrtp_in
         if seen != self._idle_seen:
             self._idle_seen = seen

@@ -103,6 +103,16 @@ class ReceptionStats:
         self._cycles = 0
         self.received = 0
 
+    def state(self) -> tuple[int, int, int, int, int, int, int, int]:
+        """The whole A.3 state, in the order the C hop keeps it (`_hop.Hop.rx_state`)."""
+        return (self.max_seq, self._base_seq, self._cycles, self._bad_seq, self.received,
+                self._expected_before, self._received_before, self.restarts)
+
+    def set_state(self, state: tuple[int, int, int, int, int, int, int, int]) -> None:
+        """Take back the state the C hop kept while it received (see `state`)."""
+        (self.max_seq, self._base_seq, self._cycles, self._bad_seq, self.received,
+         self._expected_before, self._received_before, self.restarts) = state
+
     @property
     def extended_max(self) -> int:
         """Extended highest sequence number received (cycles << 16 | max_seq), -1 if none."""

@@ -81,3 +81,27 @@ def srtp_call(session: pylibsrtp.Session, name: str) -> Callable[[bytes], bytes]
         return buffer[0 : len_p[0]]  # type: ignore[no-any-return]
 
     return call
+
+
+def srtp_pointers(session: pylibsrtp.Session, name: str) -> tuple[int, int] | None:
+    """(srtp_t, function) of a pylibsrtp session as integers, for the C hop (`_hop.Hop`).
+
+    ``name`` is ``protect`` or ``unprotect``: libsrtp 2.x's ``srtp_protect`` and
+    ``srtp_unprotect`` as pylibsrtp bundles them (``int (*)(srtp_t, void *, int *)``, which
+    `_hop.c` declares). None when pylibsrtp's internals are not the ones this was written
+    against (0.10-1.0) or declare another signature: the bridge then stays on Python.
+    """
+    if ffi is None:
+        return None
+    try:
+        func = {"protect": lib.srtp_protect, "unprotect": lib.srtp_unprotect}[name]
+        if ffi.typeof(func).cname != _SRTP_FN:
+            return None
+        ctx = int(ffi.cast("uintptr_t", session._srtp[0]))
+        fn = int(ffi.cast("uintptr_t", ffi.addressof(lib, f"srtp_{name}")))
+    except (AttributeError, KeyError, TypeError):
+        return None
+    return (ctx, fn) if ctx and fn else None
+
+
+_SRTP_FN = "srtp_err_status_t(*)(struct srtp_ctx_t_ *, void *, int *)"
