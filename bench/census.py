@@ -13,6 +13,7 @@ causes, not for the soak's RSS table.
 
 from __future__ import annotations
 
+import gc
 import os
 import runpy
 import sys
@@ -50,8 +51,53 @@ def _watch(out: Path, base_after: float, every: float) -> None:
             frame = stat.traceback[0]
             lines.append(f"  {stat.size_diff / 1024:+9.1f} KiB {stat.count_diff:+7d} blocks  "
                          f"{frame.filename}:{frame.lineno}")
+        lines += _instances(os.environ.get("FREECALL_CENSUS_TYPES", "MediaStream,ZrtpSession"))
         with out.open("a") as f:
             f.write("\n".join(lines) + "\n")
+
+
+def _describe(obj: object) -> str:
+    text = repr(obj) if isinstance(obj, tuple | list) and len(obj) < 6 else ""
+    return f"{type(obj).__module__}.{type(obj).__qualname__} {text[:120]}"
+
+
+def _instances(names: str) -> list[str]:
+    """Live instances of the named classes, and what holds the first one (two levels): a
+    count that grows with the calls made is a leak, and the holders say whose."""
+    wanted = {n.strip() for n in names.split(",") if n.strip()}
+    if not wanted:
+        return []
+
+    def count() -> dict[str, list[object]]:
+        found: dict[str, list[object]] = {n: [] for n in wanted}
+        for obj in gc.get_objects():
+            name = type(obj).__name__
+            if name in found:
+                found[name].append(obj)
+        return found
+
+    # Before a collection: garbage in reference cycles is still there (it waits for the
+    # cyclic collector); after: what something really holds (a leak if it keeps growing).
+    before = {n: len(v) for n, v in count().items()}
+    gc.collect()
+    found = count()
+    lines = ["  instances before a full collection / after: " + ", ".join(
+        f"{n} {before[n]} / {len(v)}" for n, v in sorted(found.items()))]
+    for name in sorted(found):
+        objs = found[name]
+        if not objs:
+            continue
+        sample = min(objs, key=lambda o: getattr(o, "id", 0))  # the oldest, for streams
+        lines.append(f"  holders of the oldest {name} {sample!r:.80}:")
+        for holder in gc.get_referrers(sample):
+            if holder is objs or holder is found:
+                continue
+            lines.append(f"    {_describe(holder)}")
+            for outer in gc.get_referrers(holder)[:6]:
+                if outer is not objs and outer is not found:
+                    lines.append(f"      <- {_describe(outer)}")
+        del objs
+    return lines
 
 
 def main() -> None:

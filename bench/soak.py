@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--sample", type=float, default=30.0, help="seconds between samples")
     parser.add_argument("--warmup", type=float, default=120.0,
                         help="seconds before the steady state is measured")
+    parser.add_argument("--media-ports", type=int, default=34000,
+                        help="first of A's and B's 800 media ports (two soaks at once need two)")
     parser.add_argument("--census", action="store_true",
                         help="run A and B under bench/census.py (tracemalloc): where memory "
                              "grows, in <logs>/{a,b}/state/census.txt")
@@ -48,7 +50,8 @@ def main() -> None:
         census = [sys.executable, str(ROOT / "bench" / "census.py")] if args.census else None
         result = run_soak(h, seconds=args.minutes * 60, rate=args.rate, hold=args.hold,
                           refresh=args.refresh, sample=args.sample, warmup=args.warmup,
-                          log=lambda line: print(line, flush=True), command=census)
+                          log=lambda line: print(line, flush=True), command=census,
+                          media_ports=args.media_ports)
     print(result.report())
     print("\n" + ("PASS" if not result.failures
                   else "FAIL:\n  " + "\n  ".join(result.failures)))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import ipaddress
 import os
 import socket
@@ -351,6 +352,33 @@ class Call:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def test_released_streams_are_freed_without_the_cyclic_collector(run: Run,
+                                                                 ports: PortAllocator) -> None:
+    """Nothing holds a released stream in a reference cycle (stream <-> socket endpoints, its
+    own bound method, the StreamSecure event naming it): it goes, with its ZRTP session and
+    SRTP contexts, the moment the call lets go. A soak showed released streams piling up
+    between full collections (docs/performance.md, "Soak")."""
+
+    async def scenario() -> None:
+        gc.collect()
+        gc.disable()
+        try:
+            for relay in (False, True):
+                call = await Call.open(ports, relay=relay)
+                await call.secure()
+                call.close()
+                call.a.events.clear()  # this test's own record of the events (they name the
+                call.b.events.clear()  # streams), which the daemon does not keep
+                del call
+            await asyncio.sleep(0.05)  # the loop calls connection_lost on the closed sockets
+            alive = [o for o in gc.get_objects() if isinstance(o, MediaStream)]
+            assert not alive, alive
+        finally:
+            gc.enable()
+
+    run(scenario())
 
 
 def test_bridge_srtp_both_ways(run: Run, ports: PortAllocator) -> None:

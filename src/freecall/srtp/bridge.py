@@ -285,7 +285,9 @@ class _Endpoint(asyncio.DatagramProtocol):
     __slots__ = ("datagram_received", "early", "stream", "transport")
 
     def __init__(self, stream: MediaStream) -> None:
-        self.stream = stream
+        self.stream: MediaStream | None = stream
+        """None once the stream is released: the two refer to each other, and a released
+        stream must be freed by reference counting, not wait for the cyclic collector."""
         self.transport: asyncio.DatagramTransport | None = None
         self.early: list[tuple[bytes, Addr]] = []
         self.datagram_received = self._keep  # type: ignore[method-assign]
@@ -299,12 +301,13 @@ class _Endpoint(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors on send (port unreachable while the far end is not up yet): count only.
-        self.stream.send_errors += 1
+        if self.stream is not None:
+            self.stream.send_errors += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         stream = self.stream
-        if stream._hop_out is not None and stream.state != CLOSED:
+        if stream is not None and stream._hop_out is not None and stream.state != CLOSED:
             stream._update_handlers()  # the C hops send on raw fds: not past a lost socket
 
 
@@ -1318,6 +1321,11 @@ class MediaStream:
         self._phone_rtp_send = self._phone_rtcp_send = _no_send
         self._net_rtp_send = self._net_rtcp_send = _no_send
         self._zrtp_deadline = self._idle_check_at = None
+        # No reference cycles left through this stream (see _close_transports): its own
+        # bound method as the inner handler, and the StreamSecure event naming it (its
+        # figures were read at the call's end, docs/api.md).
+        self._net_inner = _ignore
+        self.result = None
         if self._leader is not None:
             with contextlib.suppress(ValueError):
                 self._leader._followers.remove(self)
@@ -1327,6 +1335,13 @@ class MediaStream:
         for ep in (self._phone_rtp_ep, self._phone_rtcp_ep, self._net_rtp_ep, self._net_rtcp_ep):
             if ep.transport is not None:
                 ep.transport.close()
+            # Break the stream <-> endpoint cycles (the endpoint outlives us until the loop
+            # calls connection_lost): a released stream, its ZRTP session and its SRTP
+            # contexts are then freed at once, not at the next full collection. A soak
+            # showed them piling up between collections (docs/performance.md, "Soak").
+            ep.datagram_received = _ignore  # type: ignore[method-assign]
+            ep.stream = None
+            ep.early.clear()
 
     # -- ZRTP passthrough ----------------------------------------------------------------------
 
