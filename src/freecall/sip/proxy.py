@@ -939,11 +939,6 @@ class Proxy:
         """An ACK for a 2xx is forwarded statelessly along the dialog's route (16.11)."""
         stamp = ack.via.branch or ""
         state = self._dialog_route_state(self._pop_own_routes(ack), ack)
-        if state == "none" and self._minted_contact(ack.uri):
-            # A UAS that did not echo Record-Route (SIPp's) leaves no route set: the ACK
-            # comes to the Contact we gave out, whose HMAC _next_hop_flow checks (as for
-            # any in-dialog request, see _in_dialog).
-            state = "ours"
         if state == "ours":
             next_flow = self._next_hop_flow(ack, now)
         else:
@@ -1437,11 +1432,14 @@ class Proxy:
         return base64.b32encode(digest.digest()[:10]).decode().lower()
 
     def _dialog_route_state(self, own_routes: list[Address], request: Request) -> str:
-        """"ours" (our Record-Route with a valid token), "forged" (a token that does not match
-        the dialog) or "none" (no Record-Route of ours; a pre-loaded route has no token)."""
+        """"ours" (our Record-Route with a valid token, or no route but a Contact we minted:
+        a UAS that did not echo Record-Route, SIPp's, leaves no route set, and the request
+        comes to that Contact, whose HMAC _next_hop_flow checks, as _in_dialog does), "forged"
+        (a token that does not match the dialog) or "none" (no Record-Route of ours; a
+        pre-loaded route has no token)."""
         tokens = [r for r in own_routes if r.sip_uri is not None and "fc" in r.sip_uri.params]
         if not tokens:
-            return "none"
+            return "ours" if self._minted_contact(request.uri) else "none"
         if any(self._route_token_ok(route, request) for route in tokens):
             return "ours"
         return "forged"
