@@ -840,8 +840,9 @@ class NatConfig:
         True, "Learn the public address by STUN (RFC 5389) from `media.stun` and the relay "
         "nodes of the host cache, and publish it in the node record.")
     attach: Literal["auto", "always", "never"] = setting(
-        "auto", "`auto`: attach to a relay node when STUN finds the node behind NAT; "
-        "`always`: attach whatever STUN says; `never`: do not.")
+        "auto", "`auto`: attach to a relay node when the node is behind NAT (by node-level "
+        "STUN, or by the media gathering while STUN has no answer); `always`: attach "
+        "whatever either says; `never`: do not.")
     relay: str | None = setting(
         None, "Node id (32 hex digits) of the relay to attach to first. `null`: any relay of "
         "the host cache.", parse=_node_id, doc_type="node id or null")
