@@ -198,7 +198,11 @@ class NatService:
                 waiting[tid] = server
                 requests[tid] = (binding_request(tid), server)
             for delay in (0.0, 0.5, 1.0):
-                await asyncio.sleep(delay)
+                if delay:  # the next retransmission, unless every server answered by then
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(done), delay)
+                if done.done():
+                    break
                 for tid in list(waiting):
                     data, server = requests[tid]
                     with contextlib.suppress(OSError):
