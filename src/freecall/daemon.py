@@ -79,7 +79,7 @@ from .srtp.bridge import (
     ZrtpWarning,
 )
 from .srtp.calls import DialogKey, MediaCalls
-from .srtp.iceservers import ice_servers, mesh_relays
+from .srtp.iceservers import ice_servers, mesh_relays, prefer
 from .srtp.keys import RetainedSecrets
 from .srtp.zrtp import ZrtpConfig
 from .storage import atomic_write
@@ -403,9 +403,8 @@ class Daemon:
         config = self.config
         relays = listed[1]
         preferred = self.nat.preferred_relay() if self.nat is not None else None
-        if preferred is not None and self.peering is not None:
-            # the relay our signalling is attached to first: one relay sees our traffic
-            relays = mesh_relays(relays, self.peering.identity.node_id, preferred)
+        # the relay our signalling is attached to first: one relay sees our traffic
+        relays = prefer(relays, preferred)
         return ice_servers(
             stun=config.media.stun, turn=config.media.turn, relays=relays,
             identity=self.peering.identity if self.peering is not None else None,

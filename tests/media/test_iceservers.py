@@ -11,7 +11,7 @@ from freecall.config import HostPort
 from freecall.config import TurnServer as TurnConfig
 from freecall.peering.records import Address, AddrKind, Flag, NodeIdentity, NodeRecord
 from freecall.relay.credentials import node_key_password, node_key_secret, parse_username
-from freecall.srtp.iceservers import ice_servers, mesh_relays
+from freecall.srtp.iceservers import ice_servers, mesh_relays, prefer
 
 
 def _relay(number: int) -> tuple[NodeIdentity, NodeRecord]:
@@ -33,6 +33,17 @@ def test_mesh_relays_are_ranked_per_node_and_need_an_address() -> None:
     assert mesh_relays(reversed(relays), me.node_id) == ranked  # order-independent
     other = mesh_relays(relays, NodeIdentity.generate().node_id)
     assert len(other) == 5  # (another node usually prefers another relay: rendezvous hashing)
+
+
+def test_prefer_moves_a_relay_first_like_ranking_with_it() -> None:
+    me = NodeIdentity.generate()
+    relays = [_relay(i)[1] for i in range(1, 6)]
+    ranked = mesh_relays(relays, me.node_id)
+    for chosen in relays:
+        assert prefer(ranked, chosen.node_id) == mesh_relays(relays, me.node_id, chosen.node_id)
+        assert prefer(ranked, chosen.node_id)[0] == chosen
+    assert prefer(ranked, None) == ranked
+    assert prefer(ranked, b"\x00" * 32) == ranked  # a relay no longer listed changes nothing
 
 
 def test_a_node_behind_nat_gets_its_relay_with_credentials_the_relay_can_check() -> None:

@@ -39,6 +39,15 @@ def mesh_relays(records: Iterable[NodeRecord], own_id: bytes,
             if r.addresses_of(AddrKind.RELAY) or r.addresses_of(AddrKind.STUN)]
 
 
+def prefer(ranked: Sequence[NodeRecord], preferred: bytes | None) -> list[NodeRecord]:
+    """``ranked`` (a :func:`mesh_relays` list without ``preferred``) with the relay
+    ``preferred`` moved first: the same list as ``mesh_relays(..., preferred)`` without
+    hashing again, since rank_relays' last step is this stable sort."""
+    if preferred is None:
+        return list(ranked)
+    return sorted(ranked, key=lambda r: r.node_id != preferred)
+
+
 def ice_servers(
     *,
     stun: Sequence[HostPort],
@@ -72,4 +81,4 @@ def ice_servers(
     return IceServers(tuple(dict.fromkeys(stun_out)), tuple(turn_out))
 
 
-__all__ = ["MAX_STUN", "ice_servers", "mesh_relays"]
+__all__ = ["MAX_STUN", "ice_servers", "mesh_relays", "prefer"]
