@@ -815,10 +815,12 @@ class RelayConfig:
         "cannot be turned against the network it sits in). Tests use `127.0.0.0/8`.",
         parse=_cidr, doc_type="list of CIDRs")
     sip: Listener | None = setting(  # noqa: RUF009 -- frozen value
-        None, "SIP edge for nodes behind NAT, `tls:HOST:PORT` (5061 is the standard port): "
+        Listener("tls", "0.0.0.0", 5061),  # noqa: S104
+        "SIP edge for nodes behind NAT, `tls:HOST:PORT` (5061 is the standard port): "
         "attached nodes keep a TLS connection here and calls for them are forwarded over it "
-        "(docs/relay.md, \"SIP edge\"). Only attached nodes are reachable through it. `null`: "
-        "off.", parse=_listener(("tls",)), doc_type="listener or null")
+        "(docs/relay.md, \"SIP edge\"). Only attached nodes are reachable through it; it "
+        "needs peering (attached nodes are checked against the host cache). `null`: off.",
+        parse=_listener(("tls",)), doc_type="listener or null")
     max_attached: int = setting(
         10000, "Most nodes attached to the SIP edge at once; more get `503`.",
         check=_between(1, 1_000_000))

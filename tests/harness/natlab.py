@@ -160,8 +160,7 @@ def start_relay(lab: NatLab, directory: Path, *, sip: bool = False,
                   "ports": "49152-49407", "allow_peers": ["198.51.100.0/24"]},
         "log": {"level": "debug"},
     }
-    if sip:
-        config["relay"]["sip"] = f"tls:{RELAY_ADDRESS}:{RELAY_SIP_PORT}"
+    config["relay"]["sip"] = f"tls:{RELAY_ADDRESS}:{RELAY_SIP_PORT}" if sip else None
     if gossip_interval is not None:
         config["peering"]["interval"] = gossip_interval
     path = directory / "relay.yaml"

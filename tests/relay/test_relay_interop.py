@@ -49,7 +49,7 @@ class Relay:
             "node": {"name": "relay1", "role": "relay"},
             "peering": {"listen": f"udp:127.0.0.1:{self.gossip_port}", "mdns": False},
             "relay": {"listen": f"udp:127.0.0.1:{self.port}", "realm": "relay.test",
-                      "ports": f"{first}-{last}", **relay},
+                      "ports": f"{first}-{last}", "sip": None, **relay},
             "log": {"level": "debug"},
             "control": {"listen": f"127.0.0.1:{self.control_port}"},
         }
@@ -324,14 +324,14 @@ def test_coturn_uclient_with_wrong_secret_cannot_allocate(relays: list[Relay], t
 
 def test_bare_config_relay_starts(tmp_path: Path) -> None:
     """``freecall run --role relay --state-dir X`` with no file: the standard ports and a
-    generated secret. If another program holds 3478 or 5064 here, the daemon must say so and
+    generated secret. If another program holds 3478, 5061 or 5064 here, the daemon must say so and
     exit instead."""
     state = tmp_path / "state"
     process = ManagedProcess("bare-relay", [sys.executable, "-m", "freecall", "run", "--role",
                                             "relay", "--state-dir", str(state)],
                              log_path=tmp_path / "bare.log", cwd=tmp_path).start()
     try:
-        wait_until(lambda: " listening on " in process.log_text()
+        wait_until(lambda: "; role: relay" in process.log_text()
                    or "cannot start" in process.log_text() or not process.alive(), 15,
                    message="the bare relay to start or fail")
         log = process.log_text()
@@ -339,6 +339,8 @@ def test_bare_config_relay_starts(tmp_path: Path) -> None:
             assert "Address already in use" in log
         else:
             assert "udp:0.0.0.0:3478 (STUN, TURN)" in log
+            assert "tls:0.0.0.0:5061 (SIP edge)" in log  # nodes behind NAT can attach
+            assert "relay: SIP edge on tls:" in log
             assert (state / "relay-secret").stat().st_mode & 0o777 == 0o600
     finally:
         process.stop(5)

@@ -123,8 +123,8 @@ class RelayDaemon:
             sip_port, tls_key = await self._start_sip(loop)
             listening.append(f"tls:{relay.sip.host}:{sip_port} (SIP edge)")
         elif relay.sip is not None:
-            log.warning("relay.sip needs peering (attached nodes are found in the host cache): "
-                        "the SIP edge is off")
+            log.info("relay: no SIP edge (relay.sip needs peering: attached nodes are found "
+                     "in the host cache)")
         if config.peering.listen is not None:
             self.peering = await self._start_peering(public, bound[1], sip_port, tls_key)
             if self.peering.bound is not None:
