@@ -127,6 +127,9 @@ class GossipConfig:
     record_ttl: int = 3600  # lifetime of our record (seconds)
     refresh_before: int = 1200  # re-sign this long before it expires
     republish_rounds: int = 300  # hand our record to our home groups again this often
+    publish_backoff_max: int = 64
+    """Rounds between publish retries at most while no home group left to confirm has a
+    member we know (a mesh of fewer nodes than groups: most groups are empty for good)."""
     publish_per_round: int = 2  # publish datagrams per round
     seed_rounds: int = 60  # contact a seed this often even when not alone
     bootstrap_min: int = 8  # below this many records, keep asking seeds
@@ -388,6 +391,9 @@ class Gossip:
         self._keys_left = cfg.new_keys_per_round
         self._relays_left = cfg.relays_per_round
         self._publish_due = 0 if not settled else rng.randrange(1, cfg.republish_rounds + 1)
+        self._publish_wait = 1  # rounds to the next publish retry (doubles while in vain)
+        self._group_search: dict[int, tuple[int, int]] = {}
+        """Home groups we know nobody in: (round of the next member lookup, its wait)."""
         self.next_round = now + rng.random() * cfg.interval
         self._addresses = addresses
         self._routes = routes
@@ -587,6 +593,7 @@ class Gossip:
         self.cache.put(self.local, now)
         self._hot_add(self.key, seq)
         self._publish_due = self.round + 1
+        self._publish_wait = 1
         self._republish_at = self.round + self.config.republish_rounds
 
     def _publish(self, now: float) -> None:
@@ -601,18 +608,22 @@ class Gossip:
             self._republish_at = self.round + cfg.republish_rounds
             self._confirmed = set()
             self._acks = {}
+            self._publish_wait = 1
         todo = [g for g in sorted(homes | self._withdraw) if g not in self._confirmed]
-        self._publish_due = self.round + 1 if todo else self._republish_at
+        self._publish_due = self._republish_at
         sent = 0
         missing = False
+        reachable = False  # some group left to confirm has a member we know
         for g in todo:
             if sent >= cfg.publish_per_round:
+                reachable = True  # (groups were left for the next round)
                 break
             cs = [e for e in self.cache.contacts(g, 2) if e.record.gossip_addr is not None]
             if not self._live_contacts(g):
                 missing = True
             if not cs:
                 continue
+            reachable = True
             for c in cs[: 1 if g in self._withdraw else 2]:
                 b = Builder(cfg.max_datagram)
                 nonce = self.rng.getrandbits(32)
@@ -623,17 +634,40 @@ class Gossip:
                     self._pending[nonce] = _Pending(c.record.key, now, "publish", addr)
                     sent += 1
             self._withdraw.discard(g)  # withdrawals are best effort: one try
+        if todo:
+            # Retry next round while some group left has a member we know (a send the budget
+            # refused included); while none has, back off, doubling: in a mesh smaller than
+            # 2**group_bits most home groups are empty for good, and a relay and a lookup per
+            # round for each of them spent a 5-node mesh's send budgets (answers dropped,
+            # live nodes declared dead). A lookup that finds a member publishes to it at once
+            # (_on_answers).
+            self._publish_wait = 1 if reachable else min(2 * self._publish_wait,
+                                                         cfg.publish_backoff_max)
+            self._publish_due = self.round + self._publish_wait
         if missing:
             peer = self._live_peer(exclude=set())
             if peer is not None:
                 b = Builder(cfg.max_datagram)
                 b.add(Sec.RELAY, b"\x01" + rec.raw)
                 self._send(b, peer, now)
-            # and find a member there the way lookups do: whoever answers, we publish to
+            # and find a member there the way lookups do: whoever answers, we publish to.
+            # Per group, these lookups back off (8, 16, 32 ... rounds, up to republish_rounds):
+            # a group that stays empty (a mesh smaller than 2**group_bits) must not cost a
+            # lookup, its attempts and their forwards, every few rounds for ever.
+            # At most two at a time, so a node with many empty home groups (a fresh small
+            # mesh) does not start a lookup for each of them in the same round.
             busy = {st.group for st in self._lookups.values() if st.internal}
             for g in todo:
-                if g not in busy and not self._live_contacts(g):
-                    self._start(f"{GROUP_KEY}{g}", now, use_cache=False, internal=True)
+                if g in busy or self._live_contacts(g):
+                    self._group_search.pop(g, None)
+                    continue
+                due, wait = self._group_search.get(g, (0, 4))
+                if self.round < due or len(busy) >= 2:
+                    continue
+                busy.add(g)
+                wait = min(2 * wait, cfg.republish_rounds)
+                self._group_search[g] = (self.round + wait, wait)
+                self._start(f"{GROUP_KEY}{g}", now, use_cache=False, internal=True)
 
     # -- rounds ----------------------------------------------------------------------------
 
@@ -1347,8 +1381,14 @@ class Gossip:
             self._on_dead(m.dead, sender, now)
         if m.pings:
             self._add_rumours(reply, sender)
-        if reply:
-            self._send_to(reply, pk, addr, now)
+        if reply and not self._send_to(reply, pk, addr, now) and m.pings and reply.content:
+            # Liveness is never the price of content: a reply the budget refused still
+            # acknowledges (an unanswered ping counts towards declaring us dead, SWIM's
+            # ack). Acks are control, so control_reserve keeps room for them.
+            bare = Builder(cfg.max_datagram)
+            for nonce in m.pings:
+                bare.add(Sec.ACK, wire.encode_u32(nonce))
+            self._send_to(bare, pk, addr, now)
 
     def _answer_summary(self, b: Builder, summary: tuple[int, bytes]) -> None:
         """Answer a member's SUMMARY where a slice differs: the digests of our home records
@@ -1672,6 +1712,7 @@ class Gossip:
     def _no_answer(self, key: bytes, kind: str, now: float) -> None:
         if kind == "publish":
             self._publish_due = min(self._publish_due, self.round + 1)
+            self._publish_wait = 1
         n = self.cache.failed(key)
         if n >= self.config.fail_limit:
             self._claims.pop(key, None)
