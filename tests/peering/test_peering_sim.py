@@ -12,9 +12,10 @@ from contextlib import redirect_stdout
 from dataclasses import replace
 from typing import Any
 
-from freecall.peering.gossip import GossipConfig
+from freecall.peering.gossip import GossipConfig, PeerRemoved
 from freecall.peering.records import Address, AddrKind
 from freecall.peering.simulate import (
+    LinkModel,
     SimConfig,
     Simulation,
     main,
@@ -97,3 +98,26 @@ def test_changed_addresses_replace_the_old_record_everywhere() -> None:
     assert sim.home_coverage([rec]) == 1.0 and sim.reach(rec) >= 0.99
     routes = [n.gossip.cache.lookup(old.routes[0]) for n in sim.nodes if n.index != 17]
     assert sum(r == [rec] for r in routes) >= 0.99 * len(routes)  # the new address, alone
+
+
+def test_a_mesh_smaller_than_its_groups_stays_quiet_and_declares_nobody_dead() -> None:
+    """The one-hour soak's mesh (five daemons, four seeded to the first, one with eleven
+    routes) with the daemon's settings: most of its 64 groups are empty for good. Publishing
+    to them and looking for their members every round used to spend every node's send
+    budget (about 1,500 B per node and round) so that answers were dropped and live nodes
+    declared dead; retries and lookups for empty groups now back off."""
+    sim = Simulation(SimConfig(nodes=0, seed=3, gossip=GossipConfig(), fast_crypto=False,
+                               keep_events=True, link=LinkModel(loss=0.0)))
+    sim.add_node(settled=False, routes=("a.test", "caller@a.test"))
+    sim.add_node(settled=False, seeds=[0], routes=(
+        "b.test", "bench@b.test", *(f"dev{i}@b.test" for i in range(10))))
+    for i in range(2, 5):
+        sim.add_node(settled=False, seeds=[0], routes=(f"n{i}.test", f"root@n{i}.test"))
+    sim.nodes[0].gossip.add_seed(sim.nodes[1].addr)
+    sim.run_rounds(900)
+    assert all(len(n.gossip.cache) == 5 for n in sim.nodes)
+    assert sim.events is not None
+    removed = [(i, ev) for i, ev in sim.events if isinstance(ev, PeerRemoved)]
+    assert removed == []
+    steady = sim.traffic_summary(sim.traffic[300:])
+    assert steady["wire_sent_mean"] < 800, steady
