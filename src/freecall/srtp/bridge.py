@@ -126,8 +126,10 @@ from freecall.transport import Timer
 
 try:  # the optional C extension (setup.py): without it the Python handlers run
     from freecall.srtp import _hop
+    from freecall.srtp.native_udp import NativeDatagramTransport
 except ImportError:  # pragma: no cover - built wherever the tests run
     _hop = None  # type: ignore[assignment]
+    NativeDatagramTransport = None  # type: ignore[assignment,misc]
 
 log = logging.getLogger("freecall.media")
 
@@ -977,8 +979,15 @@ class MediaStream:
             (self._net_rtp_ep, net[0]),
             (self._net_rtcp_ep, net[1]),
         )
+        native = self._engine.native and NativeDatagramTransport is not None
         try:
             for ep, sock in pairs:
+                if native:
+                    try:  # read in C (`NativeDatagramTransport`): where the loop can
+                        NativeDatagramTransport(loop, sock, ep)
+                        continue
+                    except NotImplementedError:  # no add_reader (not on Linux loops)
+                        native = False
                 await loop.create_datagram_endpoint(_factory(ep), sock=sock)
         except BaseException as exc:
             for ep, sock in pairs:
