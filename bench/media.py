@@ -22,7 +22,8 @@ Phases, each with its own warm-up and measured window, the same load generator:
 
 * ``direct``: phone A_i <-> phone B_i, no worker: the harness's own latency floor;
 * ``bridge``: the chain above, with the secure per-packet path in C (``freecall.srtp._hop``,
-  ``media.native: auto``) when the extension is built;
+  ``media.native: auto``) when the extension is built: the sockets read by C readers
+  (``NativeDatagramTransport``, batches of ``recvmmsg``), the C hop run on their buffers;
 * ``bridge-py``: the same with the Python handlers (``media.native: off``);
 * ``fwd-call``: the bridge's topology (4 sockets per call, per-call keys) with nothing but
   ``protect``/``unprotect`` and ``sendto`` in each handler: what per-call sockets cost;
@@ -30,6 +31,8 @@ Phases, each with its own warm-up and measured window, the same load generator:
   packet, chained to a second doing ``unprotect`` (the same two pylibsrtp calls per packet as
   the bridge chain), one SSRC and one key for all traffic.
 
+``bridge-uv`` runs only when named: the C hop called by uvloop's own datagram transports
+(the bridge before its sockets were read in C), to tell what the C readers are worth.
 Two more forwarders run only when named with ``--only``, to tell sockets from keys apart:
 
 * ``fwd-mux``: ``fwd-call`` with one shared loopback socket per side (A, B), routed by the
@@ -320,7 +323,8 @@ def load_main(conn: Connection, calls: int, cpu: int | None) -> None:
 
 
 def bridge_main(
-    conn: Connection, calls: int, cpu: int | None, first_port: int, native: bool
+    conn: Connection, calls: int, cpu: int | None, first_port: int, native: bool,
+    read_in_c: bool = True,
 ) -> None:
     where = pin(cpu)
     loop = uvloop.new_event_loop()
@@ -335,6 +339,7 @@ def bridge_main(
             zrtp_timeout=30.0,
             rtp_timeout=None,
             native=native,
+            native_reader=read_in_c,
         )
         for k in (0, 1)
     ]
@@ -366,13 +371,25 @@ def bridge_main(
 
     window = Window(hops)
     secure_at_t0 = 0
+    readers = [  # NativeDatagramTransport's: only where the sockets are read in C
+        reader
+        for s in streams
+        for ep in (s._phone_rtp_ep, s._net_rtp_ep, s._phone_rtcp_ep, s._net_rtcp_ep)
+        if (reader := getattr(ep.transport, "reader", None)) is not None
+    ]
+    reads = [0, 0, 0]  # the C readers' wake-ups, recvmmsg calls, datagrams in the window
+
+    def reader_totals() -> list[int]:
+        return [sum(r.stats[k] for r in readers) for k in range(3)]
 
     async def measure() -> None:
-        nonlocal secure_at_t0
+        nonlocal secure_at_t0, reads
         task = asyncio.ensure_future(window.run(sched[2], sched[3]))
         await at(sched[2])
         secure_at_t0 = sum(s.secure for s in streams)
+        before = reader_totals()
         await task
+        reads = [b - a for a, b in zip(before, reader_totals(), strict=True)]
         await asyncio.sleep(sched[4])
 
     loop.run_until_complete(measure())
@@ -385,6 +402,8 @@ def bridge_main(
     result = window.result()
     result.update(
         native=sum(bool(s.stats()["native"]) for s in streams),
+        readers=len(readers),
+        reads=reads,
         secure_at_t0=secure_at_t0,
         streams=len(streams),
         zrtp_ms=zrtp_ms,
@@ -656,10 +675,11 @@ def run_phase(
     proc = None
     if name != "direct":
         worker_conn, child = ctx.Pipe()
-        if name in ("bridge", "bridge-py"):
+        if name in ("bridge", "bridge-py", "bridge-uv"):
             target: Any = bridge_main
             wargs: tuple[Any, ...] = (
-                child, args.calls, cpus[0], args.first_port, name == "bridge")
+                child, args.calls, cpus[0], args.first_port, name != "bridge-py",
+                name == "bridge")
         else:
             target, wargs = forwarder_main, (child, args.calls, cpus[0], name)
         proc = ctx.Process(target=target, args=wargs)
@@ -705,10 +725,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-port", type=int, default=30000, help="bridge media ports")
     parser.add_argument(
         "--only",
-        choices=(*PHASES, "fwd-mux", "fwd-ssrc"),
+        choices=(*PHASES, "bridge-uv", "fwd-mux", "fwd-ssrc"),
         action="append",
         help="worker phases to run (repeatable; default: bridge, bridge-py, fwd-call, fwd-one;"
-        " ratios are printed when those four ran; fwd-mux and fwd-ssrc run only when named)",
+        " ratios are printed when those four ran; bridge-uv, fwd-mux and fwd-ssrc run only"
+        " when named)",
     )
     parser.add_argument(
         "--rt",
@@ -744,9 +765,14 @@ def main(argv: list[str] | None = None) -> int:
         for name, done in runs.items():
             phase = run_phase(name, load_conn, args, cpus)
             done.append(phase)
+            wakeups, reads, datagrams = phase.worker.get("reads") or (0, 0, 0)
+            batches = (
+                f", C readers: {datagrams / wakeups:.2f} datagrams and {reads / wakeups:.2f}"
+                " recvmmsg per wake-up" if wakeups else ""
+            )
             print(
                 f"  {name:9} {phase.us_per_hop:6.2f} us/hop, loss {100 * phase.loss:.3f}%, "
-                f"other load {phase.other_cpu / args.seconds:.2f} CPUs",
+                f"other load {phase.other_cpu / args.seconds:.2f} CPUs{batches}",
                 flush=True,
             )
     load_conn.send(("quit",))
@@ -818,6 +844,12 @@ def report(args: argparse.Namespace, direct: Phase, best: dict[str, Phase]) -> N
         f"{rate_py / fwd_one.hops_per_cpu_second:.2f}x; bridge / bridge-py: "
         f"{rate / rate_py:.2f}x"
     )
+    if "bridge-uv" in best:
+        uv = best["bridge-uv"].hops_per_cpu_second
+        print(
+            f"bridge-uv (C hop, uvloop's transports) / fwd-one: "
+            f"{uv / fwd_one.hops_per_cpu_second:.2f}x; bridge / bridge-uv: {rate / uv:.2f}x"
+        )
     for name, what in (
         ("fwd-mux", "one shared loopback socket per side"),
         ("fwd-ssrc", "fwd-one's two sockets with per-call keys, routed by SSRC"),

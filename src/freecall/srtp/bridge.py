@@ -364,6 +364,7 @@ class MediaEngine:
         ice_pool: int = 2,
         nat_view: NatView | None = None,
         native: bool = True,
+        native_reader: bool = True,
     ) -> None:
         """``address`` goes into SDP toward the far end; sockets bind to ``bind_host``
         (default: ``address``; give ``0.0.0.0`` behind NAT where the public address is not
@@ -378,7 +379,10 @@ class MediaEngine:
 
         ``native``: secure streams run their per-packet path in C (`freecall.srtp._hop`)
         when it was built (`NATIVE_AVAILABLE`); False keeps them on the Python handlers
-        (``media.native: off``). Takes effect at each stream's next change of state."""
+        (``media.native: off``). Takes effect at each stream's next change of state. With
+        ``native`` (and ``native_reader``, there for the benchmark to compare) each new
+        stream's sockets are also read in C (`NativeDatagramTransport`), not by the loop's
+        own datagram transports."""
         if policy not in ("require", "prefer", "off"):
             raise ValueError(f"bad security policy {policy!r}")
         if zrtp_timeout <= 0:
@@ -413,6 +417,7 @@ class MediaEngine:
         self.ice_servers = ice_servers
         self.ice_pool = max(0, ice_pool)
         self.native = native
+        self.native_reader = native_reader
         self._pool: list[MediaStream] = []
         """Streams made and gathered before any call asked (oldest first)."""
         self._pool_handle: asyncio.TimerHandle | None = None
@@ -979,7 +984,8 @@ class MediaStream:
             (self._net_rtp_ep, net[0]),
             (self._net_rtcp_ep, net[1]),
         )
-        native = self._engine.native and NativeDatagramTransport is not None
+        engine = self._engine
+        native = engine.native and engine.native_reader and NativeDatagramTransport is not None
         try:
             for ep, sock in pairs:
                 if native:
