@@ -78,6 +78,12 @@ Decisions, and why:
   calls `_latch_rtp`. The hops count in C; `sync_counters` folds their counts and RFC 3550
   A.3 state into the stream (stats, the engine's totals and the inactivity check call it).
   Relayed paths (our TURN allocation), a lost ICE consent and any other state stay Python.
+  With ``native`` the sockets are also read in C (`NativeDatagramTransport`, a C `Reader`
+  under ``loop.add_reader``): one ``recvmmsg`` per wake-up in the common case instead of the
+  loop's read-until-empty, and a hop installed as the endpoint's ``datagram_received`` runs
+  on the Reader's buffer with no Python object made; everything else reaches the endpoint as
+  ``(bytes, (host, port))`` as before, so nothing below this line knows which transport
+  reads.
 * **Cost.** ``bench/media.py`` measures it against bare forwarders (docs/performance.md). Over
   half the time per packet is the kernel's UDP path; per-call keys and destinations (cold libsrtp
   contexts, one socket per phone) cost about 20 % against one key and one sink, sockets per
