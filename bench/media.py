@@ -33,7 +33,11 @@ Phases, each with its own warm-up and measured window, the same load generator:
 
 ``bridge-uv`` runs only when named: the C hop called by uvloop's own datagram transports
 (the bridge before its sockets were read in C), to tell what the C readers are worth.
-Two more forwarders run only when named with ``--only``, to tell sockets from keys apart:
+Four more forwarders run only when named with ``--only``. Two measure a shared loopback
+socket where everything runs in C: ``fwd-c`` (the bridge's four sockets per call read by C
+readers, C hops and no other logic: the bridge's steady state) and ``fwd-cmux`` (the same with
+one loopback socket per side shared by every call, routed in C by the phone's source
+address). Two tell sockets from keys apart:
 
 * ``fwd-mux``: ``fwd-call`` with one shared loopback socket per side (A, B), routed by the
   phone's source address: what sharing the softphone side's sockets would be worth;
@@ -458,6 +462,90 @@ async def _bare(process: Callable[[bytes], bytes], big: bool = False) -> Bare:
     return proto
 
 
+class CEnd(asyncio.DatagramProtocol):
+    """A socket read in C (fwd-c, fwd-cmux): ``datagram_received`` is set to a C hop."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        pass  # not routed: dropped
+
+    @property
+    def fd(self) -> int:
+        assert self.transport is not None
+        return int(self.transport.get_extra_info("socket").fileno())
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self.transport is not None
+        return ("127.0.0.1", int(self.transport.get_extra_info("sockname")[1]))
+
+
+def c_forwarder(
+    loop: asyncio.AbstractEventLoop, calls: int, shared: bool
+) -> tuple[list[int], Callable[[list[int]], list[Any]]]:
+    """fwd-c: the bridge's four sockets per call read in C, C hops and nothing else; fwd-cmux:
+    the same with one shared loopback socket per side, routed by the phone's source address
+    in C (``Reader(routes=...)``). Returns the phones' targets and what makes the hops."""
+    from freecall.srtp import _hop
+    from freecall.srtp.native_udp import NativeDatagramTransport
+    from freecall.srtp.srtp_policy import srtp_pointers
+
+    def end(routes: dict[int, Any] | None = None) -> CEnd:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        ep = CEnd()
+        NativeDatagramTransport(loop, sock, ep, batch=32 if shared else 16,
+                                limit=256 if shared else 64, routes=routes)
+        if routes is not None:
+            big_buffers(ep.transport)  # type: ignore[arg-type]
+        return ep
+
+    routes: list[dict[int, Any]] = [{}, {}]
+    muxes = [end(routes[0]), end(routes[1])] if shared else []
+    ends = []
+    for _ in range(calls):
+        a_phone, b_phone = (muxes[0], muxes[1]) if shared else (end(), end())
+        ends.append((a_phone, end(), b_phone, end(), _sessions(os.urandom(30)),
+                     _sessions(os.urandom(30))))
+
+    def hop(sess: pylibsrtp.Session, name: str, via: CEnd, to: tuple[str, int]) -> Any:
+        pointers = srtp_pointers(sess, name)
+        assert pointers is not None
+        return _hop.Hop(sess, *pointers, via.fd, to, lambda d, a: None,
+                        unprotect=name == "unprotect")
+
+    def go(phone_ports: list[int]) -> list[Any]:
+        hops = []
+        for i, (a_phone, a_net, b_phone, b_net, (a_tx, b_rx), (b_tx, a_rx)) in enumerate(ends):
+            phone_a = ("127.0.0.1", phone_ports[2 * i])
+            phone_b = ("127.0.0.1", phone_ports[2 * i + 1])
+            a_out = hop(a_tx, "protect", a_net, b_net.address)
+            b_out = hop(b_tx, "protect", b_net, a_net.address)
+            a_in = hop(a_rx, "unprotect", a_phone, phone_a)
+            b_in = hop(b_rx, "unprotect", b_phone, phone_b)
+            if shared:
+                routes[0][_hop.route_key(phone_a)] = a_out
+                routes[1][_hop.route_key(phone_b)] = b_out
+            else:
+                a_phone.datagram_received = a_out  # type: ignore[method-assign]
+                b_phone.datagram_received = b_out  # type: ignore[method-assign]
+            a_net.datagram_received, b_net.datagram_received = a_in, b_in  # type: ignore[method-assign]
+            hops += [a_out, b_out, a_in, b_in]
+        return hops
+
+    targets = (
+        [muxes[0].address[1], muxes[1].address[1]] * calls
+        if shared
+        else [port for e in ends for port in (e[0].address[1], e[2].address[1])]
+    )
+    return targets, go
+
+
 class Mux(asyncio.DatagramProtocol):
     """One socket for every call's loopback side, routed by the phone's source address."""
 
@@ -579,16 +667,22 @@ def forwarder_main(conn: Connection, calls: int, cpu: int | None, mode: str) -> 
         assert p.transport is not None
         return [int(p.transport.get_extra_info("sockname")[1])] * (2 * calls)
 
-    setup = {
-        "fwd-one": one,
-        "fwd-call": per_call_setup,
-        "fwd-mux": mux_setup,
-        "fwd-ssrc": ssrc_setup,
-    }[mode]
-    targets = loop.run_until_complete(setup())
+    c_hops: list[Any] = []
+    if mode in ("fwd-c", "fwd-cmux"):
+        targets, make_hops = c_forwarder(loop, calls, mode == "fwd-cmux")
+    else:
+        setup = {
+            "fwd-one": one,
+            "fwd-call": per_call_setup,
+            "fwd-mux": mux_setup,
+            "fwd-ssrc": ssrc_setup,
+        }[mode]
+        targets = loop.run_until_complete(setup())
     conn.send(("targets", targets, where))
     _, phone_ports, sched = conn.recv()
-    if per_call:
+    if mode in ("fwd-c", "fwd-cmux"):
+        c_hops = make_hops(phone_ports)
+    elif per_call:
         for i in range(calls):
             a_phone, a_net, b_phone, b_net = handlers[4 * i : 4 * i + 4]
             phone_a, phone_b = (
@@ -622,6 +716,7 @@ def forwarder_main(conn: Connection, calls: int, cpu: int | None, mode: str) -> 
             sum(h.count for h in handlers)
             + sum(m.count for m in muxes)
             + sum(b.count for b in by_ssrc)
+            + sum(h.counters[2] for h in c_hops)
         )
     )
 
@@ -725,11 +820,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-port", type=int, default=30000, help="bridge media ports")
     parser.add_argument(
         "--only",
-        choices=(*PHASES, "bridge-uv", "fwd-mux", "fwd-ssrc"),
+        choices=(*PHASES, "bridge-uv", "fwd-mux", "fwd-ssrc", "fwd-c", "fwd-cmux"),
         action="append",
         help="worker phases to run (repeatable; default: bridge, bridge-py, fwd-call, fwd-one;"
-        " ratios are printed when those four ran; bridge-uv, fwd-mux and fwd-ssrc run only"
-        " when named)",
+        " ratios are printed when those four ran; bridge-uv, fwd-mux, fwd-ssrc, fwd-c and"
+        " fwd-cmux run only when named)",
     )
     parser.add_argument(
         "--rt",
@@ -851,6 +946,8 @@ def report(args: argparse.Namespace, direct: Phase, best: dict[str, Phase]) -> N
             f"{uv / fwd_one.hops_per_cpu_second:.2f}x; bridge / bridge-uv: {rate / uv:.2f}x"
         )
     for name, what in (
+        ("fwd-c", "the bridge's sockets read in C, C hops, no logic"),
+        ("fwd-cmux", "fwd-c with one shared loopback socket per side, routed in C"),
         ("fwd-mux", "one shared loopback socket per side"),
         ("fwd-ssrc", "fwd-one's two sockets with per-call keys, routed by SSRC"),
     ):

@@ -143,6 +143,27 @@ def test_a_hop_runs_in_c_and_hands_the_rest_to_python(socks: list[socket.socket]
     assert [sink.recv(2048) for _ in range(2)] == [rtp(4), rtp(5)]
 
 
+def test_routes_of_a_shared_socket(socks: list[socket.socket]) -> None:
+    """A socket shared by several sources: a routed source's datagrams go to its own hop in
+    C, the rest to the protocol."""
+    rx, routed, unrouted, out, sink = udp(), udp(), udp(), udp(), udp()
+    socks += [rx, routed, unrouted, out, sink]
+    session = pylibsrtp.Session(Policy(key=os.urandom(30), ssrc_type=Policy.SSRC_ANY_OUTBOUND))
+    pointers = srtp_pointers(session, "protect")
+    assert pointers is not None
+    hop = _hop.Hop(session, *pointers, out.fileno(), sink.getsockname(), lambda d, a: None)
+    proto = Recorder()
+    reader = _hop.Reader(rx.fileno(), proto, routes={_hop.route_key(routed.getsockname()): hop})
+    routed.sendto(rtp(1), rx.getsockname())
+    unrouted.sendto(rtp(2), rx.getsockname())
+    settle()
+    reader()
+    assert proto.got == [(rtp(2), unrouted.getsockname())]
+    assert hop.counters[:3] == (1, 13, 1) and len(sink.recv(2048)) == 13 + 10
+    with pytest.raises(ValueError, match="IPv4"):
+        _hop.route_key(("::1", 5, 0, 0))
+
+
 def test_close_while_readable_and_errors(socks: list[socket.socket]) -> None:
     rx, tx = udp(), udp()
     socks += [rx, tx]

@@ -520,6 +520,7 @@ typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
     PyObject *protocol; /* NULL once closed */
+    PyObject *routes;   /* NULL, or {route_key(source): Hop} for a socket shared by sources */
     int fd;
     int batch, limit;
     unsigned long long wakeups, reads, datagrams, truncated;
@@ -611,6 +612,36 @@ keep_error(SavedError *first, PyObject *where)
         PyErr_WriteUnraisable(where);
 }
 
+/* A hop on one datagram of the Reader's; returns 1 when Python ran (a fallback or a latch). */
+static int
+reader_hop(Hop *hop, const unsigned char *d, Py_ssize_t n, const struct sockaddr_storage *sa,
+           SavedError *error, PyObject *where)
+{
+    PyObject *r;
+    int what = hop_run(hop, d, n);
+    if (what == HOP_DONE)
+        return 0;
+    if (what == HOP_CHECK_SOURCE) {
+        if (hop->latch == NULL || same_source(hop, sa))
+            return 0;
+        PyObject *latch = Py_NewRef(hop->latch);
+        r = reader_to_python(latch, NULL, 0, sa, 0);
+        Py_DECREF(latch);
+    }
+    else if (hop->fallback == NULL) {
+        return 0; /* cleared */
+    }
+    else {
+        PyObject *fallback = Py_NewRef(hop->fallback);
+        r = reader_to_python(fallback, d, n, sa, 1);
+        Py_DECREF(fallback);
+    }
+    if (r == NULL)
+        keep_error(error, where);
+    Py_XDECREF(r);
+    return 1;
+}
+
 static PyObject *
 reader_vectorcall(PyObject *obj, PyObject *const *Py_UNUSED(args), size_t nargsf,
                   PyObject *kwnames)
@@ -682,6 +713,30 @@ reader_vectorcall(PyObject *obj, PyObject *const *Py_UNUSED(args), size_t nargsf
             const unsigned char *d = b->data[i];
             Py_ssize_t n = (Py_ssize_t)b->msgs[i].msg_len;
             const struct sockaddr_storage *sa = &b->names[i];
+            if (self->routes != NULL && sa->ss_family == AF_INET) {
+                /* a shared socket: the source's own hop, if it has one */
+                const struct sockaddr_in *sin = (const struct sockaddr_in *)sa;
+                PyObject *key = PyLong_FromUnsignedLongLong(
+                    (unsigned long long)ntohl(sin->sin_addr.s_addr) << 16 | ntohs(sin->sin_port));
+                if (key == NULL) {
+                    keep_error(&error, obj);
+                    continue;
+                }
+                PyObject *routed = PyDict_GetItemWithError(self->routes, key);
+                Py_DECREF(key);
+                if (routed != NULL && Py_TYPE(routed) == &HopType) {
+                    Py_INCREF(routed);
+                    int ran = reader_hop((Hop *)routed, d, n, sa, &error, obj);
+                    Py_DECREF(routed);
+                    if (ran)
+                        Py_CLEAR(handler);
+                    continue;
+                }
+                if (PyErr_Occurred()) {
+                    keep_error(&error, obj);
+                    continue;
+                }
+            }
             if (handler == NULL) {
                 PyObject *protocol = Py_NewRef(self->protocol);
                 handler = PyObject_GetAttr(protocol, str_datagram_received);
@@ -691,35 +746,19 @@ reader_vectorcall(PyObject *obj, PyObject *const *Py_UNUSED(args), size_t nargsf
                     continue;
                 }
             }
-            PyObject *r;
+            int ran;
             if (Py_TYPE(handler) == &HopType) {
-                Hop *hop = (Hop *)handler;
-                int what = hop_run(hop, d, n);
-                if (what == HOP_DONE)
-                    continue;
-                if (what == HOP_CHECK_SOURCE) {
-                    if (hop->latch == NULL || same_source(hop, sa))
-                        continue;
-                    PyObject *latch = Py_NewRef(hop->latch);
-                    r = reader_to_python(latch, NULL, 0, sa, 0);
-                    Py_DECREF(latch);
-                }
-                else if (hop->fallback == NULL) {
-                    continue; /* cleared */
-                }
-                else {
-                    PyObject *fallback = Py_NewRef(hop->fallback);
-                    r = reader_to_python(fallback, d, n, sa, 1);
-                    Py_DECREF(fallback);
-                }
+                ran = reader_hop((Hop *)handler, d, n, sa, &error, obj);
             }
             else {
-                r = reader_to_python(handler, d, n, sa, 1);
+                PyObject *r = reader_to_python(handler, d, n, sa, 1);
+                if (r == NULL)
+                    keep_error(&error, obj);
+                Py_XDECREF(r);
+                ran = 1;
             }
-            if (r == NULL)
-                keep_error(&error, obj);
-            Py_XDECREF(r);
-            Py_CLEAR(handler); /* Python ran: the handler may have been swapped */
+            if (ran)
+                Py_CLEAR(handler); /* Python ran: the handler may have been swapped */
         }
         if (got < want)
             break; /* a short batch: the socket is empty (or nearly: epoll says so again) */
@@ -740,12 +779,16 @@ reader_vectorcall(PyObject *obj, PyObject *const *Py_UNUSED(args), size_t nargsf
 static int
 reader_init(Reader *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"fd", "protocol", "batch", "limit", NULL};
+    static char *kwlist[] = {"fd", "protocol", "batch", "limit", "routes", NULL};
     int fd, batch = 16, limit = 64;
-    PyObject *protocol;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iO|$ii", kwlist, &fd, &protocol, &batch,
-                                     &limit))
+    PyObject *protocol, *routes = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iO|$iiO", kwlist, &fd, &protocol, &batch,
+                                     &limit, &routes))
         return -1;
+    if (routes != Py_None && !PyDict_CheckExact(routes)) {
+        PyErr_SetString(PyExc_TypeError, "routes must be a dict or None");
+        return -1;
+    }
     if (fd < 0) {
         PyErr_SetString(PyExc_ValueError, "bad file descriptor");
         return -1;
@@ -759,6 +802,7 @@ reader_init(Reader *self, PyObject *args, PyObject *kwds)
     self->batch = batch;
     self->limit = limit;
     Py_XSETREF(self->protocol, Py_NewRef(protocol));
+    Py_XSETREF(self->routes, routes == Py_None ? NULL : Py_NewRef(routes));
     return 0;
 }
 
@@ -777,6 +821,7 @@ static int
 reader_traverse(Reader *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->protocol);
+    Py_VISIT(self->routes);
     return 0;
 }
 
@@ -784,6 +829,7 @@ static int
 reader_clear(Reader *self)
 {
     Py_CLEAR(self->protocol);
+    Py_CLEAR(self->routes);
     self->fd = -1;
     return 0;
 }
@@ -838,6 +884,28 @@ reader_get_closed(Reader *self, void *Py_UNUSED(closure))
     return PyBool_FromLong(self->fd < 0);
 }
 
+static PyObject *
+route_key(PyObject *Py_UNUSED(module), PyObject *addr)
+{
+    struct sockaddr_storage sa;
+    socklen_t len;
+    if (parse_addr(addr, &sa, &len) < 0)
+        return NULL;
+    if (sa.ss_family != AF_INET) {
+        PyErr_SetString(PyExc_ValueError, "routes are by IPv4 source");
+        return NULL;
+    }
+    const struct sockaddr_in *sin = (const struct sockaddr_in *)&sa;
+    return PyLong_FromUnsignedLongLong((unsigned long long)ntohl(sin->sin_addr.s_addr) << 16
+                                       | ntohs(sin->sin_port));
+}
+
+static PyMethodDef module_methods[] = {
+    {"route_key", (PyCFunction)route_key, METH_O,
+     "The key of a Reader's routes for an IPv4 (host, port) source."},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyMethodDef reader_methods[] = {
     {"close", (PyCFunction)reader_close, METH_NOARGS,
      "Read no more (a wake-up in progress stops after the current datagram)."},
@@ -875,6 +943,7 @@ static struct PyModuleDef hop_module = {
     .m_name = "freecall.srtp._hop",
     .m_doc = PyDoc_STR("The media bridge's secure per-packet hop in C (see _hop.c)."),
     .m_size = -1,
+    .m_methods = module_methods,
 };
 
 PyMODINIT_FUNC

@@ -34,7 +34,13 @@ class Reader:
     """A socket's datagrams read in C for ``loop.add_reader`` (see _hop.c)."""
 
     def __init__(
-        self, fd: int, protocol: object, *, batch: int = 16, limit: int = 64
+        self,
+        fd: int,
+        protocol: object,
+        *,
+        batch: int = 16,
+        limit: int = 64,
+        routes: dict[int, Hop] | None = None,
     ) -> None: ...
     def __call__(self) -> None: ...
     def close(self) -> None: ...
@@ -43,3 +49,5 @@ class Reader:
     def stats(self) -> tuple[int, int, int, int]: ...
     @property
     def closed(self) -> bool: ...
+
+def route_key(addr: tuple[Any, ...], /) -> int: ...

@@ -41,10 +41,13 @@ class NativeDatagramTransport(asyncio.DatagramTransport):
         *,
         batch: int = 16,
         limit: int = 64,
+        routes: dict[int, _hop.Hop] | None = None,
     ) -> None:
         """Take ``sock`` (bound, UDP) and start reading it at once: ``limit`` datagrams at
         most per wake-up, ``batch`` per ``recvmmsg``. Calls ``protocol.connection_made``.
-        Raises `NotImplementedError` where the loop has no ``add_reader``."""
+        ``routes`` (``_hop.route_key(source)`` to a hop) serves a socket shared by several
+        sources; the others reach the protocol. Raises `NotImplementedError` where the loop
+        has no ``add_reader``."""
         super().__init__({"socket": sock, "sockname": sock.getsockname(), "peername": None})
         sock.setblocking(False)
         self._loop = loop
@@ -52,7 +55,7 @@ class NativeDatagramTransport(asyncio.DatagramTransport):
         self._fd = sock.fileno()
         self._protocol = protocol
         self._closing = False
-        self._reader = _hop.Reader(self._fd, protocol, batch=batch, limit=limit)
+        self._reader = _hop.Reader(self._fd, protocol, batch=batch, limit=limit, routes=routes)
         loop.add_reader(self._fd, self._reader)
         protocol.connection_made(self)
 
