@@ -164,6 +164,29 @@ def test_routes_of_a_shared_socket(socks: list[socket.socket]) -> None:
         _hop.route_key(("::1", 5, 0, 0))
 
 
+def test_a_reader_called_from_another_readers_callback(socks: list[socket.socket]) -> None:
+    """The buffers are shared; a wake-up inside another's callback (another loop on another
+    thread, here called directly) takes its own, and neither batch is overwritten."""
+    rx1, rx2, tx = udp(), udp(), udp()
+    socks += [rx1, rx2, tx]
+    inner = Recorder()
+    reader2 = _hop.Reader(rx2.fileno(), inner)
+
+    class Outer(Recorder):
+        def datagram_received(self, data: bytes, addr: Addr) -> None:
+            super().datagram_received(data, addr)
+            reader2()
+
+    outer = Outer()
+    for i in range(5):
+        tx.sendto(b"outer%d" % i, rx1.getsockname())
+        tx.sendto(b"inner%d" % i, rx2.getsockname())
+    settle()
+    _hop.Reader(rx1.fileno(), outer)()
+    assert [d for d, _ in outer.got] == [b"outer%d" % i for i in range(5)]
+    assert [d for d, _ in inner.got] == [b"inner%d" % i for i in range(5)]
+
+
 def test_close_while_readable_and_errors(socks: list[socket.socket]) -> None:
     rx, tx = udp(), udp()
     socks += [rx, tx]

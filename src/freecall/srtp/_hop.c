@@ -516,6 +516,20 @@ typedef struct {
 static ReadBuffers shared_buffers;
 static int shared_busy;
 
+/* What stays the same between reads: each slot's buffer and address. */
+static void
+init_buffers(ReadBuffers *b)
+{
+    memset(b->msgs, 0, sizeof(b->msgs));
+    for (int i = 0; i < READER_MAX_BATCH; i++) {
+        b->iov[i].iov_base = b->data[i];
+        b->iov[i].iov_len = READER_SLOT;
+        b->msgs[i].msg_hdr.msg_name = &b->names[i];
+        b->msgs[i].msg_hdr.msg_iov = &b->iov[i];
+        b->msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+}
+
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
@@ -660,6 +674,7 @@ reader_vectorcall(PyObject *obj, PyObject *const *Py_UNUSED(args), size_t nargsf
         b = PyMem_Malloc(sizeof(*b));
         if (b == NULL)
             return PyErr_NoMemory();
+        init_buffers(b);
         own = 1;
     }
     else {
@@ -671,15 +686,8 @@ reader_vectorcall(PyObject *obj, PyObject *const *Py_UNUSED(args), size_t nargsf
     int count = 0;
     while (count < self->limit && self->protocol != NULL && self->fd >= 0) {
         int want = self->limit - count < self->batch ? self->limit - count : self->batch;
-        for (int i = 0; i < want; i++) {
-            b->iov[i].iov_base = b->data[i];
-            b->iov[i].iov_len = READER_SLOT;
-            memset(&b->msgs[i].msg_hdr, 0, sizeof(b->msgs[i].msg_hdr));
-            b->msgs[i].msg_hdr.msg_name = &b->names[i];
-            b->msgs[i].msg_hdr.msg_namelen = sizeof(b->names[i]);
-            b->msgs[i].msg_hdr.msg_iov = &b->iov[i];
-            b->msgs[i].msg_hdr.msg_iovlen = 1;
-        }
+        for (int i = 0; i < want; i++)
+            b->msgs[i].msg_hdr.msg_namelen = sizeof(b->names[i]); /* the kernel shortens it */
         int got;
         do {
             got = recvmmsg(self->fd, b->msgs, (unsigned int)want, MSG_DONTWAIT, NULL);
@@ -951,6 +959,7 @@ PyInit__hop(void)
 {
     if (PyType_Ready(&HopType) < 0 || PyType_Ready(&ReaderType) < 0)
         return NULL;
+    init_buffers(&shared_buffers);
     str_datagram_received = PyUnicode_InternFromString("datagram_received");
     str_error_received = PyUnicode_InternFromString("error_received");
     if (str_datagram_received == NULL || str_error_received == NULL)
