@@ -155,25 +155,31 @@ async def at(when: float) -> None:
 class Window:
     """CPU of this process and a probe, sampled at t0 and t1; event-loop lag meanwhile."""
 
-    def __init__(self, probe: Callable[[], int]) -> None:
+    def __init__(self, probe: Callable[[], int], readers: list[Any] | None = None) -> None:
         self.probe = probe
+        self.readers = readers or []  # C readers (NativeDatagramTransport.reader) to count
         self.cpu = 0.0
         self.count = 0
+        self.reads = [0, 0, 0]  # the readers' wake-ups, recvmmsg calls, datagrams
         self.lags: array.array[int] = array.array("q")
+
+    def _reads(self) -> list[int]:
+        return [sum(r.stats[k] for r in self.readers) for k in range(3)]
 
     async def run(self, t0: float, t1: float) -> None:
         await at(t0)
-        cpu0, n0 = cpu_seconds(), self.probe()
+        cpu0, n0, reads0 = cpu_seconds(), self.probe(), self._reads()
         while time.monotonic() < t1:
             before = time.perf_counter_ns()
             await asyncio.sleep(0.001)
             self.lags.append(time.perf_counter_ns() - before - 1_000_000)
         self.cpu = cpu_seconds() - cpu0
         self.count = self.probe() - n0
+        self.reads = [b - a for a, b in zip(reads0, self._reads(), strict=True)]
 
     def result(self) -> dict[str, Any]:
         lag = percentiles(self.lags, (50.0, 99.0, 100.0), 1e6)
-        return {"cpu": self.cpu, "hops": self.count, "lag_ms": lag}
+        return {"cpu": self.cpu, "hops": self.count, "lag_ms": lag, "reads": self.reads}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,27 +379,21 @@ def bridge_main(
             s.sync_counters()  # what the C hops counted
         return sum(s.net_rtp_out + s.phone_rtp_out for s in streams)
 
-    window = Window(hops)
-    secure_at_t0 = 0
     readers = [  # NativeDatagramTransport's: only where the sockets are read in C
         reader
         for s in streams
         for ep in (s._phone_rtp_ep, s._net_rtp_ep, s._phone_rtcp_ep, s._net_rtcp_ep)
         if (reader := getattr(ep.transport, "reader", None)) is not None
     ]
-    reads = [0, 0, 0]  # the C readers' wake-ups, recvmmsg calls, datagrams in the window
-
-    def reader_totals() -> list[int]:
-        return [sum(r.stats[k] for r in readers) for k in range(3)]
+    window = Window(hops, readers)
+    secure_at_t0 = 0
 
     async def measure() -> None:
-        nonlocal secure_at_t0, reads
+        nonlocal secure_at_t0
         task = asyncio.ensure_future(window.run(sched[2], sched[3]))
         await at(sched[2])
         secure_at_t0 = sum(s.secure for s in streams)
-        before = reader_totals()
         await task
-        reads = [b - a for a, b in zip(before, reader_totals(), strict=True)]
         await asyncio.sleep(sched[4])
 
     loop.run_until_complete(measure())
@@ -407,7 +407,6 @@ def bridge_main(
     result.update(
         native=sum(bool(s.stats()["native"]) for s in streams),
         readers=len(readers),
-        reads=reads,
         secure_at_t0=secure_at_t0,
         streams=len(streams),
         zrtp_ms=zrtp_ms,
@@ -487,7 +486,7 @@ class CEnd(asyncio.DatagramProtocol):
 
 def c_forwarder(
     loop: asyncio.AbstractEventLoop, calls: int, shared: bool
-) -> tuple[list[int], Callable[[list[int]], list[Any]]]:
+) -> tuple[list[int], Callable[[list[int]], list[Any]], list[Any]]:
     """fwd-c: the bridge's four sockets per call read in C, C hops and nothing else; fwd-cmux:
     the same with one shared loopback socket per side, routed by the phone's source address
     in C (``Reader(routes=...)``). Returns the phones' targets and what makes the hops."""
@@ -495,12 +494,15 @@ def c_forwarder(
     from freecall.srtp.native_udp import NativeDatagramTransport
     from freecall.srtp.srtp_policy import srtp_pointers
 
+    readers = []
+
     def end(routes: dict[int, Any] | None = None) -> CEnd:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind(("127.0.0.1", 0))
         ep = CEnd()
-        NativeDatagramTransport(loop, sock, ep, batch=32 if shared else 16,
-                                limit=256 if shared else 64, routes=routes)
+        transport = NativeDatagramTransport(loop, sock, ep, batch=32 if shared else 16,
+                                            limit=256 if shared else 64, routes=routes)
+        readers.append(transport.reader)
         if routes is not None:
             big_buffers(ep.transport)  # type: ignore[arg-type]
         return ep
@@ -543,7 +545,7 @@ def c_forwarder(
         if shared
         else [port for e in ends for port in (e[0].address[1], e[2].address[1])]
     )
-    return targets, go
+    return targets, go, readers
 
 
 class Mux(asyncio.DatagramProtocol):
@@ -668,8 +670,9 @@ def forwarder_main(conn: Connection, calls: int, cpu: int | None, mode: str) -> 
         return [int(p.transport.get_extra_info("sockname")[1])] * (2 * calls)
 
     c_hops: list[Any] = []
+    readers: list[Any] = []
     if mode in ("fwd-c", "fwd-cmux"):
-        targets, make_hops = c_forwarder(loop, calls, mode == "fwd-cmux")
+        targets, make_hops, readers = c_forwarder(loop, calls, mode == "fwd-cmux")
     else:
         setup = {
             "fwd-one": one,
@@ -717,7 +720,8 @@ def forwarder_main(conn: Connection, calls: int, cpu: int | None, mode: str) -> 
             + sum(m.count for m in muxes)
             + sum(b.count for b in by_ssrc)
             + sum(h.counters[2] for h in c_hops)
-        )
+        ),
+        readers,
     )
 
     async def measure() -> None:
