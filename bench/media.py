@@ -22,7 +22,8 @@ Phases, each with its own warm-up and measured window, the same load generator:
 
 * ``direct``: phone A_i <-> phone B_i, no worker: the harness's own latency floor;
 * ``bridge``: the chain above, with the secure per-packet path in C (``freecall.srtp._hop``,
-  ``media.native: auto``) when the extension is built;
+  ``media.native: auto``) when the extension is built: the sockets read by C readers
+  (``NativeDatagramTransport``, batches of ``recvmmsg``), the C hop run on their buffers;
 * ``bridge-py``: the same with the Python handlers (``media.native: off``);
 * ``fwd-call``: the bridge's topology (4 sockets per call, per-call keys) with nothing but
   ``protect``/``unprotect`` and ``sendto`` in each handler: what per-call sockets cost;
@@ -30,7 +31,13 @@ Phases, each with its own warm-up and measured window, the same load generator:
   packet, chained to a second doing ``unprotect`` (the same two pylibsrtp calls per packet as
   the bridge chain), one SSRC and one key for all traffic.
 
-Two more forwarders run only when named with ``--only``, to tell sockets from keys apart:
+``bridge-uv`` runs only when named: the C hop called by uvloop's own datagram transports
+(the bridge before its sockets were read in C), to tell what the C readers are worth.
+Four more forwarders run only when named with ``--only``. Two measure a shared loopback
+socket where everything runs in C: ``fwd-c`` (the bridge's four sockets per call read by C
+readers, C hops and no other logic: the bridge's steady state) and ``fwd-cmux`` (the same with
+one loopback socket per side shared by every call, routed in C by the phone's source
+address). Two tell sockets from keys apart:
 
 * ``fwd-mux``: ``fwd-call`` with one shared loopback socket per side (A, B), routed by the
   phone's source address: what sharing the softphone side's sockets would be worth;
@@ -148,25 +155,31 @@ async def at(when: float) -> None:
 class Window:
     """CPU of this process and a probe, sampled at t0 and t1; event-loop lag meanwhile."""
 
-    def __init__(self, probe: Callable[[], int]) -> None:
+    def __init__(self, probe: Callable[[], int], readers: list[Any] | None = None) -> None:
         self.probe = probe
+        self.readers = readers or []  # C readers (NativeDatagramTransport.reader) to count
         self.cpu = 0.0
         self.count = 0
+        self.reads = [0, 0, 0]  # the readers' wake-ups, recvmmsg calls, datagrams
         self.lags: array.array[int] = array.array("q")
+
+    def _reads(self) -> list[int]:
+        return [sum(r.stats[k] for r in self.readers) for k in range(3)]
 
     async def run(self, t0: float, t1: float) -> None:
         await at(t0)
-        cpu0, n0 = cpu_seconds(), self.probe()
+        cpu0, n0, reads0 = cpu_seconds(), self.probe(), self._reads()
         while time.monotonic() < t1:
             before = time.perf_counter_ns()
             await asyncio.sleep(0.001)
             self.lags.append(time.perf_counter_ns() - before - 1_000_000)
         self.cpu = cpu_seconds() - cpu0
         self.count = self.probe() - n0
+        self.reads = [b - a for a, b in zip(reads0, self._reads(), strict=True)]
 
     def result(self) -> dict[str, Any]:
         lag = percentiles(self.lags, (50.0, 99.0, 100.0), 1e6)
-        return {"cpu": self.cpu, "hops": self.count, "lag_ms": lag}
+        return {"cpu": self.cpu, "hops": self.count, "lag_ms": lag, "reads": self.reads}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +333,8 @@ def load_main(conn: Connection, calls: int, cpu: int | None) -> None:
 
 
 def bridge_main(
-    conn: Connection, calls: int, cpu: int | None, first_port: int, native: bool
+    conn: Connection, calls: int, cpu: int | None, first_port: int, native: bool,
+    read_in_c: bool = True,
 ) -> None:
     where = pin(cpu)
     loop = uvloop.new_event_loop()
@@ -335,6 +349,7 @@ def bridge_main(
             zrtp_timeout=30.0,
             rtp_timeout=None,
             native=native,
+            native_reader=read_in_c,
         )
         for k in (0, 1)
     ]
@@ -364,7 +379,13 @@ def bridge_main(
             s.sync_counters()  # what the C hops counted
         return sum(s.net_rtp_out + s.phone_rtp_out for s in streams)
 
-    window = Window(hops)
+    readers = [  # NativeDatagramTransport's: only where the sockets are read in C
+        reader
+        for s in streams
+        for ep in (s._phone_rtp_ep, s._net_rtp_ep, s._phone_rtcp_ep, s._net_rtcp_ep)
+        if (reader := getattr(ep.transport, "reader", None)) is not None
+    ]
+    window = Window(hops, readers)
     secure_at_t0 = 0
 
     async def measure() -> None:
@@ -385,6 +406,7 @@ def bridge_main(
     result = window.result()
     result.update(
         native=sum(bool(s.stats()["native"]) for s in streams),
+        readers=len(readers),
         secure_at_t0=secure_at_t0,
         streams=len(streams),
         zrtp_ms=zrtp_ms,
@@ -437,6 +459,93 @@ async def _bare(process: Callable[[bytes], bytes], big: bool = False) -> Bare:
     if big:
         big_buffers(transport)
     return proto
+
+
+class CEnd(asyncio.DatagramProtocol):
+    """A socket read in C (fwd-c, fwd-cmux): ``datagram_received`` is set to a C hop."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        pass  # not routed: dropped
+
+    @property
+    def fd(self) -> int:
+        assert self.transport is not None
+        return int(self.transport.get_extra_info("socket").fileno())
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self.transport is not None
+        return ("127.0.0.1", int(self.transport.get_extra_info("sockname")[1]))
+
+
+def c_forwarder(
+    loop: asyncio.AbstractEventLoop, calls: int, shared: bool
+) -> tuple[list[int], Callable[[list[int]], list[Any]], list[Any]]:
+    """fwd-c: the bridge's four sockets per call read in C, C hops and nothing else; fwd-cmux:
+    the same with one shared loopback socket per side, routed by the phone's source address
+    in C (``Reader(routes=...)``). Returns the phones' targets and what makes the hops."""
+    from freecall.srtp import _hop
+    from freecall.srtp.native_udp import NativeDatagramTransport
+    from freecall.srtp.srtp_policy import srtp_pointers
+
+    readers = []
+
+    def end(routes: dict[int, Any] | None = None) -> CEnd:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        ep = CEnd()
+        transport = NativeDatagramTransport(loop, sock, ep, batch=32 if shared else 16,
+                                            limit=256 if shared else 64, routes=routes)
+        readers.append(transport.reader)
+        if routes is not None:
+            big_buffers(ep.transport)  # type: ignore[arg-type]
+        return ep
+
+    routes: list[dict[int, Any]] = [{}, {}]
+    muxes = [end(routes[0]), end(routes[1])] if shared else []
+    ends = []
+    for _ in range(calls):
+        a_phone, b_phone = (muxes[0], muxes[1]) if shared else (end(), end())
+        ends.append((a_phone, end(), b_phone, end(), _sessions(os.urandom(30)),
+                     _sessions(os.urandom(30))))
+
+    def hop(sess: pylibsrtp.Session, name: str, via: CEnd, to: tuple[str, int]) -> Any:
+        pointers = srtp_pointers(sess, name)
+        assert pointers is not None
+        return _hop.Hop(sess, *pointers, via.fd, to, lambda d, a: None,
+                        unprotect=name == "unprotect")
+
+    def go(phone_ports: list[int]) -> list[Any]:
+        hops = []
+        for i, (a_phone, a_net, b_phone, b_net, (a_tx, b_rx), (b_tx, a_rx)) in enumerate(ends):
+            phone_a = ("127.0.0.1", phone_ports[2 * i])
+            phone_b = ("127.0.0.1", phone_ports[2 * i + 1])
+            a_out = hop(a_tx, "protect", a_net, b_net.address)
+            b_out = hop(b_tx, "protect", b_net, a_net.address)
+            a_in = hop(a_rx, "unprotect", a_phone, phone_a)
+            b_in = hop(b_rx, "unprotect", b_phone, phone_b)
+            if shared:
+                routes[0][_hop.route_key(phone_a)] = a_out
+                routes[1][_hop.route_key(phone_b)] = b_out
+            else:
+                a_phone.datagram_received = a_out  # type: ignore[method-assign]
+                b_phone.datagram_received = b_out  # type: ignore[method-assign]
+            a_net.datagram_received, b_net.datagram_received = a_in, b_in  # type: ignore[method-assign]
+            hops += [a_out, b_out, a_in, b_in]
+        return hops
+
+    targets = (
+        [muxes[0].address[1], muxes[1].address[1]] * calls
+        if shared
+        else [port for e in ends for port in (e[0].address[1], e[2].address[1])]
+    )
+    return targets, go, readers
 
 
 class Mux(asyncio.DatagramProtocol):
@@ -560,16 +669,23 @@ def forwarder_main(conn: Connection, calls: int, cpu: int | None, mode: str) -> 
         assert p.transport is not None
         return [int(p.transport.get_extra_info("sockname")[1])] * (2 * calls)
 
-    setup = {
-        "fwd-one": one,
-        "fwd-call": per_call_setup,
-        "fwd-mux": mux_setup,
-        "fwd-ssrc": ssrc_setup,
-    }[mode]
-    targets = loop.run_until_complete(setup())
+    c_hops: list[Any] = []
+    readers: list[Any] = []
+    if mode in ("fwd-c", "fwd-cmux"):
+        targets, make_hops, readers = c_forwarder(loop, calls, mode == "fwd-cmux")
+    else:
+        setup = {
+            "fwd-one": one,
+            "fwd-call": per_call_setup,
+            "fwd-mux": mux_setup,
+            "fwd-ssrc": ssrc_setup,
+        }[mode]
+        targets = loop.run_until_complete(setup())
     conn.send(("targets", targets, where))
     _, phone_ports, sched = conn.recv()
-    if per_call:
+    if mode in ("fwd-c", "fwd-cmux"):
+        c_hops = make_hops(phone_ports)
+    elif per_call:
         for i in range(calls):
             a_phone, a_net, b_phone, b_net = handlers[4 * i : 4 * i + 4]
             phone_a, phone_b = (
@@ -603,7 +719,9 @@ def forwarder_main(conn: Connection, calls: int, cpu: int | None, mode: str) -> 
             sum(h.count for h in handlers)
             + sum(m.count for m in muxes)
             + sum(b.count for b in by_ssrc)
-        )
+            + sum(h.counters[2] for h in c_hops)
+        ),
+        readers,
     )
 
     async def measure() -> None:
@@ -656,10 +774,11 @@ def run_phase(
     proc = None
     if name != "direct":
         worker_conn, child = ctx.Pipe()
-        if name in ("bridge", "bridge-py"):
+        if name in ("bridge", "bridge-py", "bridge-uv"):
             target: Any = bridge_main
             wargs: tuple[Any, ...] = (
-                child, args.calls, cpus[0], args.first_port, name == "bridge")
+                child, args.calls, cpus[0], args.first_port, name != "bridge-py",
+                name == "bridge")
         else:
             target, wargs = forwarder_main, (child, args.calls, cpus[0], name)
         proc = ctx.Process(target=target, args=wargs)
@@ -705,10 +824,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-port", type=int, default=30000, help="bridge media ports")
     parser.add_argument(
         "--only",
-        choices=(*PHASES, "fwd-mux", "fwd-ssrc"),
+        choices=(*PHASES, "bridge-uv", "fwd-mux", "fwd-ssrc", "fwd-c", "fwd-cmux"),
         action="append",
         help="worker phases to run (repeatable; default: bridge, bridge-py, fwd-call, fwd-one;"
-        " ratios are printed when those four ran; fwd-mux and fwd-ssrc run only when named)",
+        " ratios are printed when those four ran; bridge-uv, fwd-mux, fwd-ssrc, fwd-c and"
+        " fwd-cmux run only when named)",
     )
     parser.add_argument(
         "--rt",
@@ -744,9 +864,14 @@ def main(argv: list[str] | None = None) -> int:
         for name, done in runs.items():
             phase = run_phase(name, load_conn, args, cpus)
             done.append(phase)
+            wakeups, reads, datagrams = phase.worker.get("reads") or (0, 0, 0)
+            batches = (
+                f", C readers: {datagrams / wakeups:.2f} datagrams and {reads / wakeups:.2f}"
+                " recvmmsg per wake-up" if wakeups else ""
+            )
             print(
                 f"  {name:9} {phase.us_per_hop:6.2f} us/hop, loss {100 * phase.loss:.3f}%, "
-                f"other load {phase.other_cpu / args.seconds:.2f} CPUs",
+                f"other load {phase.other_cpu / args.seconds:.2f} CPUs{batches}",
                 flush=True,
             )
     load_conn.send(("quit",))
@@ -818,7 +943,15 @@ def report(args: argparse.Namespace, direct: Phase, best: dict[str, Phase]) -> N
         f"{rate_py / fwd_one.hops_per_cpu_second:.2f}x; bridge / bridge-py: "
         f"{rate / rate_py:.2f}x"
     )
+    if "bridge-uv" in best:
+        uv = best["bridge-uv"].hops_per_cpu_second
+        print(
+            f"bridge-uv (C hop, uvloop's transports) / fwd-one: "
+            f"{uv / fwd_one.hops_per_cpu_second:.2f}x; bridge / bridge-uv: {rate / uv:.2f}x"
+        )
     for name, what in (
+        ("fwd-c", "the bridge's sockets read in C, C hops, no logic"),
+        ("fwd-cmux", "fwd-c with one shared loopback socket per side, routed in C"),
         ("fwd-mux", "one shared loopback socket per side"),
         ("fwd-ssrc", "fwd-one's two sockets with per-call keys, routed by SSRC"),
     ):

@@ -754,9 +754,10 @@ class MediaConfig:
     native: Literal["auto", "off"] = setting(
         "auto", "`auto`: a secure call's per-packet path (SRTP and the send, each way) runs in "
         "C where the optional extension `freecall.srtp._hop` was built (it needs a C compiler "
-        "at install); `off`: always the Python handlers. ZRTP, RTCP, STUN, relayed media and "
-        "clear calls are Python either way. A change applies to calls from their next change "
-        "of state.")
+        "at install), and the media sockets are read in C too (batched `recvmmsg`); `off`: "
+        "always the Python handlers on the event loop's own sockets. ZRTP, RTCP, STUN, relayed "
+        "media and clear calls are Python either way. A change applies to calls from their "
+        "next change of state (how sockets are read: to media streams set up after it).")
 
 
 def _relay_ports(text: str) -> PortRange:

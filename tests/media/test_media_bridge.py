@@ -48,6 +48,7 @@ from freecall.srtp.bridge import (
 )
 from freecall.srtp.ice import IceParameters, TurnServer
 from freecall.srtp.keys import RetainedSecrets
+from freecall.srtp.native_udp import NativeDatagramTransport
 from freecall.srtp.zrtp_messages import classify_datagram
 from harness.ports import PortAllocator, PortBlock
 from zrtp.zrtp_harness import FakePeer
@@ -339,6 +340,9 @@ class Call:
                     stats = s.stats()
                     relayed = stats["ice"] is not None and stats["ice"]["relayed"]
                     assert stats["native"] == (NATIVE.get() and not relayed)
+                    # native: every socket is read in C (NativeDatagramTransport)
+                    transport = s._phone_rtp_ep.transport
+                    assert isinstance(transport, NativeDatagramTransport) == NATIVE.get()
                 return
         raise AssertionError(f"not secure: {self.sa.stats()} {self.sb.stats()}")
 

@@ -13,6 +13,7 @@
  * libsrtp headers or library are needed at build time. The GIL is held throughout; the hop
  * never logs and exposes neither the context nor any key material.
  */
+#define _GNU_SOURCE /* recvmmsg */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
@@ -23,6 +24,7 @@
 #include <stddef.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 
 /* libsrtp 2.x: srtp_err_status_t srtp_protect(srtp_t ctx, void *rtp_hdr, int *len_ptr);
  * and the same for srtp_unprotect. 0 is srtp_err_status_ok. */
@@ -53,6 +55,8 @@ typedef struct {
     int unprotect;
     struct sockaddr_storage dest;
     socklen_t dest_len;
+    struct sockaddr_storage src; /* `source` as a sockaddr, for the Reader; src_len 0: none */
+    socklen_t src_len;
     unsigned long long packets_in, bytes_in, packets_out, bytes_out, dropped, send_errors;
     /* RFC 3550 A.3 reception state (unprotect only) */
     long long max_seq, base_seq, cycles, bad_seq, received;
@@ -158,11 +162,32 @@ rx_update(Hop *h, long long seq)
 
 /* -- the hop ---------------------------------------------------------------------------------- */
 
+/* The latched source, as a tuple for the loop's (data, addr) calls and as a sockaddr for the
+ * Reader's, which compares before it makes any object. */
+static int
+set_source(Hop *self, PyObject *addr)
+{
+    if (addr == Py_None) {
+        Py_CLEAR(self->source);
+        self->src_len = 0;
+        return 0;
+    }
+    if (parse_addr(addr, &self->src, &self->src_len) < 0)
+        return -1;
+    Py_XSETREF(self->source, Py_NewRef(addr));
+    return 0;
+}
+
 static PyObject *
 to_fallback(Hop *self, PyObject *data, PyObject *addr)
 {
+    if (self->fallback == NULL) /* cleared */
+        Py_RETURN_NONE;
+    PyObject *fallback = Py_NewRef(self->fallback); /* the call may drop the hop's own */
     PyObject *args[2] = {data, addr};
-    return PyObject_Vectorcall(self->fallback, args, 2, NULL);
+    PyObject *r = PyObject_Vectorcall(fallback, args, 2, NULL);
+    Py_DECREF(fallback);
+    return r;
 }
 
 static void
@@ -181,43 +206,41 @@ send_out(Hop *self, int len)
     self->bytes_out += (unsigned long long)len;
 }
 
-static PyObject *
-hop_vectorcall(PyObject *obj, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+/* What the hop did with one datagram. */
+enum { HOP_DONE = 0, HOP_FALLBACK = 1, HOP_CHECK_SOURCE = 2 };
+
+/* The hop on one datagram, without Python objects: HOP_DONE (sent, or dropped and counted),
+ * HOP_FALLBACK (the Python path must see it: nothing was counted), or HOP_CHECK_SOURCE
+ * (authenticated and sent by a hop that latches: the caller compares the source). */
+static int
+hop_run(Hop *self, const unsigned char *d, Py_ssize_t n)
 {
-    Hop *self = (Hop *)obj;
-    if (PyVectorcall_NARGS(nargsf) != 2 || kwnames != NULL) {
-        PyErr_SetString(PyExc_TypeError, "a Hop is called with (data, addr)");
-        return NULL;
-    }
-    PyObject *data = args[0], *addr = args[1];
-    if (!PyBytes_CheckExact(data) || self->dest_len == 0)
-        return to_fallback(self, data, addr);
-    const unsigned char *d = (const unsigned char *)PyBytes_AS_STRING(data);
-    Py_ssize_t n = PyBytes_GET_SIZE(data);
     int len = (int)n;
+    if (self->dest_len == 0)
+        return HOP_FALLBACK;
     if (!self->unprotect) {
         /* phone->net: RTP version 2, a whole fixed header, not RTCP muxed on the RTP port
          * (RFC 5761 section 4: second octet 192-223), no longer than pylibsrtp accepts. */
         if (n < RTP_HEADER_LEN || (d[0] >> 6) != 2 || (d[1] > 191 && d[1] < 224)
             || n > HOP_MAX_PACKET - HOP_MAX_TRAILER)
-            return to_fallback(self, data, addr);
+            return HOP_FALLBACK;
         memcpy(self->buf, d, (size_t)n);
         if (self->fn(self->ctx, self->buf, &len) != 0) {
             self->dropped++; /* as the Python path: a packet libsrtp refuses is dropped */
-            Py_RETURN_NONE;
+            return HOP_DONE;
         }
         self->packets_in++;
         self->bytes_in += (unsigned long long)n;
         send_out(self, len);
-        Py_RETURN_NONE;
+        return HOP_DONE;
     }
     /* net->phone: anything that does not authenticate is the Python path's to classify
      * (ZRTP, STUN, SRTCP on the RTP port, forgeries, replays). */
     if (n < RTP_HEADER_LEN || n > HOP_MAX_PACKET)
-        return to_fallback(self, data, addr);
+        return HOP_FALLBACK;
     memcpy(self->buf, d, (size_t)n);
     if (self->fn(self->ctx, self->buf, &len) != 0)
-        return to_fallback(self, data, addr);
+        return HOP_FALLBACK;
     self->packets_in++;
     self->bytes_in += (unsigned long long)n;
     long long seq = (long long)d[2] << 8 | d[3];
@@ -229,14 +252,40 @@ hop_vectorcall(PyObject *obj, PyObject *const *args, size_t nargsf, PyObject *kw
         rx_update(self, seq);
     }
     send_out(self, len);
-    if (self->latch != NULL && self->source != addr) {
+    return self->latch != NULL ? HOP_CHECK_SOURCE : HOP_DONE;
+}
+
+static PyObject *
+call_latch(Hop *self, PyObject *addr)
+{
+    /* authenticated from a new source: symmetric RTP moves the target */
+    PyObject *latch = Py_NewRef(self->latch);
+    PyObject *largs[1] = {addr};
+    PyObject *r = PyObject_Vectorcall(latch, largs, 1, NULL);
+    Py_DECREF(latch);
+    return r;
+}
+
+static PyObject *
+hop_vectorcall(PyObject *obj, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Hop *self = (Hop *)obj;
+    if (PyVectorcall_NARGS(nargsf) != 2 || kwnames != NULL) {
+        PyErr_SetString(PyExc_TypeError, "a Hop is called with (data, addr)");
+        return NULL;
+    }
+    PyObject *data = args[0], *addr = args[1];
+    if (!PyBytes_CheckExact(data))
+        return to_fallback(self, data, addr);
+    int r = hop_run(self, (const unsigned char *)PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data));
+    if (r == HOP_FALLBACK)
+        return to_fallback(self, data, addr);
+    if (r == HOP_CHECK_SOURCE && self->latch != NULL && self->source != addr) {
         int same = self->source != NULL ? PyObject_RichCompareBool(addr, self->source, Py_EQ) : 0;
         if (same < 0)
             return NULL;
-        if (!same) { /* authenticated from a new source: symmetric RTP moves the target */
-            PyObject *largs[1] = {addr};
-            return PyObject_Vectorcall(self->latch, largs, 1, NULL);
-        }
+        if (!same)
+            return call_latch(self, addr);
     }
     Py_RETURN_NONE;
 }
@@ -283,7 +332,8 @@ hop_init(Hop *self, PyObject *args, PyObject *kwds)
     Py_INCREF(fallback);
     Py_XSETREF(self->fallback, fallback);
     Py_XSETREF(self->latch, latch == Py_None ? NULL : Py_NewRef(latch));
-    Py_XSETREF(self->source, source == Py_None ? NULL : Py_NewRef(source));
+    if (set_source(self, source) < 0)
+        return -1;
     self->max_seq = -1;
     self->bad_seq = RTP_SEQ_MOD + 1;
     return 0;
@@ -318,6 +368,7 @@ hop_clear(Hop *self)
     Py_CLEAR(self->fallback);
     Py_CLEAR(self->latch);
     Py_CLEAR(self->source);
+    self->src_len = 0;
     self->dest_len = 0; /* a cleared hop only falls back, and has nowhere to fall back to */
     return 0;
 }
@@ -345,7 +396,8 @@ hop_set_dest(Hop *self, PyObject *addr)
 static PyObject *
 hop_set_source(Hop *self, PyObject *addr)
 {
-    Py_XSETREF(self->source, addr == Py_None ? NULL : Py_NewRef(addr));
+    if (set_source(self, addr) < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -437,22 +489,487 @@ static PyTypeObject HopType = {
     .tp_getset = hop_getset,
 };
 
+/* -- the Reader: a socket's datagrams read in C ------------------------------------------------ */
+
+/* A `Reader` is what `loop.add_reader(fd, reader)` calls when a media socket is readable. It
+ * reads with recvmmsg(2) into buffers of its own, a batch at a time, and stops at a short
+ * batch (so the common wake-up, one datagram, is one system call and no failing read; epoll
+ * is level-triggered and wakes it again for what is left) or at `limit` datagrams (one busy
+ * socket cannot starve the loop). Each datagram goes to the protocol's current
+ * `datagram_received`: a Hop runs on the buffer without making any Python object; anything
+ * else (and whatever a Hop declines) gets (bytes, (host, port)) exactly as the loop's own
+ * transport would give. */
+
+#define READER_MAX_BATCH 32
+#define READER_SLOT 4096 /* a ZRTP Confirm with a large signature still fits; RTP is <= 1500 */
+
+typedef struct {
+    unsigned char data[READER_MAX_BATCH][READER_SLOT];
+    struct sockaddr_storage names[READER_MAX_BATCH];
+    struct iovec iov[READER_MAX_BATCH];
+    struct mmsghdr msgs[READER_MAX_BATCH];
+} ReadBuffers;
+
+/* One set of buffers serves every Reader: the GIL is held and a wake-up is not re-entered on
+ * one thread; a Reader called while another is in a Python callback (another thread's loop)
+ * takes buffers of its own for that wake-up. */
+static ReadBuffers shared_buffers;
+static int shared_busy;
+
+/* What stays the same between reads: each slot's buffer and address. */
+static void
+init_buffers(ReadBuffers *b)
+{
+    memset(b->msgs, 0, sizeof(b->msgs));
+    for (int i = 0; i < READER_MAX_BATCH; i++) {
+        b->iov[i].iov_base = b->data[i];
+        b->iov[i].iov_len = READER_SLOT;
+        b->msgs[i].msg_hdr.msg_name = &b->names[i];
+        b->msgs[i].msg_hdr.msg_iov = &b->iov[i];
+        b->msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+}
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *protocol; /* NULL once closed */
+    PyObject *routes;   /* NULL, or {route_key(source): Hop} for a socket shared by sources */
+    int fd;
+    int batch, limit;
+    unsigned long long wakeups, reads, datagrams, truncated;
+} Reader;
+
+static PyObject *str_datagram_received, *str_error_received;
+
+static PyObject *
+make_addr(const struct sockaddr_storage *sa)
+{
+    char host[INET6_ADDRSTRLEN];
+    if (sa->ss_family == AF_INET) {
+        const struct sockaddr_in *sin = (const struct sockaddr_in *)sa;
+        if (inet_ntop(AF_INET, &sin->sin_addr, host, sizeof(host)) == NULL)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        return Py_BuildValue("(si)", host, (int)ntohs(sin->sin_port));
+    }
+    if (sa->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)sa;
+        if (inet_ntop(AF_INET6, &sin6->sin6_addr, host, sizeof(host)) == NULL)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        return Py_BuildValue("(siII)", host, (int)ntohs(sin6->sin6_port),
+                             (unsigned int)ntohl(sin6->sin6_flowinfo),
+                             (unsigned int)sin6->sin6_scope_id);
+    }
+    Py_RETURN_NONE; /* not a family media sockets use */
+}
+
+static int
+same_source(const Hop *hop, const struct sockaddr_storage *sa)
+{
+    if (hop->src_len == 0 || hop->src.ss_family != sa->ss_family)
+        return 0;
+    if (sa->ss_family == AF_INET) {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)&hop->src;
+        const struct sockaddr_in *b = (const struct sockaddr_in *)sa;
+        return a->sin_port == b->sin_port && a->sin_addr.s_addr == b->sin_addr.s_addr;
+    }
+    if (sa->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)&hop->src;
+        const struct sockaddr_in6 *b = (const struct sockaddr_in6 *)sa;
+        return a->sin6_port == b->sin6_port && a->sin6_flowinfo == b->sin6_flowinfo
+               && a->sin6_scope_id == b->sin6_scope_id
+               && memcmp(&a->sin6_addr, &b->sin6_addr, sizeof(a->sin6_addr)) == 0;
+    }
+    return 0;
+}
+
+/* Hand one datagram to Python: fn(bytes, addr), or with data NULL fn(addr) (a latch). */
+static PyObject *
+reader_to_python(PyObject *fn, const unsigned char *data, Py_ssize_t n,
+                 const struct sockaddr_storage *sa, int with_data)
+{
+    PyObject *addr = make_addr(sa);
+    if (addr == NULL)
+        return NULL;
+    PyObject *r;
+    if (with_data) {
+        PyObject *bytes = PyBytes_FromStringAndSize((const char *)data, n);
+        if (bytes == NULL) {
+            Py_DECREF(addr);
+            return NULL;
+        }
+        PyObject *args[2] = {bytes, addr};
+        r = PyObject_Vectorcall(fn, args, 2, NULL);
+        Py_DECREF(bytes);
+    }
+    else {
+        PyObject *args[1] = {addr};
+        r = PyObject_Vectorcall(fn, args, 1, NULL);
+    }
+    Py_DECREF(addr);
+    return r;
+}
+
+/* A callback raised: the first exception is raised by the wake-up once its batch is done
+ * (the loop reports it as it would the transport's), later ones are reported at once; the
+ * datagrams after it are still delivered. */
+typedef struct {
+    PyObject *type, *value, *traceback;
+} SavedError;
+
+static void
+keep_error(SavedError *first, PyObject *where)
+{
+    if (first->type == NULL)
+        PyErr_Fetch(&first->type, &first->value, &first->traceback);
+    else
+        PyErr_WriteUnraisable(where);
+}
+
+/* A hop on one datagram of the Reader's; returns 1 when Python ran (a fallback or a latch). */
+static int
+reader_hop(Hop *hop, const unsigned char *d, Py_ssize_t n, const struct sockaddr_storage *sa,
+           SavedError *error, PyObject *where)
+{
+    PyObject *r;
+    int what = hop_run(hop, d, n);
+    if (what == HOP_DONE)
+        return 0;
+    if (what == HOP_CHECK_SOURCE) {
+        if (hop->latch == NULL || same_source(hop, sa))
+            return 0;
+        PyObject *latch = Py_NewRef(hop->latch);
+        r = reader_to_python(latch, NULL, 0, sa, 0);
+        Py_DECREF(latch);
+    }
+    else if (hop->fallback == NULL) {
+        return 0; /* cleared */
+    }
+    else {
+        PyObject *fallback = Py_NewRef(hop->fallback);
+        r = reader_to_python(fallback, d, n, sa, 1);
+        Py_DECREF(fallback);
+    }
+    if (r == NULL)
+        keep_error(error, where);
+    Py_XDECREF(r);
+    return 1;
+}
+
+static PyObject *
+reader_vectorcall(PyObject *obj, PyObject *const *Py_UNUSED(args), size_t nargsf,
+                  PyObject *kwnames)
+{
+    Reader *self = (Reader *)obj;
+    if (PyVectorcall_NARGS(nargsf) != 0 || kwnames != NULL) {
+        PyErr_SetString(PyExc_TypeError, "a Reader is called with no arguments");
+        return NULL;
+    }
+    if (self->protocol == NULL || self->fd < 0)
+        Py_RETURN_NONE;
+    self->wakeups++;
+    ReadBuffers *b = &shared_buffers;
+    int own = 0;
+    if (shared_busy) {
+        b = PyMem_Malloc(sizeof(*b));
+        if (b == NULL)
+            return PyErr_NoMemory();
+        init_buffers(b);
+        own = 1;
+    }
+    else {
+        shared_busy = 1;
+    }
+    Py_INCREF(self); /* a callback may drop the last other reference (close) */
+    SavedError error = {NULL, NULL, NULL};
+    PyObject *handler = NULL; /* the protocol's datagram_received, fetched again after Python */
+    int count = 0;
+    while (count < self->limit && self->protocol != NULL && self->fd >= 0) {
+        int want = self->limit - count < self->batch ? self->limit - count : self->batch;
+        for (int i = 0; i < want; i++)
+            b->msgs[i].msg_hdr.msg_namelen = sizeof(b->names[i]); /* the kernel shortens it */
+        int got;
+        do {
+            got = recvmmsg(self->fd, b->msgs, (unsigned int)want, MSG_DONTWAIT, NULL);
+        } while (got < 0 && errno == EINTR);
+        self->reads++;
+        if (got < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                /* as the loop's transport: the protocol's error_received (ICMP errors) */
+                PyObject *exc = PyObject_CallFunction(PyExc_OSError, "is", errno,
+                                                      strerror(errno));
+                PyObject *r = NULL;
+                if (exc != NULL) {
+                    PyObject *protocol = Py_NewRef(self->protocol);
+                    r = PyObject_CallMethodOneArg(protocol, str_error_received, exc);
+                    Py_DECREF(protocol);
+                    Py_DECREF(exc);
+                }
+                if (r == NULL)
+                    keep_error(&error, obj);
+                Py_XDECREF(r);
+            }
+            break;
+        }
+        count += got;
+        for (int i = 0; i < got && self->protocol != NULL; i++) {
+            self->datagrams++;
+            if (b->msgs[i].msg_hdr.msg_flags & MSG_TRUNC) {
+                self->truncated++; /* longer than any media datagram: dropped */
+                continue;
+            }
+            const unsigned char *d = b->data[i];
+            Py_ssize_t n = (Py_ssize_t)b->msgs[i].msg_len;
+            const struct sockaddr_storage *sa = &b->names[i];
+            if (self->routes != NULL && sa->ss_family == AF_INET) {
+                /* a shared socket: the source's own hop, if it has one */
+                const struct sockaddr_in *sin = (const struct sockaddr_in *)sa;
+                PyObject *key = PyLong_FromUnsignedLongLong(
+                    (unsigned long long)ntohl(sin->sin_addr.s_addr) << 16 | ntohs(sin->sin_port));
+                if (key == NULL) {
+                    keep_error(&error, obj);
+                    continue;
+                }
+                PyObject *routed = PyDict_GetItemWithError(self->routes, key);
+                Py_DECREF(key);
+                if (routed != NULL && Py_TYPE(routed) == &HopType) {
+                    Py_INCREF(routed);
+                    int ran = reader_hop((Hop *)routed, d, n, sa, &error, obj);
+                    Py_DECREF(routed);
+                    if (ran)
+                        Py_CLEAR(handler);
+                    continue;
+                }
+                if (PyErr_Occurred()) {
+                    keep_error(&error, obj);
+                    continue;
+                }
+            }
+            if (handler == NULL) {
+                PyObject *protocol = Py_NewRef(self->protocol);
+                handler = PyObject_GetAttr(protocol, str_datagram_received);
+                Py_DECREF(protocol);
+                if (handler == NULL) {
+                    keep_error(&error, obj);
+                    continue;
+                }
+            }
+            int ran;
+            if (Py_TYPE(handler) == &HopType) {
+                ran = reader_hop((Hop *)handler, d, n, sa, &error, obj);
+            }
+            else {
+                PyObject *r = reader_to_python(handler, d, n, sa, 1);
+                if (r == NULL)
+                    keep_error(&error, obj);
+                Py_XDECREF(r);
+                ran = 1;
+            }
+            if (ran)
+                Py_CLEAR(handler); /* Python ran: the handler may have been swapped */
+        }
+        if (got < want)
+            break; /* a short batch: the socket is empty (or nearly: epoll says so again) */
+    }
+    Py_XDECREF(handler);
+    if (own)
+        PyMem_Free(b);
+    else
+        shared_busy = 0;
+    Py_DECREF(self);
+    if (error.type != NULL) {
+        PyErr_Restore(error.type, error.value, error.traceback);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static int
+reader_init(Reader *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"fd", "protocol", "batch", "limit", "routes", NULL};
+    int fd, batch = 16, limit = 64;
+    PyObject *protocol, *routes = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iO|$iiO", kwlist, &fd, &protocol, &batch,
+                                     &limit, &routes))
+        return -1;
+    if (routes != Py_None && !PyDict_CheckExact(routes)) {
+        PyErr_SetString(PyExc_TypeError, "routes must be a dict or None");
+        return -1;
+    }
+    if (fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "bad file descriptor");
+        return -1;
+    }
+    if (batch < 1 || batch > READER_MAX_BATCH || limit < 1) {
+        PyErr_Format(PyExc_ValueError, "batch must be 1-%d and limit at least 1",
+                     READER_MAX_BATCH);
+        return -1;
+    }
+    self->fd = fd;
+    self->batch = batch;
+    self->limit = limit;
+    Py_XSETREF(self->protocol, Py_NewRef(protocol));
+    Py_XSETREF(self->routes, routes == Py_None ? NULL : Py_NewRef(routes));
+    return 0;
+}
+
+static PyObject *
+reader_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSED(kwds))
+{
+    Reader *self = (Reader *)type->tp_alloc(type, 0);
+    if (self != NULL) {
+        self->vectorcall = reader_vectorcall;
+        self->fd = -1;
+    }
+    return (PyObject *)self;
+}
+
+static int
+reader_traverse(Reader *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->protocol);
+    Py_VISIT(self->routes);
+    return 0;
+}
+
+static int
+reader_clear(Reader *self)
+{
+    Py_CLEAR(self->protocol);
+    Py_CLEAR(self->routes);
+    self->fd = -1;
+    return 0;
+}
+
+static void
+reader_dealloc(Reader *self)
+{
+    PyObject_GC_UnTrack(self);
+    reader_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+reader_close(Reader *self, PyObject *Py_UNUSED(ignored))
+{
+    reader_clear(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+reader_get_protocol(Reader *self, void *Py_UNUSED(closure))
+{
+    if (self->protocol == NULL)
+        Py_RETURN_NONE;
+    return Py_NewRef(self->protocol);
+}
+
+static int
+reader_set_protocol(Reader *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    if (value == NULL || value == Py_None) {
+        PyErr_SetString(PyExc_TypeError, "a Reader's protocol is set, not removed (close)");
+        return -1;
+    }
+    if (self->fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "the Reader is closed");
+        return -1;
+    }
+    Py_XSETREF(self->protocol, Py_NewRef(value));
+    return 0;
+}
+
+static PyObject *
+reader_get_stats(Reader *self, void *Py_UNUSED(closure))
+{
+    return Py_BuildValue("(KKKK)", self->wakeups, self->reads, self->datagrams, self->truncated);
+}
+
+static PyObject *
+reader_get_closed(Reader *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(self->fd < 0);
+}
+
+static PyObject *
+route_key(PyObject *Py_UNUSED(module), PyObject *addr)
+{
+    struct sockaddr_storage sa;
+    socklen_t len;
+    if (parse_addr(addr, &sa, &len) < 0)
+        return NULL;
+    if (sa.ss_family != AF_INET) {
+        PyErr_SetString(PyExc_ValueError, "routes are by IPv4 source");
+        return NULL;
+    }
+    const struct sockaddr_in *sin = (const struct sockaddr_in *)&sa;
+    return PyLong_FromUnsignedLongLong((unsigned long long)ntohl(sin->sin_addr.s_addr) << 16
+                                       | ntohs(sin->sin_port));
+}
+
+static PyMethodDef module_methods[] = {
+    {"route_key", (PyCFunction)route_key, METH_O,
+     "The key of a Reader's routes for an IPv4 (host, port) source."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMethodDef reader_methods[] = {
+    {"close", (PyCFunction)reader_close, METH_NOARGS,
+     "Read no more (a wake-up in progress stops after the current datagram)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef reader_getset[] = {
+    {"protocol", (getter)reader_get_protocol, (setter)reader_set_protocol,
+     "Whose datagram_received and error_received get the datagrams.", NULL},
+    {"stats", (getter)reader_get_stats, NULL,
+     "(wake-ups, recvmmsg calls, datagrams, truncated datagrams dropped).", NULL},
+    {"closed", (getter)reader_get_closed, NULL, "close() was called.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject ReaderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "freecall.srtp._hop.Reader",
+    .tp_doc = PyDoc_STR("A media socket's datagrams read in C, batched, for loop.add_reader."),
+    .tp_basicsize = sizeof(Reader),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_new = reader_new,
+    .tp_init = (initproc)reader_init,
+    .tp_dealloc = (destructor)reader_dealloc,
+    .tp_traverse = (traverseproc)reader_traverse,
+    .tp_clear = (inquiry)reader_clear,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(Reader, vectorcall),
+    .tp_methods = reader_methods,
+    .tp_getset = reader_getset,
+};
+
 static struct PyModuleDef hop_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "freecall.srtp._hop",
     .m_doc = PyDoc_STR("The media bridge's secure per-packet hop in C (see _hop.c)."),
     .m_size = -1,
+    .m_methods = module_methods,
 };
 
 PyMODINIT_FUNC
 PyInit__hop(void)
 {
-    if (PyType_Ready(&HopType) < 0)
+    if (PyType_Ready(&HopType) < 0 || PyType_Ready(&ReaderType) < 0)
+        return NULL;
+    init_buffers(&shared_buffers);
+    str_datagram_received = PyUnicode_InternFromString("datagram_received");
+    str_error_received = PyUnicode_InternFromString("error_received");
+    if (str_datagram_received == NULL || str_error_received == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&hop_module);
     if (m == NULL)
         return NULL;
     if (PyModule_AddObjectRef(m, "Hop", (PyObject *)&HopType) < 0
+        || PyModule_AddObjectRef(m, "Reader", (PyObject *)&ReaderType) < 0
+        || PyModule_AddIntConstant(m, "READER_SLOT", READER_SLOT) < 0
         || PyModule_AddIntConstant(m, "MAX_PACKET", HOP_MAX_PACKET) < 0
         || PyModule_AddIntConstant(m, "MAX_TRAILER", HOP_MAX_TRAILER) < 0) {
         Py_DECREF(m);

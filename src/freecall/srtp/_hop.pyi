@@ -27,3 +27,27 @@ class Hop:
     @property
     def counters(self) -> tuple[int, int, int, int, int, int]: ...
     rx_state: tuple[int, int, int, int, int, int, int, int]
+
+READER_SLOT: int
+
+class Reader:
+    """A socket's datagrams read in C for ``loop.add_reader`` (see _hop.c)."""
+
+    def __init__(
+        self,
+        fd: int,
+        protocol: object,
+        *,
+        batch: int = 16,
+        limit: int = 64,
+        routes: dict[int, Hop] | None = None,
+    ) -> None: ...
+    def __call__(self) -> None: ...
+    def close(self) -> None: ...
+    protocol: object
+    @property
+    def stats(self) -> tuple[int, int, int, int]: ...
+    @property
+    def closed(self) -> bool: ...
+
+def route_key(addr: tuple[Any, ...], /) -> int: ...

@@ -78,15 +78,22 @@ Decisions, and why:
   calls `_latch_rtp`. The hops count in C; `sync_counters` folds their counts and RFC 3550
   A.3 state into the stream (stats, the engine's totals and the inactivity check call it).
   Relayed paths (our TURN allocation), a lost ICE consent and any other state stay Python.
+  With ``native`` the sockets are also read in C (`NativeDatagramTransport`, a C `Reader`
+  under ``loop.add_reader``): one ``recvmmsg`` per wake-up in the common case instead of the
+  loop's read-until-empty, and a hop installed as the endpoint's ``datagram_received`` runs
+  on the Reader's buffer with no Python object made; everything else reaches the endpoint as
+  ``(bytes, (host, port))`` as before, so nothing below this line knows which transport
+  reads.
 * **Cost.** ``bench/media.py`` measures it against bare forwarders (docs/performance.md). Over
   half the time per packet is the kernel's UDP path; per-call keys and destinations (cold libsrtp
   contexts, one socket per phone) cost about 20 % against one key and one sink, sockets per
   stream a further 5 % (uvloop reads each until it is empty: at 50 packets a second most
   wake-ups end in a failing read), and the bridge's own logic is within noise of a bare
   forwarder on the same sockets and keys. libsrtp is called through `srtp_call`, without
-  pylibsrtp's per-call wrapper. Plain sockets with ``loop.add_reader`` (one read per wake-up)
-  were measured and are no cheaper. uvloop caches 2048 destination addresses; past about 1000
-  streams per process its ``sendto`` converts addresses again.
+  pylibsrtp's per-call wrapper. Plain sockets with ``loop.add_reader`` and a read in Python
+  were measured and are no cheaper; read in C (`NativeDatagramTransport`) they are, by 0.6-2.3
+  us per hop. uvloop caches 2048 destination addresses; past about 1000 streams per process
+  its ``sendto`` converts addresses again (the C hops send with their own sockaddr).
 
 Counters per stream (`MediaStream.stats`): packets and bytes in and out on each side, SRTP/SRTCP
 authentication failures and replays, drops by reason, loss from RTP sequence numbers of the far
@@ -126,8 +133,10 @@ from freecall.transport import Timer
 
 try:  # the optional C extension (setup.py): without it the Python handlers run
     from freecall.srtp import _hop
+    from freecall.srtp.native_udp import NativeDatagramTransport
 except ImportError:  # pragma: no cover - built wherever the tests run
     _hop = None  # type: ignore[assignment]
+    NativeDatagramTransport = None  # type: ignore[assignment,misc]
 
 log = logging.getLogger("freecall.media")
 
@@ -362,6 +371,7 @@ class MediaEngine:
         ice_pool: int = 2,
         nat_view: NatView | None = None,
         native: bool = True,
+        native_reader: bool = True,
     ) -> None:
         """``address`` goes into SDP toward the far end; sockets bind to ``bind_host``
         (default: ``address``; give ``0.0.0.0`` behind NAT where the public address is not
@@ -376,7 +386,10 @@ class MediaEngine:
 
         ``native``: secure streams run their per-packet path in C (`freecall.srtp._hop`)
         when it was built (`NATIVE_AVAILABLE`); False keeps them on the Python handlers
-        (``media.native: off``). Takes effect at each stream's next change of state."""
+        (``media.native: off``). Takes effect at each stream's next change of state. With
+        ``native`` (and ``native_reader``, there for the benchmark to compare) each new
+        stream's sockets are also read in C (`NativeDatagramTransport`), not by the loop's
+        own datagram transports."""
         if policy not in ("require", "prefer", "off"):
             raise ValueError(f"bad security policy {policy!r}")
         if zrtp_timeout <= 0:
@@ -411,6 +424,7 @@ class MediaEngine:
         self.ice_servers = ice_servers
         self.ice_pool = max(0, ice_pool)
         self.native = native
+        self.native_reader = native_reader
         self._pool: list[MediaStream] = []
         """Streams made and gathered before any call asked (oldest first)."""
         self._pool_handle: asyncio.TimerHandle | None = None
@@ -977,8 +991,16 @@ class MediaStream:
             (self._net_rtp_ep, net[0]),
             (self._net_rtcp_ep, net[1]),
         )
+        engine = self._engine
+        native = engine.native and engine.native_reader and NativeDatagramTransport is not None
         try:
             for ep, sock in pairs:
+                if native:
+                    try:  # read in C (`NativeDatagramTransport`): where the loop can
+                        NativeDatagramTransport(loop, sock, ep)
+                        continue
+                    except NotImplementedError:  # no add_reader (not on Linux loops)
+                        native = False
                 await loop.create_datagram_endpoint(_factory(ep), sock=sock)
         except BaseException as exc:
             for ep, sock in pairs:
