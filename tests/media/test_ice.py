@@ -433,6 +433,24 @@ def test_turn_allocation_is_refreshed_and_released() -> None:
     assert world.relay.allocations == 0
 
 
+def test_closing_while_the_allocate_is_answered_still_releases_it() -> None:
+    """The relay allocated, its success answer is still on the way when the agent closes (a
+    pooled stream retired at once): the Refresh(0) goes anyway, with the credentials the
+    challenge gave, so the allocation does not outlive the stream by its lifetime."""
+    world = World()
+    a = world.add(1, None, controlling=True, stun=False)
+    a.agent.gather(world.now)
+    world.pump(a)
+    while world.relay.allocations == 0:
+        assert world.now < 5.0, "the relay never allocated"
+        world.run(world.now + LATENCY / 8)
+    assert not any(isinstance(e, GatheringComplete) for e in a.events)  # answer in flight
+    a.agent.close(world.now)
+    world.pump(a)
+    world.run(world.now + 1.0)
+    assert world.relay.allocations == 0
+
+
 def test_wrong_turn_credentials_give_no_relayed_candidate() -> None:
     world = World()
     node = world.add(1, "symmetric", controlling=True)

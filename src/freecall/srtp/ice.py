@@ -353,7 +353,7 @@ class _Turn:
     """The client side of one TURN allocation (RFC 5766 sections 6-11)."""
 
     server: TurnServer
-    state: str = "new"  # new | allocated | failed
+    state: str = "new"  # new | allocated | failed | released
     realm: bytes = b""
     nonce: bytes = b""
     key: bytes = b""
@@ -696,9 +696,12 @@ class IceAgent:
 
     def _release_turns(self) -> None:
         """Refresh with lifetime 0 (RFC 5766 section 7), unanswered: the allocation's quota
-        goes back to the relay at once, or at its lifetime's end if this is lost."""
+        goes back to the relay at once, or at its lifetime's end if this is lost. Also while
+        the authenticated Allocate is unanswered (its nonce known): the relay may have
+        allocated already, and a Refresh for an allocation it does not have is only refused
+        (437), whereas without one the allocation would outlive us by its lifetime."""
         for turn in self._turns:
-            if turn.state == "allocated":
+            if turn.state == "allocated" or (turn.state == "new" and turn.nonce):
                 tid = self.urandom(12)
                 self._out.append((self._turn_request(turn, Method.REFRESH, tid, [
                     (Attr.LIFETIME, b"\0\0\0\0")]), turn.server.addr))
