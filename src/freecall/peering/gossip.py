@@ -302,6 +302,21 @@ class _Seed:
 class Gossip:
     """One node's gossip engine (see the module docstring for the protocol)."""
 
+    # fixed attributes: ~70 of them is past what CPython shares as an instance-dict key
+    # table (30), so without slots every node carried its own dict and every access hashed
+    __slots__ = (
+        "_acks", "_addresses", "_backlog", "_bans", "_changed", "_claimers", "_claims",
+        "_confirmed", "_dead", "_deaf", "_events", "_expired_at", "_extensions",
+        "_false_claims", "_flags", "_hello_left", "_hot", "_hot_home", "_inflight",
+        "_keys_left", "_lookups", "_low_keys", "_missing", "_need", "_need_src", "_news",
+        "_now", "_out", "_page_fill", "_page_turn", "_pending", "_publish_due", "_refuted",
+        "_relay_seen", "_relays_left", "_republish_at", "_revive", "_routes", "_seed_next",
+        "_seed_turn", "_seed_wait", "_seeds", "_sent_log", "_settled_at", "_spent",
+        "_spent_content", "_suspects", "_wanted", "_wanted_low", "_withdraw", "cache",
+        "codec", "config", "identity", "key", "keys", "local", "my_group", "next_round",
+        "rng", "round", "rx_bytes", "rx_datagrams", "stats", "tx_bytes", "tx_datagrams"
+    )
+
     def __init__(
         self,
         identity: NodeIdentity,

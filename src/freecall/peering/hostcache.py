@@ -124,6 +124,14 @@ class HostCache:
     With ``my_group=None`` every record is an ordinary cache entry.
     """
 
+    __slots__ = (
+        "_by_route", "_fine_hash", "_keys_memo", "_members_memo", "_members_ver", "_need",
+        "_need_dirty", "_page_bytes", "_page_sets", "_pages", "_summaries", "by_source",
+        "capacity", "contacts_min", "counters", "dropped", "entries", "group_bits",
+        "home_count", "home_fine", "home_version", "max_tombs", "members", "my_group",
+        "next_expiry", "protected", "rng", "source_quota", "tombs", "version"
+    )
+
     def __init__(
         self,
         *,
