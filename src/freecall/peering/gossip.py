@@ -79,11 +79,17 @@ def _group_key(key: str, bits: int) -> int | None:
     return int(tail)
 
 _MAC_PERSON = b"fc-gossip-mac-v1"
+_HEADER_SIZE = wire.HEADER.size
+_HEADER_UNPACK = wire.HEADER.unpack_from
+_MAC_SIZE = wire.MAC_SIZE
+_ROOM_USED = UDP_IP_OVERHEAD + wire.SECTION.size
+_blake2b = hashlib.blake2b
+_compare_digest = hmac.compare_digest
 _BITS = [tuple(j for j in range(8) if byte & (0x80 >> j)) for byte in range(256)]
 """Bits set in a byte, most significant first (NEED bitmaps)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class GossipConfig:
     """Tunables (docs/peering.md explains each). ``group_bits`` must be the same on every
     node of a mesh: about log2(sqrt(nodes)), so 6 for a few thousand nodes, 7 for 10,000."""
@@ -309,7 +315,7 @@ class Gossip:
         "_confirmed", "_dead", "_deaf", "_events", "_expired_at", "_extensions",
         "_false_claims", "_flags", "_hello_left", "_hot", "_hot_home", "_inflight",
         "_keys_left", "_lookups", "_low_keys", "_missing", "_need", "_need_src", "_news",
-        "_now", "_out", "_page_fill", "_page_turn", "_pending", "_publish_due", "_refuted",
+        "_now", "_out", "_page_fill", "_page_turn", "_pending", "_pk", "_publish_due", "_refuted",
         "_relay_seen", "_relays_left", "_republish_at", "_revive", "_routes", "_seed_next",
         "_seed_turn", "_seed_wait", "_seeds", "_sent_log", "_settled_at", "_spent",
         "_spent_content", "_suspects", "_wanted", "_wanted_low", "_withdraw", "cache",
@@ -334,6 +340,7 @@ class Gossip:
         settled: bool = False,
     ) -> None:
         self.identity = identity
+        self._pk = identity.public_key
         self.config = cfg = config or GossipConfig()
         self.rng = rng
         self.key = identity.key
@@ -497,20 +504,29 @@ class Gossip:
         """Handle one datagram. Anything malformed, unauthenticated or replayed is dropped."""
         self._now = now
         self.rx_datagrams += 1
-        self.rx_bytes += len(data)
-        try:
-            magic, pk, ts = wire.split(data)
-        except wire.WireError:
+        n = len(data)
+        self.rx_bytes += n
+        # wire.split and wire.mac inline (every datagram takes this path)
+        if n > wire.MAX_DATAGRAM or n < _HEADER_SIZE:
+            self._count("drop_malformed")
+            return
+        magic, pk, ts = _HEADER_UNPACK(data, 0)
+        if magic == wire.MAGIC_AUTH:
+            if n < wire.OVERHEAD:
+                self._count("drop_malformed")
+                return
+        elif magic != wire.MAGIC_HELLO:
             self._count("drop_malformed")
             return
         cfg = self.config
-        if pk == self.identity.public_key:
+        if pk == self._pk:
             self._count("drop_self")
             return
         if abs(ts - now) > cfg.clock_skew:
             self._count("drop_clock")
             return
-        src = addr[0] if ":" not in addr[0] else source_of(addr[0])
+        host = addr[0]
+        src = host if ":" not in host else source_of(host)
         if self._bans and self._banned(pk, src, now):
             self._count("drop_banned")
             return
@@ -529,15 +545,16 @@ class Gossip:
                 self._count("drop_badkey")
                 return
         mac_key, sender = keys
-        body_end = len(data) - wire.MAC_SIZE
-        if not hmac.compare_digest(wire.mac(mac_key, data[:body_end]), data[body_end:]):
+        body_end = n - _MAC_SIZE
+        tag = _blake2b(data[:body_end], key=mac_key, digest_size=_MAC_SIZE).digest()
+        if not _compare_digest(tag, data[body_end:]):
             self._count("drop_badmac")
             return
         if self._bans and self._banned(sender, src, now):
             self._count("drop_banned")
             return
         try:
-            m = wire.parse(data, wire.HEADER.size, body_end)
+            m = wire.parse(data, _HEADER_SIZE, body_end)
         except wire.WireError:
             self._count("drop_malformed")
             return
@@ -1050,13 +1067,14 @@ class Gossip:
         if self._expired_at != self._now:
             self._expire_log()
         cfg = self.config
-        used = b.size + UDP_IP_OVERHEAD + wire.SECTION.size
+        size = b.size
+        used = size + _ROOM_USED
         reserve = bulk if not isinstance(bulk, bool) else cfg.bulk_reserve if bulk else 0
-        floor = cfg.control_reserve + reserve
+        budget = cfg.send_budget
         return min(
-            b.room(),
-            cfg.send_budget - floor - self._spent_content - used,
-            cfg.send_budget - self._spent - used,
+            b.limit - size - 3,  # b.room()
+            budget - cfg.control_reserve - reserve - self._spent_content - used,
+            budget - self._spent - used,
         )
 
     # -- sending ---------------------------------------------------------------------------
@@ -1096,7 +1114,7 @@ class Gossip:
                 keys = self.keys.derive(pk)
             except RecordError:
                 return False
-        return self._emit(b.finish(self.identity.public_key, int(now), keys[0]), addr, b.content)
+        return self._emit(b.finish(self._pk, int(now), keys[0]), addr, b.content)
 
     # -- receiving -------------------------------------------------------------------------
 
