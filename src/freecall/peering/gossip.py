@@ -401,7 +401,7 @@ class Gossip:
         self._page_turn = rng.getrandbits(6)  # next anti-entropy slice (taken in turn)
         self._spent = 0  # wire bytes sent in the last interval (all datagrams)
         self._spent_content = 0  # of which datagrams carrying records or digests
-        self._sent_log: deque[tuple[float, int, bool]] = deque()
+        self._sent_log: list[tuple[float, int, bool]] = []  # a deque is 10x the memory
         self._expired_at = -1.0
         self._now = now
         self._wanted = 0
@@ -695,7 +695,7 @@ class Gossip:
         partner = self._choose_partner(now)
         if partner is not None:
             self._send_sync(partner, now)
-        if len(self.cache) < cfg.bootstrap_min and self._seeds:
+        if self._seeds and len(self.cache.entries) < cfg.bootstrap_min:
             # (nearly) alone: ask a seed, backing off (up to 3 rounds) so a crowd of
             # newcomers does not drown it; two newcomers that only know each other keep asking
             if self.round >= self._seed_next:
@@ -726,7 +726,7 @@ class Gossip:
                     if claimer is not None:
                         self._claims[key] = claimer
         # a peer still has a node we buried: ask that node ourselves (it answers: restored)
-        for _ in range(min(cfg.probe_cap, len(self._revive))):
+        for _ in range(min(cfg.probe_cap, len(self._revive)) if self._revive else 0):
             key = next(iter(self._revive))
             del self._revive[key]
             tomb = self.cache.tombs.get(key)
@@ -738,9 +738,10 @@ class Gossip:
             b.add(Sec.PING, wire.encode_u32(nonce))
             if self._send(b, tomb.record, now):
                 self._pending[nonce] = _Pending(None, now, "revive", addr)
-        if self.round >= self._publish_due and len(self.cache) > 1:
+        if self.round >= self._publish_due and len(self.cache.entries) > 1:
             self._publish(now)
-        self._drain_dropped()
+        if self.cache.dropped:
+            self._drain_dropped()
 
     def _choose_partner(self, now: float) -> NodeRecord | None:
         cfg = self.config
@@ -767,7 +768,7 @@ class Gossip:
 
     def _pick(self, group: int) -> NodeRecord | None:
         """A random usable member of ``group`` (a few tries)."""
-        pool = self.cache.members_list(group)
+        pool = self.cache.members[group]
         n = len(pool)
         if not n:
             return None
@@ -1048,16 +1049,22 @@ class Gossip:
             del table[k]
 
     def _expire_log(self) -> None:
-        if self._expired_at == self._now:
-            return
-        self._expired_at = self._now
+        now = self._expired_at = self._now
         log = self._sent_log
-        horizon = self._now - self.config.interval
-        while log and log[0][0] <= horizon:
-            _, n, content = log.popleft()
+        if not log:
+            return
+        horizon = now - self.config.interval
+        if log[0][0] > horizon:
+            return
+        gone = 0
+        for t, n, content in log:
+            if t > horizon:
+                break
+            gone += 1
             self._spent -= n
             if content:
                 self._spent_content -= n
+        del log[:gone]
 
     def _budget_room(self, b: Builder, bulk: bool | int = False) -> int:
         """Payload bytes one more section of ``b`` may still take: datagram room, and the
@@ -1194,7 +1201,8 @@ class Gossip:
             elif self.cache.entries[key].home:
                 self._page_fill = self.round  # an old home record we lacked: still syncing
             self._suspects.pop(key, None)
-            self._drain_dropped()
+            if self.cache.dropped:
+                self._drain_dropped()
             if self.config.emit_peer_events:
                 if res == "added":
                     self._events.append(PeerAdded(rec))
@@ -1330,7 +1338,10 @@ class Gossip:
         low: list[bytes] = []
         push: list[NodeRecord] = []
         claims: list[tuple[bytes, int]] = []
-        if m.page is not None and id_group(sender, cfg.group_bits) == self.my_group:
+        same_group = (e.group if e is not None else id_group(sender, cfg.group_bits)) == (
+            self.my_group
+        )
+        if m.page is not None and same_group:
             page = m.page
             if not (
                 page[2] & wire.PAGE_COMPLETE
@@ -1341,25 +1352,23 @@ class Gossip:
             self._want_from(m.home_have, want, now, high=True)
         if m.have:
             self._want_from(m.have, want, now, high=False, low=low)
-        for asks, stype in ((want, Sec.WANT), (low, Sec.WANT_LOW)):
-            if asks:
-                payload = b"".join(asks)
-                if len(payload) <= self._budget_room(reply):  # never at the ack's price
-                    reply.add(stype, payload)
-                else:
-                    for k in asks:
-                        self._inflight.pop(k, None)
+        if want or low:
+            for asks, stype in ((want, Sec.WANT), (low, Sec.WANT_LOW)):
+                if asks:
+                    payload = b"".join(asks)
+                    if len(payload) <= self._budget_room(reply):  # never at the ack's price
+                        reply.add(stype, payload)
+                    else:
+                        for k in asks:
+                            self._inflight.pop(k, None)
         # their wants first (what they need before what merely interests them), then repairs
-        for keys, reserve in ((m.want, 0), (m.want_low, cfg.low_reserve)):
-            for k in keys:
-                e2 = cache.entries.get(k)
-                if e2 is not None and not self._add_record(reply, e2.record, reserve):
-                    break
-        if (
-            m.summary is not None
-            and m.page is None
-            and id_group(sender, cfg.group_bits) == self.my_group
-        ):
+        if m.want or m.want_low:
+            for keys, reserve in ((m.want, 0), (m.want_low, cfg.low_reserve)):
+                for k in keys:
+                    e2 = cache.entries.get(k)
+                    if e2 is not None and not self._add_record(reply, e2.record, reserve):
+                        break
+        if m.summary is not None and m.page is None and same_group:
             self._answer_summary(reply, m.summary)
         for i, rec in enumerate(push):  # anti-entropy repairs and newcomers' catch-up: bulk
             if not self._add_record(reply, rec, bulk=True):
