@@ -245,12 +245,17 @@ class SimPairKeys:
     ``ids`` may be shared by all simulated nodes (public key -> (its hash as an integer, its
     record key): pure functions of the key)."""
 
+    __slots__ = ("_last", "_last_pk", "_mask", "ids", "public_key")
+
     def __init__(
         self, identity: NodeIdentity, ids: dict[bytes, tuple[int, bytes]] | None = None
     ) -> None:
         self.public_key = identity.public_key
         self.ids = ids if ids is not None else {}
         self._mask = self._entry(identity.public_key)[0]
+        self._last_pk: bytes | None = None
+        self._last: tuple[bytes, bytes] = (b"", b"")
+        """The last answer: a reply goes to the key just received from (the same object)."""
 
     def _entry(self, public_key: bytes) -> tuple[int, bytes]:
         v = self.ids.get(public_key)
@@ -264,8 +269,13 @@ class SimPairKeys:
 
     def get(self, public_key: bytes) -> tuple[bytes, bytes] | None:
         """Always computable (a 64-bit key: the MAC costs the same, the XOR less)."""
+        if public_key is self._last_pk:
+            return self._last
         v = self.ids.get(public_key) or self._entry(public_key)
-        return ((v[0] ^ self._mask).to_bytes(8, "big"), v[1])
+        out = ((v[0] ^ self._mask).to_bytes(8, "big"), v[1])
+        self._last_pk = public_key
+        self._last = out
+        return out
 
     def derive(self, public_key: bytes) -> tuple[bytes, bytes]:
         """XOR of the two keys' hashes (symmetric)."""
@@ -893,7 +903,7 @@ class Gossip:
                         sub_bits, self.cache.home_summary(sub_bits)))
             else:  # a newcomer shows its pages: the partner pushes what it lacks, as bulk
                 paged = self._add_page(b)
-        self._add_rumours(b, pkey)
+        self._add_rumours(b, pkey, pgroup)
         if self._send(b, partner, now):
             self._pending[nonce] = _Pending(pkey, now, "sync", addr)
             if paged:
@@ -981,15 +991,15 @@ class Gossip:
             b.add(Sec.PAGE, wire.encode_page(sub_bits, index, False, part))
         return False
 
-    def _add_rumours(self, b: Builder, partner: bytes) -> None:
+    def _add_rumours(self, b: Builder, partner: bytes, pgroup: int) -> None:
         """HAVE and DEAD digests, newest first, each sent a bounded number of times.
 
         Digests of records homed in the partner's group go in HOME_HAVE, which the partner
         fetches first; a partner in our own group first hears what changed in the group.
-        That keeps home groups complete while global rumours compete for the budget."""
+        That keeps home groups complete while global rumours compete for the budget.
+        ``pgroup`` is the partner's group (the callers know it already)."""
         cfg = self.config
         bits = cfg.group_bits
-        pgroup = id_group(partner, bits)
         room = min(cfg.max_have, self._budget_room(b) // wire.DIGEST_SIZE - 2)
         if room <= 0:
             return
@@ -1338,9 +1348,8 @@ class Gossip:
         low: list[bytes] = []
         push: list[NodeRecord] = []
         claims: list[tuple[bytes, int]] = []
-        same_group = (e.group if e is not None else id_group(sender, cfg.group_bits)) == (
-            self.my_group
-        )
+        sender_group = e.group if e is not None else id_group(sender, cfg.group_bits)
+        same_group = sender_group == self.my_group
         if m.page is not None and same_group:
             page = m.page
             if not (
@@ -1388,7 +1397,7 @@ class Gossip:
         if m.dead:
             self._on_dead(m.dead, sender, now)
         if m.pings:
-            self._add_rumours(reply, sender)
+            self._add_rumours(reply, sender, sender_group)
         if reply:
             self._send_to(reply, pk, addr, now)
 

@@ -383,6 +383,7 @@ class Simulation:
         push = heapq.heappush
         pop = heapq.heappop
         hook = self.on_deliver
+        side = self.side  # partitions change between rounds, not within one
         seq = self.seq
         due = self.timers
         later = [x for x in due if x[0] >= t_end]
@@ -425,7 +426,7 @@ class Simulation:
             out = g._out
             if out:
                 g._out = []
-                side = self.side
+                src_addr = node.addr
                 for d, dst in out:
                     sent[i] += len(d)
                     dgrams[i] += 1
@@ -435,7 +436,7 @@ class Simulation:
                     if side is not None and side[i] != side[j]:
                         continue
                     seq += 1
-                    push(heap, (t + lat_min + rnd() * lat_span, seq, j, d, node.addr))
+                    push(heap, (t + lat_min + rnd() * lat_span, seq, j, d, src_addr))
             nt = g.next_round
             if g._lookups:
                 nt = g.get_timer()
