@@ -17,7 +17,7 @@ import hashlib
 import ipaddress
 import struct
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 MAX_DATAGRAM = 1200
 MAGIC_AUTH = 0xF1
@@ -92,30 +92,36 @@ class Lookup:
     """Only a member of the key's home group may answer (not a cache): finds members."""
 
 
+_NONE: list[Any] = []
+"""Every absent list section of a :class:`Message` (read only)."""
+
+
 class Message:
     """A parsed datagram body: every section, grouped by type.
 
-    Absent sections read as empty (shared immutable defaults, so parsing a small datagram
-    allocates little); the parser gives a field its own list when a section appears."""
+    Absent sections read as empty (one shared, never appended-to empty list, so parsing a
+    small datagram allocates little); the parser gives a field its own list when a section
+    appears (and tells by identity with that list, without the instance's ``__dict__``,
+    which would cost every later attribute read a dictionary lookup)."""
 
-    pings: list[int] = []  # noqa: RUF012 - read-only defaults, replaced before any append
-    acks: list[int] = []  # noqa: RUF012
+    pings: list[int] = _NONE
+    acks: list[int] = _NONE
     need: bytes | None = None
-    need_home: list[int] = []  # noqa: RUF012
+    need_home: list[int] = _NONE
     page: tuple[int, int, int, list[tuple[bytes, int]]] | None = None
     page_raw: bytes = b""
     """The page's digests as sent (an in-sync page is recognised by these bytes alone)."""
     summary: tuple[int, bytes] | None = None
     """(sub_bits, the slices' u32 hashes as sent): compared with ours as bytes."""
-    have: list[tuple[bytes, int]] = []  # noqa: RUF012
-    home_have: list[tuple[bytes, int]] = []  # noqa: RUF012
-    want: list[bytes] = []  # noqa: RUF012
-    want_low: list[bytes] = []  # noqa: RUF012
-    records: list[bytes] = []  # noqa: RUF012
-    relays: list[bytes] = []  # noqa: RUF012
-    dead: list[tuple[bytes, int]] = []  # noqa: RUF012
-    lookups: list[Lookup] = []  # noqa: RUF012
-    answers: list[tuple[int, int]] = []  # noqa: RUF012
+    have: list[tuple[bytes, int]] = _NONE
+    home_have: list[tuple[bytes, int]] = _NONE
+    want: list[bytes] = _NONE
+    want_low: list[bytes] = _NONE
+    records: list[bytes] = _NONE
+    relays: list[bytes] = _NONE
+    dead: list[tuple[bytes, int]] = _NONE
+    lookups: list[Lookup] = _NONE
+    answers: list[tuple[int, int]] = _NONE
     hello: int | None = None
 
 
@@ -195,7 +201,6 @@ _U32_UNPACK = _U32.unpack
 def parse(data: bytes, start: int, end: int) -> Message:
     """Parse the sections in ``data[start:end]``."""
     m = Message()
-    d = m.__dict__
     off = start
     unpack = _SECTION_UNPACK
     try:
@@ -210,29 +215,29 @@ def parse(data: bytes, start: int, end: int) -> Message:
             p = data[off:nxt]
             off = nxt
             if stype == _RECORD:
-                if "records" not in d:
-                    d["records"] = [p]
+                if m.records is _NONE:
+                    m.records = [p]
                 else:
                     m.records.append(p)
             elif stype == _PING:
                 if size != 4:
                     raise WireError("ping")
-                if "pings" not in d:
-                    d["pings"] = []
+                if m.pings is _NONE:
+                    m.pings = []
                 m.pings.append(_U32_UNPACK(p)[0])
             elif stype == _ACK:
                 if size != 4:
                     raise WireError("ack")
-                if "acks" not in d:
-                    d["acks"] = []
+                if m.acks is _NONE:
+                    m.acks = []
                 m.acks.append(_U32_UNPACK(p)[0])
             elif stype == _HAVE:
-                if "have" not in d:
-                    d["have"] = []
+                if m.have is _NONE:
+                    m.have = []
                 m.have.extend(_digests(p))
             elif stype == _HOME_HAVE:
-                if "home_have" not in d:
-                    d["home_have"] = []
+                if m.home_have is _NONE:
+                    m.home_have = []
                 m.home_have.extend(_digests(p))
             elif stype == _SUMMARY:
                 if size < 1 or m.summary is not None:
@@ -244,10 +249,11 @@ def parse(data: bytes, start: int, end: int) -> Message:
             elif stype in _WANTS:
                 if size % 8:
                     raise WireError("want")
-                field = "want" if stype == _WANT else "want_low"
-                if field not in d:
-                    d[field] = []
-                d[field].extend(p[i : i + 8] for i in range(0, size, 8))
+                keys = [p[i : i + 8] for i in range(0, size, 8)]
+                if stype == _WANT:
+                    m.want = keys if m.want is _NONE else m.want + keys
+                else:
+                    m.want_low = keys if m.want_low is _NONE else m.want_low + keys
             elif stype == _PAGE_T:
                 if size < 3 or m.page is not None:
                     raise WireError("page")
@@ -261,28 +267,28 @@ def parse(data: bytes, start: int, end: int) -> Message:
                     raise WireError("need")
                 m.need = p
             elif stype == _DEAD:
-                if "dead" not in d:
-                    d["dead"] = []
+                if m.dead is _NONE:
+                    m.dead = []
                 m.dead.extend(_digests(p))
             elif stype == _NEED_HOME:
                 if size % 2 or size > 32:
                     raise WireError("need_home")
-                d["need_home"] = [
+                m.need_home = [
                     int.from_bytes(p[i : i + 2], "big") for i in range(0, size, 2)
                 ]
             elif stype == _RELAY:
-                if "relays" not in d:
-                    d["relays"] = []
+                if m.relays is _NONE:
+                    m.relays = []
                 m.relays.append(p)
             elif stype == _LOOKUP_T:
-                if "lookups" not in d:
-                    d["lookups"] = []
+                if m.lookups is _NONE:
+                    m.lookups = []
                 m.lookups.append(_lookup(p))
             elif stype == _ANSWER_T:
                 if size != _ANSWER.size:
                     raise WireError("answer")
-                if "answers" not in d:
-                    d["answers"] = []
+                if m.answers is _NONE:
+                    m.answers = []
                 m.answers.append(_ANSWER.unpack(p))
             elif stype == _HELLO:
                 if size != 4:
