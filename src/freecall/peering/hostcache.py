@@ -21,7 +21,7 @@ import ipaddress
 import json
 import os
 import random
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from itertools import repeat
 
@@ -241,9 +241,8 @@ class HostCache:
         if p.by_group is not None:
             for g, ks in p.by_group:
                 members[g].extend(ks)
-        else:
-            for k, g in zip(p.keys, p.groups, strict=True):
-                members[g].append(k)
+        else:  # members[g].append(k) for each key, in order, without a bytecode per key
+            deque(map(list.append, map(members.__getitem__, p.groups), p.keys), maxlen=0)
         homes = sum(p.homes)
         fine_hash = self._fine_hash
         if p.fine is not None:

@@ -288,8 +288,14 @@ class Simulation:
                     keys += ks[st : st + c]
                     recs += rs[st : st + c]
                     grps += gl
-            if len(set(keys)) != len(keys) or not entries.keys().isdisjoint(keys):
-                # a group smaller than c, or a contact homed here (the template has it)
+            if len(set(keys)) == len(keys):
+                # contacts homed here (the template has them): about two per node, found by
+                # a set intersection and dropped by index, not by a pass over every contact
+                for k in entries.keys() & keys:
+                    j = keys.index(k)
+                    del keys[j], recs[j], grps[j]
+            else:
+                # a group smaller than c: keep each contact's first place
                 seen = set(entries)
                 sel = []
                 for j, k in enumerate(keys):
