@@ -79,11 +79,17 @@ def _group_key(key: str, bits: int) -> int | None:
     return int(tail)
 
 _MAC_PERSON = b"fc-gossip-mac-v1"
+_HEADER_SIZE = wire.HEADER.size
+_HEADER_UNPACK = wire.HEADER.unpack_from
+_MAC_SIZE = wire.MAC_SIZE
+_ROOM_USED = UDP_IP_OVERHEAD + wire.SECTION.size
+_blake2b = hashlib.blake2b
+_compare_digest = hmac.compare_digest
 _BITS = [tuple(j for j in range(8) if byte & (0x80 >> j)) for byte in range(256)]
 """Bits set in a byte, most significant first (NEED bitmaps)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class GossipConfig:
     """Tunables (docs/peering.md explains each). ``group_bits`` must be the same on every
     node of a mesh: about log2(sqrt(nodes)), so 6 for a few thousand nodes, 7 for 10,000."""
@@ -242,12 +248,17 @@ class SimPairKeys:
     ``ids`` may be shared by all simulated nodes (public key -> (its hash as an integer, its
     record key): pure functions of the key)."""
 
+    __slots__ = ("_last", "_last_pk", "_mask", "ids", "public_key")
+
     def __init__(
         self, identity: NodeIdentity, ids: dict[bytes, tuple[int, bytes]] | None = None
     ) -> None:
         self.public_key = identity.public_key
         self.ids = ids if ids is not None else {}
         self._mask = self._entry(identity.public_key)[0]
+        self._last_pk: bytes | None = None
+        self._last: tuple[bytes, bytes] = (b"", b"")
+        """The last answer: a reply goes to the key just received from (the same object)."""
 
     def _entry(self, public_key: bytes) -> tuple[int, bytes]:
         v = self.ids.get(public_key)
@@ -261,8 +272,13 @@ class SimPairKeys:
 
     def get(self, public_key: bytes) -> tuple[bytes, bytes] | None:
         """Always computable (a 64-bit key: the MAC costs the same, the XOR less)."""
+        if public_key is self._last_pk:
+            return self._last
         v = self.ids.get(public_key) or self._entry(public_key)
-        return ((v[0] ^ self._mask).to_bytes(8, "big"), v[1])
+        out = ((v[0] ^ self._mask).to_bytes(8, "big"), v[1])
+        self._last_pk = public_key
+        self._last = out
+        return out
 
     def derive(self, public_key: bytes) -> tuple[bytes, bytes]:
         """XOR of the two keys' hashes (symmetric)."""
@@ -305,6 +321,21 @@ class _Seed:
 class Gossip:
     """One node's gossip engine (see the module docstring for the protocol)."""
 
+    # fixed attributes: ~70 of them is past what CPython shares as an instance-dict key
+    # table (30), so without slots every node carried its own dict and every access hashed
+    __slots__ = (
+        "_acks", "_addresses", "_backlog", "_bans", "_changed", "_claimers", "_claims",
+        "_confirmed", "_dead", "_deaf", "_events", "_expired_at", "_extensions", "_false_claims",
+        "_flags", "_group_search", "_hello_left", "_hot", "_hot_home", "_inflight", "_keys_left",
+        "_lookups", "_low_keys", "_missing", "_need", "_need_src", "_news", "_now", "_out",
+        "_page_fill", "_page_turn", "_pending", "_pk", "_publish_due", "_publish_wait", "_refuted",
+        "_relay_seen", "_relays_left", "_republish_at", "_revive", "_routes", "_seed_next",
+        "_seed_turn", "_seed_wait", "_seeds", "_sent_log", "_settled_at", "_spent",
+        "_spent_content", "_suspects", "_wanted", "_wanted_low", "_withdraw", "cache", "codec",
+        "config", "identity", "key", "keys", "local", "my_group", "next_round", "rng", "round",
+        "rx_bytes", "rx_datagrams", "stats", "tx_bytes", "tx_datagrams"
+    )
+
     def __init__(
         self,
         identity: NodeIdentity,
@@ -322,6 +353,7 @@ class Gossip:
         settled: bool = False,
     ) -> None:
         self.identity = identity
+        self._pk = identity.public_key
         self.config = cfg = config or GossipConfig()
         self.rng = rng
         self.key = identity.key
@@ -382,7 +414,7 @@ class Gossip:
         self._page_turn = rng.getrandbits(6)  # next anti-entropy slice (taken in turn)
         self._spent = 0  # wire bytes sent in the last interval (all datagrams)
         self._spent_content = 0  # of which datagrams carrying records or digests
-        self._sent_log: deque[tuple[float, int, bool]] = deque()
+        self._sent_log: list[tuple[float, int, bool]] = []  # a deque is 10x the memory
         self._expired_at = -1.0
         self._now = now
         self._wanted = 0
@@ -488,20 +520,29 @@ class Gossip:
         """Handle one datagram. Anything malformed, unauthenticated or replayed is dropped."""
         self._now = now
         self.rx_datagrams += 1
-        self.rx_bytes += len(data)
-        try:
-            magic, pk, ts = wire.split(data)
-        except wire.WireError:
+        n = len(data)
+        self.rx_bytes += n
+        # wire.split and wire.mac inline (every datagram takes this path)
+        if n > wire.MAX_DATAGRAM or n < _HEADER_SIZE:
+            self._count("drop_malformed")
+            return
+        magic, pk, ts = _HEADER_UNPACK(data, 0)
+        if magic == wire.MAGIC_AUTH:
+            if n < wire.OVERHEAD:
+                self._count("drop_malformed")
+                return
+        elif magic != wire.MAGIC_HELLO:
             self._count("drop_malformed")
             return
         cfg = self.config
-        if pk == self.identity.public_key:
+        if pk == self._pk:
             self._count("drop_self")
             return
         if abs(ts - now) > cfg.clock_skew:
             self._count("drop_clock")
             return
-        src = addr[0] if ":" not in addr[0] else source_of(addr[0])
+        host = addr[0]
+        src = host if ":" not in host else source_of(host)
         if self._bans and self._banned(pk, src, now):
             self._count("drop_banned")
             return
@@ -520,15 +561,16 @@ class Gossip:
                 self._count("drop_badkey")
                 return
         mac_key, sender = keys
-        body_end = len(data) - wire.MAC_SIZE
-        if not hmac.compare_digest(wire.mac(mac_key, data[:body_end]), data[body_end:]):
+        body_end = n - _MAC_SIZE
+        tag = _blake2b(data[:body_end], key=mac_key, digest_size=_MAC_SIZE).digest()
+        if not _compare_digest(tag, data[body_end:]):
             self._count("drop_badmac")
             return
         if self._bans and self._banned(sender, src, now):
             self._count("drop_banned")
             return
         try:
-            m = wire.parse(data, wire.HEADER.size, body_end)
+            m = wire.parse(data, _HEADER_SIZE, body_end)
         except wire.WireError:
             self._count("drop_malformed")
             return
@@ -697,7 +739,7 @@ class Gossip:
         partner = self._choose_partner(now)
         if partner is not None:
             self._send_sync(partner, now)
-        if len(self.cache) < cfg.bootstrap_min and self._seeds:
+        if self._seeds and len(self.cache.entries) < cfg.bootstrap_min:
             # (nearly) alone: ask a seed, backing off (up to 3 rounds) so a crowd of
             # newcomers does not drown it; two newcomers that only know each other keep asking
             if self.round >= self._seed_next:
@@ -728,7 +770,7 @@ class Gossip:
                     if claimer is not None:
                         self._claims[key] = claimer
         # a peer still has a node we buried: ask that node ourselves (it answers: restored)
-        for _ in range(min(cfg.probe_cap, len(self._revive))):
+        for _ in range(min(cfg.probe_cap, len(self._revive)) if self._revive else 0):
             key = next(iter(self._revive))
             del self._revive[key]
             tomb = self.cache.tombs.get(key)
@@ -740,9 +782,10 @@ class Gossip:
             b.add(Sec.PING, wire.encode_u32(nonce))
             if self._send(b, tomb.record, now):
                 self._pending[nonce] = _Pending(None, now, "revive", addr)
-        if self.round >= self._publish_due and len(self.cache) > 1:
+        if self.round >= self._publish_due and len(self.cache.entries) > 1:
             self._publish(now)
-        self._drain_dropped()
+        if self.cache.dropped:
+            self._drain_dropped()
 
     def _choose_partner(self, now: float) -> NodeRecord | None:
         cfg = self.config
@@ -769,7 +812,7 @@ class Gossip:
 
     def _pick(self, group: int) -> NodeRecord | None:
         """A random usable member of ``group`` (a few tries)."""
-        pool = self.cache.members_list(group)
+        pool = self.cache.members[group]
         n = len(pool)
         if not n:
             return None
@@ -894,7 +937,7 @@ class Gossip:
                         sub_bits, self.cache.home_summary(sub_bits)))
             else:  # a newcomer shows its pages: the partner pushes what it lacks, as bulk
                 paged = self._add_page(b)
-        self._add_rumours(b, pkey)
+        self._add_rumours(b, pkey, pgroup)
         if self._send(b, partner, now):
             self._pending[nonce] = _Pending(pkey, now, "sync", addr)
             if paged:
@@ -982,15 +1025,15 @@ class Gossip:
             b.add(Sec.PAGE, wire.encode_page(sub_bits, index, False, part))
         return False
 
-    def _add_rumours(self, b: Builder, partner: bytes) -> None:
+    def _add_rumours(self, b: Builder, partner: bytes, pgroup: int) -> None:
         """HAVE and DEAD digests, newest first, each sent a bounded number of times.
 
         Digests of records homed in the partner's group go in HOME_HAVE, which the partner
         fetches first; a partner in our own group first hears what changed in the group.
-        That keeps home groups complete while global rumours compete for the budget."""
+        That keeps home groups complete while global rumours compete for the budget.
+        ``pgroup`` is the partner's group (the callers know it already)."""
         cfg = self.config
         bits = cfg.group_bits
-        pgroup = id_group(partner, bits)
         room = min(cfg.max_have, self._budget_room(b) // wire.DIGEST_SIZE - 2)
         if room <= 0:
             return
@@ -1050,16 +1093,22 @@ class Gossip:
             del table[k]
 
     def _expire_log(self) -> None:
-        if self._expired_at == self._now:
-            return
-        self._expired_at = self._now
+        now = self._expired_at = self._now
         log = self._sent_log
-        horizon = self._now - self.config.interval
-        while log and log[0][0] <= horizon:
-            _, n, content = log.popleft()
+        if not log:
+            return
+        horizon = now - self.config.interval
+        if log[0][0] > horizon:
+            return
+        gone = 0
+        for t, n, content in log:
+            if t > horizon:
+                break
+            gone += 1
             self._spent -= n
             if content:
                 self._spent_content -= n
+        del log[:gone]
 
     def _budget_room(self, b: Builder, bulk: bool | int = False) -> int:
         """Payload bytes one more section of ``b`` may still take: datagram room, and the
@@ -1069,13 +1118,14 @@ class Gossip:
         if self._expired_at != self._now:
             self._expire_log()
         cfg = self.config
-        used = b.size + UDP_IP_OVERHEAD + wire.SECTION.size
+        size = b.size
+        used = size + _ROOM_USED
         reserve = bulk if not isinstance(bulk, bool) else cfg.bulk_reserve if bulk else 0
-        floor = cfg.control_reserve + reserve
+        budget = cfg.send_budget
         return min(
-            b.room(),
-            cfg.send_budget - floor - self._spent_content - used,
-            cfg.send_budget - self._spent - used,
+            b.limit - size - 3,  # b.room()
+            budget - cfg.control_reserve - reserve - self._spent_content - used,
+            budget - self._spent - used,
         )
 
     # -- sending ---------------------------------------------------------------------------
@@ -1115,7 +1165,7 @@ class Gossip:
                 keys = self.keys.derive(pk)
             except RecordError:
                 return False
-        return self._emit(b.finish(self.identity.public_key, int(now), keys[0]), addr, b.content)
+        return self._emit(b.finish(self._pk, int(now), keys[0]), addr, b.content)
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -1195,7 +1245,8 @@ class Gossip:
             elif self.cache.entries[key].home:
                 self._page_fill = self.round  # an old home record we lacked: still syncing
             self._suspects.pop(key, None)
-            self._drain_dropped()
+            if self.cache.dropped:
+                self._drain_dropped()
             if self.config.emit_peer_events:
                 if res == "added":
                     self._events.append(PeerAdded(rec))
@@ -1331,7 +1382,9 @@ class Gossip:
         low: list[bytes] = []
         push: list[NodeRecord] = []
         claims: list[tuple[bytes, int]] = []
-        if m.page is not None and id_group(sender, cfg.group_bits) == self.my_group:
+        sender_group = e.group if e is not None else id_group(sender, cfg.group_bits)
+        same_group = sender_group == self.my_group
+        if m.page is not None and same_group:
             page = m.page
             if not (
                 page[2] & wire.PAGE_COMPLETE
@@ -1342,25 +1395,23 @@ class Gossip:
             self._want_from(m.home_have, want, now, high=True)
         if m.have:
             self._want_from(m.have, want, now, high=False, low=low)
-        for asks, stype in ((want, Sec.WANT), (low, Sec.WANT_LOW)):
-            if asks:
-                payload = b"".join(asks)
-                if len(payload) <= self._budget_room(reply):  # never at the ack's price
-                    reply.add(stype, payload)
-                else:
-                    for k in asks:
-                        self._inflight.pop(k, None)
+        if want or low:
+            for asks, stype in ((want, Sec.WANT), (low, Sec.WANT_LOW)):
+                if asks:
+                    payload = b"".join(asks)
+                    if len(payload) <= self._budget_room(reply):  # never at the ack's price
+                        reply.add(stype, payload)
+                    else:
+                        for k in asks:
+                            self._inflight.pop(k, None)
         # their wants first (what they need before what merely interests them), then repairs
-        for keys, reserve in ((m.want, 0), (m.want_low, cfg.low_reserve)):
-            for k in keys:
-                e2 = cache.entries.get(k)
-                if e2 is not None and not self._add_record(reply, e2.record, reserve):
-                    break
-        if (
-            m.summary is not None
-            and m.page is None
-            and id_group(sender, cfg.group_bits) == self.my_group
-        ):
+        if m.want or m.want_low:
+            for keys, reserve in ((m.want, 0), (m.want_low, cfg.low_reserve)):
+                for k in keys:
+                    e2 = cache.entries.get(k)
+                    if e2 is not None and not self._add_record(reply, e2.record, reserve):
+                        break
+        if m.summary is not None and m.page is None and same_group:
             self._answer_summary(reply, m.summary)
         for i, rec in enumerate(push):  # anti-entropy repairs and newcomers' catch-up: bulk
             if not self._add_record(reply, rec, bulk=True):
@@ -1380,7 +1431,7 @@ class Gossip:
         if m.dead:
             self._on_dead(m.dead, sender, now)
         if m.pings:
-            self._add_rumours(reply, sender)
+            self._add_rumours(reply, sender, sender_group)
         if reply and not self._send_to(reply, pk, addr, now) and m.pings and reply.content:
             # Liveness is never the price of content: a reply the budget refused still
             # acknowledges (an unanswered ping counts towards declaring us dead, SWIM's

@@ -21,7 +21,7 @@ import ipaddress
 import json
 import os
 import random
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from itertools import repeat
 
@@ -88,7 +88,7 @@ class Prepared:
     homes: list[bool]
     groups: list[int]
     expiry: float
-    by_group: list[tuple[int, dict[bytes, None]]] | None = None
+    by_group: list[tuple[int, list[bytes]]] | None = None
     """Keys by group (filled by :meth:`HostCache.prepare` for templates loaded many times)."""
     fine: list[tuple[int, dict[bytes, int]]] | None = None
     """Home records' key -> seq by anti-entropy bucket (likewise)."""
@@ -124,6 +124,14 @@ class HostCache:
     With ``my_group=None`` every record is an ordinary cache entry.
     """
 
+    __slots__ = (
+        "_by_route", "_fine_hash", "_keys_memo", "_need",
+        "_need_dirty", "_page_bytes", "_page_sets", "_pages", "_summaries", "by_source",
+        "capacity", "contacts_min", "counters", "dropped", "entries", "group_bits",
+        "home_count", "home_fine", "home_version", "max_tombs", "members", "my_group",
+        "next_expiry", "protected", "rng", "source_quota", "tombs", "version"
+    )
+
     def __init__(
         self,
         *,
@@ -146,9 +154,11 @@ class HostCache:
         self.max_tombs = max_tombs
         self.entries: dict[bytes, CacheEntry] = {}
         self._by_route: dict[str, list[bytes]] | None = None  # built on first lookup
-        self.members: list[dict[bytes, None]] = [{} for _ in range(1 << group_bits)]
-        """Cached nodes by their own group (dicts, not sets: iteration order must not depend on
-        hash seeds, or simulations would not repeat)."""
+        self.members: list[list[bytes]] = [[] for _ in range(1 << group_bits)]
+        """Keys of cached nodes by their own group, in insertion order (lists, not sets:
+        iteration order must not depend on hash seeds, or simulations would not repeat; not
+        dicts either: a node holds 2**group_bits of them, mostly of two or three keys, and a
+        list is a third of the memory and sampled at random without a copy)."""
         self.home_fine: list[dict[bytes, int]] = [{} for _ in range(FINE_BUCKETS)]
         """Home records by anti-entropy bucket: key -> seq (pages are built from this)."""
         self.home_count = 0
@@ -172,8 +182,6 @@ class HostCache:
         self._need: tuple[int, bytes] = (-1, b"")
         self._need_dirty = True
         self._keys_memo: tuple[int, list[bytes]] = (-1, [])
-        self._members_memo: dict[int, tuple[int, list[bytes]]] = {}
-        self._members_ver = [0] * (1 << group_bits)
 
     def set_group(self, my_group: int | None) -> None:
         """Place this cache's node in a group; home flags and indexes follow."""
@@ -195,10 +203,10 @@ class HostCache:
         keys = [r.key for r in records]
         homes = [my_group is not None and my_group in r.homes(bits) for r in records]
         groups = [int.from_bytes(k[:4], "big") >> shift for k in keys]
-        by_group: dict[int, dict[bytes, None]] = {}
+        by_group: dict[int, list[bytes]] = {}
         fine: dict[int, dict[bytes, int]] = {}
         for k, g, h, r in zip(keys, groups, homes, records, strict=True):
-            by_group.setdefault(g, {})[k] = None
+            by_group.setdefault(g, []).append(k)
             if h:
                 fine.setdefault(k[7] & 63, {})[k] = r.seq
         return Prepared(
@@ -230,16 +238,11 @@ class HostCache:
         members = self.members
         home_fine = self.home_fine
         self._need_dirty = True
-        mver = self._members_ver
         if p.by_group is not None:
             for g, ks in p.by_group:
-                members[g].update(ks)
-                mver[g] += 1
-        else:
-            for k, g in zip(p.keys, p.groups, strict=True):
-                members[g][k] = None
-            for g in set(p.groups):
-                mver[g] += 1
+                members[g].extend(ks)
+        else:  # members[g].append(k) for each key, in order, without a bytecode per key
+            deque(map(list.append, map(members.__getitem__, p.groups), p.keys), maxlen=0)
         homes = sum(p.homes)
         fine_hash = self._fine_hash
         if p.fine is not None:
@@ -356,12 +359,8 @@ class HostCache:
         return memo[1]
 
     def members_list(self, group: int) -> list[bytes]:
-        """Keys of a group's members as a list, rebuilt only when that group changed."""
-        ver = self._members_ver[group]
-        memo = self._members_memo.get(group)
-        if memo is None or memo[0] != ver:
-            memo = self._members_memo[group] = (ver, list(self.members[group]))
-        return memo[1]
+        """Keys of a group's members (the cache's own list: read only)."""
+        return self.members[group]
 
     def home_page(self, sub_bits: int, index: int) -> list[tuple[bytes, int]]:
         """(key, seq) of the home records in one anti-entropy page (fine buckets in range);
@@ -511,8 +510,7 @@ class HostCache:
                 else:
                     lst.append(key)
         ms = self.members[e.group]
-        ms[key] = None
-        self._members_ver[e.group] += 1
+        ms.append(key)  # absent: members hold exactly the entries' keys
         n, cmin = len(ms), self.contacts_min
         if n == cmin or (n == cmin + 1 and e.group == self.my_group):  # crossed upwards
             self._need_dirty = True
@@ -543,8 +541,7 @@ class HostCache:
                     if not lst:
                         del idx[r]
         ms = self.members[e.group]
-        ms.pop(key, None)
-        self._members_ver[e.group] += 1
+        ms.remove(key)  # O(group size), but removals are rare next to reads
         n, cmin = len(ms), self.contacts_min
         if n == cmin - 1 or (n == cmin and e.group == self.my_group):  # crossed downwards
             self._need_dirty = True

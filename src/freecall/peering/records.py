@@ -16,7 +16,6 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import IntEnum
-from functools import cached_property
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -274,43 +273,46 @@ class NodeRecord:
     signature: bytes
     raw: bytes = field(repr=False)
 
-    @cached_property
-    def node_id(self) -> bytes:
-        """128-bit node id derived from the public key."""
-        return node_id_of(self.public_key)
+    node_id: bytes = field(init=False, repr=False, compare=False)
+    """128-bit node id derived from the public key."""
+    key: bytes = field(init=False, repr=False, compare=False)
+    """8-byte internal key (prefix of the node id)."""
+    route_hashes: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    """32-bit hash of every route."""
+    gossip_addr: tuple[str, int] | None = field(init=False, repr=False, compare=False)
+    """Where this node takes gossip datagrams (its first GOSSIP address)."""
+    _homes: tuple[int, frozenset[int]] | None = field(init=False, repr=False, compare=False)
 
-    @cached_property
-    def key(self) -> bytes:
-        """8-byte internal key (prefix of the node id)."""
-        return self.node_id[:KEY_SIZE]
-
-    @cached_property
-    def route_hashes(self) -> tuple[int, ...]:
-        """32-bit hash of every route, computed once per record."""
-        return tuple(route_hash(r) for r in self.routes)
+    def __post_init__(self) -> None:
+        # Derived once, at decoding (a record is decoded once per distinct encoding), as
+        # plain attributes: gossip reads key and gossip_addr on every datagram, and a
+        # cached_property is a descriptor lookup on every read, never specialised by 3.11
+        node_id = node_id_of(self.public_key)
+        gossip_addr = None
+        for a in self.addresses:
+            if a.kind == AddrKind.GOSSIP:
+                gossip_addr = (a.host, a.port)
+                break
+        setattr_ = object.__setattr__
+        setattr_(self, "node_id", node_id)
+        setattr_(self, "key", node_id[:KEY_SIZE])
+        setattr_(self, "route_hashes", tuple(route_hash(r) for r in self.routes))
+        setattr_(self, "gossip_addr", gossip_addr)
+        setattr_(self, "_homes", None)
 
     def homes(self, bits: int) -> frozenset[int]:
         """Groups that store this record: the node's own group and each route's home group."""
-        memo = self.__dict__.get("_homes")
+        memo = self._homes
         if memo is not None and memo[0] == bits:
-            out: frozenset[int] = memo[1]
-            return out
+            return memo[1]
         if bits == 0:
             out = frozenset((0,))
         else:
             shift = 32 - bits
             groups = (h >> shift for h in self.route_hashes)
             out = frozenset((id_group(self.node_id, bits), *groups))
-        self.__dict__["_homes"] = (bits, out)  # frozen dataclass: memo outside the fields
+        object.__setattr__(self, "_homes", (bits, out))  # frozen dataclass: a memo
         return out
-
-    @cached_property
-    def gossip_addr(self) -> tuple[str, int] | None:
-        """Where this node takes gossip datagrams (first GOSSIP address; computed once)."""
-        for a in self.addresses:
-            if a.kind == AddrKind.GOSSIP:
-                return (a.host, a.port)
-        return None
 
     def addresses_of(self, kind: int) -> tuple[Address, ...]:
         """Advertised addresses of one kind, in the node's order of preference."""
