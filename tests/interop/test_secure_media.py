@@ -73,9 +73,13 @@ def secure_lines(node: FreecallDaemon) -> list[tuple[str, str]]:
     return [(m.group(1), m.group(2)) for m in re.finditer(SECURE, node.log_text())]
 
 
+@pytest.mark.parametrize("phone_socket", ["per-stream", "shared"])
 def test_a_call_between_two_nodes_is_srtp_on_the_wire_with_one_sas(
-    nodes: Nodes, baresip: Callable[..., Baresip]
+    harness: Harness, baresip: Callable[..., Baresip], phone_socket: str
 ) -> None:
+    """Also with ``media.phone_socket: shared`` (baresip sends from the ports its SDP names,
+    RFC 4961): every softphone leg then goes through the node's one shared port pair."""
+    nodes = static_pair(harness, config={"media": {"phone_socket": phone_socket}})
     capture = Capture(nodes.run_dir / "media.pcap")
     with capture:
         alice = phone(baresip, nodes.a, "alice", USERS_A["alice"], "a.test", 440)
@@ -95,6 +99,14 @@ def test_a_call_between_two_nodes_is_srtp_on_the_wire_with_one_sas(
              and len(p[1]) == 160]
     assert len(plain) > 200, f"only {len(plain)} plain RTP packets on the softphone legs"
     tone_payloads = {payload for _, payload in plain}
+    for node in (nodes.a, nodes.b):
+        first, last = node.media_ports
+        sent = {d.src[1] for d in loop if first <= d.src[1] <= last
+                and rtp_payload(d.payload) is not None}
+        shared = re.search(r"softphone side on one shared port pair (\d+)-", node.log_text())
+        assert (shared is not None) == (phone_socket == "shared"), node.log_text()
+        if shared is not None:  # everything toward the softphone left the shared RTP port
+            assert sent == {int(shared.group(1))}, sent
     # ... and the wire between the nodes ZRTP, then SRTP: never those payloads, never in clear
     media = [d for d in wire if not d.payload.startswith((b"SIP/2.0", b"INVITE", b"ACK", b"BYE"))
              and b"SIP/2.0" not in d.payload]
