@@ -10,6 +10,7 @@ softphone legs (127.0.0.1) and the wire between the nodes (127.0.0.2 <-> 127.0.0
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from harness import Baresip, FreecallDaemon, Harness, Linphonec, assert_tone
 from harness.calls import USERS_A, USERS_B, Nodes, phone, static_pair, talk_and_hang_up
 from harness.daemon import MEDIA_NATIVE
 from harness.pcap import Datagram, udp_datagrams
+from harness.proc import wait_until
 
 SECURE = r"call (\w+): media secure, SAS (\w+) \((B32|B256)\)"
 
@@ -107,6 +109,13 @@ def test_a_call_between_two_nodes_is_srtp_on_the_wire_with_one_sas(
         assert (shared is not None) == (phone_socket == "shared"), node.log_text()
         if shared is not None:  # everything toward the softphone left the shared RTP port
             assert sent == {int(shared.group(1))}, sent
+            # a source no softphone SDP names is dropped and counted
+            before = node.metric("freecall_media_phone_unrouted_total")
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
+                stranger.sendto(bytes(172), ("127.0.0.1", int(shared.group(1))))
+            wait_until(lambda node=node, before=before:  # type: ignore[misc]
+                       node.metric("freecall_media_phone_unrouted_total") == before + 1,
+                       timeout=5)
     # ... and the wire between the nodes ZRTP, then SRTP: never those payloads, never in clear
     media = [d for d in wire if not d.payload.startswith((b"SIP/2.0", b"INVITE", b"ACK", b"BYE"))
              and b"SIP/2.0" not in d.payload]

@@ -84,6 +84,17 @@ Decisions, and why:
   on the Reader's buffer with no Python object made; everything else reaches the endpoint as
   ``(bytes, (host, port))`` as before, so nothing below this line knows which transport
   reads.
+* **One softphone socket for all (opt-in).** With ``phone_socket="shared"``
+  (``media.phone_socket: shared``) the engine binds one loopback RTP/RTCP pair at start and
+  every stream's SDP toward its softphone names it (`_SharedPhone`). A stream claims its
+  softphone's RTP and RTCP addresses as ``set_softphone_target`` learns them (the softphone's
+  own SDP, offer or answer) and gives them up when released; a secure stream's phone->net C
+  hop is also entered in the C reader's routes (``_hop.route_key(source)``), so its packets
+  never reach Python. Toward the softphone, packets leave from the shared socket. A source no
+  stream claims is dropped and counted (``phone_unrouted``): softphones must do symmetric RTP
+  (RFC 4961), and what a softphone sends before its SDP arrived is lost. Without the C reader
+  (``native`` off, or no extension) `_PhoneRouter` routes in Python by the same claims. The
+  network side is unchanged (a pair per stream: latching, ZRTP and ICE are per stream).
 * **Cost.** ``bench/media.py`` measures it against bare forwarders (docs/performance.md). Over
   half the time per packet is the kernel's UDP path; per-call keys and destinations (cold libsrtp
   contexts, one socket per phone) cost about 20 % against one key and one sink, sockets per
@@ -160,6 +171,8 @@ _REPLAY = "replay check failed"
 _DSCP_EF: Final = 0xB8  # RFC 4594 "telephony": Expedited Forwarding, DSCP 46
 _WARNINGS_REPORTED: Final = 5  # per stream; later ones are only counted
 _EARLY_KEPT: Final = 16  # datagrams per socket kept while the stream's sockets are set up
+SHARED_BUFFER: Final = 4 << 20
+"""Socket buffers asked for the shared softphone sockets (the kernel caps them)."""
 _UNROUTED_LOGGED: Final = 10  # unclaimed sources on a shared phone socket logged, then 1 in 1000
 POOL_MAX_AGE: Final = 600.0
 """A pre-gathered stream older than this is replaced rather than used: its NAT mappings and the
@@ -650,10 +663,19 @@ class MediaEngine:
         port, rtp_sock, rtcp_sock = self._bind_pair(host, dscp=False)
         shared = _SharedPhone(port)
         pairs = ((shared.rtp, rtp_sock), (shared.rtcp, rtcp_sock))
+        for sock in (rtp_sock, rtcp_sock):
+            # Every call's packets queue here: a default buffer (about 200 datagrams) overflows
+            # when the loop stalls a few ms at hundreds of calls (bench/media.py lost 2.7 % at
+            # 350). The kernel caps it at net.core.rmem_max / wmem_max.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SHARED_BUFFER)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SHARED_BUFFER)
         if self.native and self.native_reader and NativeDatagramTransport is not None:
             try:
                 for router, sock in pairs:
-                    NativeDatagramTransport(self.loop, sock, router, routes=router.c_routes)
+                    # bigger batches than a stream's own socket: many sources queue here
+                    NativeDatagramTransport(self.loop, sock, router, batch=32, limit=256,
+                                            routes=router.c_routes)
                 return shared
             except NotImplementedError:  # no add_reader (not on Linux loops)
                 pass
