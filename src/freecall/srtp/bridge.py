@@ -548,7 +548,7 @@ class MediaEngine:
         self._shared: _SharedPhone | None = None
         if phone_socket == "shared":
             self._shared = self._open_shared(loopback_host)
-            cap = self._ports.capacity  # one pair per stream, the shared one aside
+            cap = self._ports.capacity - 1  # one pair per stream, the shared one aside
         else:
             cap = self._ports.capacity // 2  # two pairs per stream
         self.max_streams = min(max_streams, cap) if max_streams is not None else cap
