@@ -546,6 +546,7 @@ class MediaEngine:
         self.native = native
         self.native_reader = native_reader
         self._shared: _SharedPhone | None = None
+        self.allocations_failed = 0
         if phone_socket == "shared":
             self._shared = self._open_shared(loopback_host)
             cap = self._ports.capacity - 1  # one pair per stream, the shared one aside
