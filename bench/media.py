@@ -33,6 +33,8 @@ Phases, each with its own warm-up and measured window, the same load generator:
 
 ``bridge-uv`` runs only when named: the C hop called by uvloop's own datagram transports
 (the bridge before its sockets were read in C), to tell what the C readers are worth.
+``bridge-shared`` too: the bridge with ``media.phone_socket: shared`` (one loopback RTP/RTCP
+port pair per engine for every softphone, routed in C by source address).
 Four more forwarders run only when named with ``--only``. Two measure a shared loopback
 socket where everything runs in C: ``fwd-c`` (the bridge's four sockets per call read by C
 readers, C hops and no other logic: the bridge's steady state) and ``fwd-cmux`` (the same with
@@ -334,7 +336,7 @@ def load_main(conn: Connection, calls: int, cpu: int | None) -> None:
 
 def bridge_main(
     conn: Connection, calls: int, cpu: int | None, first_port: int, native: bool,
-    read_in_c: bool = True,
+    read_in_c: bool = True, shared: bool = False,
 ) -> None:
     where = pin(cpu)
     loop = uvloop.new_event_loop()
@@ -350,6 +352,7 @@ def bridge_main(
             rtp_timeout=None,
             native=native,
             native_reader=read_in_c,
+            phone_socket="shared" if shared else "per-stream",
         )
         for k in (0, 1)
     ]
@@ -384,6 +387,12 @@ def bridge_main(
         for s in streams
         for ep in (s._phone_rtp_ep, s._net_rtp_ep, s._phone_rtcp_ep, s._net_rtcp_ep)
         if (reader := getattr(ep.transport, "reader", None)) is not None
+        and not (shared and ep in (s._phone_rtp_ep, s._phone_rtcp_ep))
+    ] + [  # the shared softphone sockets' (bridge-shared), counted once
+        reader
+        for e in engines if e._shared is not None
+        for router in (e._shared.rtp, e._shared.rtcp)
+        if (reader := getattr(router.transport, "reader", None)) is not None
     ]
     window = Window(hops, readers)
     secure_at_t0 = 0
@@ -410,7 +419,8 @@ def bridge_main(
         secure_at_t0=secure_at_t0,
         streams=len(streams),
         zrtp_ms=zrtp_ms,
-        errors={k: sum(t[k] for t in totals) for k in ("auth_failures", "replays", "send_errors")},
+        errors={k: sum(t[k] for t in totals) for k in ("auth_failures", "replays", "send_errors")}
+        | {"phone_unrouted": sum(e.stats()["phone_unrouted"] for e in engines)},
     )
     conn.send(("result", result))
     for engine in engines:
@@ -774,11 +784,11 @@ def run_phase(
     proc = None
     if name != "direct":
         worker_conn, child = ctx.Pipe()
-        if name in ("bridge", "bridge-py", "bridge-uv"):
+        if name in ("bridge", "bridge-py", "bridge-uv", "bridge-shared"):
             target: Any = bridge_main
             wargs: tuple[Any, ...] = (
                 child, args.calls, cpus[0], args.first_port, name != "bridge-py",
-                name == "bridge")
+                name in ("bridge", "bridge-shared"), name == "bridge-shared")
         else:
             target, wargs = forwarder_main, (child, args.calls, cpus[0], name)
         proc = ctx.Process(target=target, args=wargs)
@@ -824,11 +834,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-port", type=int, default=30000, help="bridge media ports")
     parser.add_argument(
         "--only",
-        choices=(*PHASES, "bridge-uv", "fwd-mux", "fwd-ssrc", "fwd-c", "fwd-cmux"),
+        choices=(*PHASES, "bridge-uv", "bridge-shared", "fwd-mux", "fwd-ssrc", "fwd-c",
+                 "fwd-cmux"),
         action="append",
         help="worker phases to run (repeatable; default: bridge, bridge-py, fwd-call, fwd-one;"
-        " ratios are printed when those four ran; bridge-uv, fwd-mux, fwd-ssrc, fwd-c and"
-        " fwd-cmux run only when named)",
+        " ratios are printed when those four ran; bridge-uv, bridge-shared, fwd-mux, fwd-ssrc,"
+        " fwd-c and fwd-cmux run only when named)",
     )
     parser.add_argument(
         "--rt",
@@ -879,6 +890,13 @@ def main(argv: list[str] | None = None) -> int:
     best = {name: min(r, key=lambda p: p.us_per_hop) for name, r in runs.items()}
     if not all(name in best for name in PHASES):
         report_table(args, [direct, *best.values()])
+        if "fwd-one" in best:
+            one = best["fwd-one"].hops_per_cpu_second
+            for name, p in best.items():
+                if name != "fwd-one" and "native" in p.worker:
+                    added = p.lat[2] - direct.lat[2]
+                    print(f"{name} / fwd-one: {p.hops_per_cpu_second / one:.2f}x, added p99 "
+                          f"{added:.2f} ms, errors {p.worker.get('errors')}")
         return 0
     report(args, direct, best)
     return 0

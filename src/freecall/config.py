@@ -758,6 +758,17 @@ class MediaConfig:
         "always the Python handlers on the event loop's own sockets. ZRTP, RTCP, STUN, relayed "
         "media and clear calls are Python either way. A change applies to calls from their "
         "next change of state (how sockets are read: to media streams set up after it).")
+    phone_socket: Literal["per-stream", "shared"] = setting(
+        "per-stream", "`per-stream`: each media stream has its own loopback RTP/RTCP port pair "
+        "toward the softphone. `shared`: one loopback port pair (taken from `media.ports` at "
+        "start) serves every call's softphone side, each packet going to the call whose "
+        "softphone SDP names its source address; cheaper per packet with many calls (the "
+        "sockets are read in batches). It requires softphones doing symmetric RTP (RFC 4961: "
+        "sending RTP and RTCP from the ports their SDP names, as baresip, Linphone and every "
+        "common softphone do): packets from any other source are dropped and counted "
+        "(`phone_unrouted` in the media stats), and so are packets a softphone sends before "
+        "its SDP reached the daemon. The network side keeps one socket pair per stream. Read "
+        "at start.")
 
 
 def _relay_ports(text: str) -> PortRange:

@@ -381,14 +381,19 @@ class Daemon:
             ice_pool=config.media.ice_pool,
             nat_view=self.nat_view,
             native=config.media.native != "off",
+            phone_socket=config.media.phone_socket,
         )
         self.media = MediaCalls(self.media_engine,
                                 key_offer=self.keys.offer if self.keys is not None else None,
                                 on_remote_sdp=self._remote_sdp_crossed)
-        log.info("media on %s, ports %d-%d, security policy %s, secure per-packet path in %s",
+        shared = self.media_engine.shared_phone_port
+        log.info("media on %s, ports %d-%d, security policy %s, secure per-packet path in %s, "
+                 "softphone side on %s",
                  address, config.media.ports.first, config.media.ports.last,
                  config.security.policy,
-                 "C" if self.media_engine.native and NATIVE_AVAILABLE else "Python")
+                 "C" if self.media_engine.native and NATIVE_AVAILABLE else "Python",
+                 "a port pair per stream" if shared is None
+                 else f"one shared port pair {shared}-{shared + 1}")
 
     def _ice_servers(self) -> IceServers:
         """STUN and TURN for the next media stream: configured ones and the mesh's relays

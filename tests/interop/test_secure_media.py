@@ -10,6 +10,7 @@ softphone legs (127.0.0.1) and the wire between the nodes (127.0.0.2 <-> 127.0.0
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from harness import Baresip, FreecallDaemon, Harness, Linphonec, assert_tone
 from harness.calls import USERS_A, USERS_B, Nodes, phone, static_pair, talk_and_hang_up
 from harness.daemon import MEDIA_NATIVE
 from harness.pcap import Datagram, udp_datagrams
+from harness.proc import wait_until
 
 SECURE = r"call (\w+): media secure, SAS (\w+) \((B32|B256)\)"
 
@@ -73,9 +75,13 @@ def secure_lines(node: FreecallDaemon) -> list[tuple[str, str]]:
     return [(m.group(1), m.group(2)) for m in re.finditer(SECURE, node.log_text())]
 
 
+@pytest.mark.parametrize("phone_socket", ["per-stream", "shared"])
 def test_a_call_between_two_nodes_is_srtp_on_the_wire_with_one_sas(
-    nodes: Nodes, baresip: Callable[..., Baresip]
+    harness: Harness, baresip: Callable[..., Baresip], phone_socket: str
 ) -> None:
+    """Also with ``media.phone_socket: shared`` (baresip sends from the ports its SDP names,
+    RFC 4961): every softphone leg then goes through the node's one shared port pair."""
+    nodes = static_pair(harness, config={"media": {"phone_socket": phone_socket}})
     capture = Capture(nodes.run_dir / "media.pcap")
     with capture:
         alice = phone(baresip, nodes.a, "alice", USERS_A["alice"], "a.test", 440)
@@ -95,6 +101,21 @@ def test_a_call_between_two_nodes_is_srtp_on_the_wire_with_one_sas(
              and len(p[1]) == 160]
     assert len(plain) > 200, f"only {len(plain)} plain RTP packets on the softphone legs"
     tone_payloads = {payload for _, payload in plain}
+    for node in (nodes.a, nodes.b):
+        first, last = node.media_ports
+        sent = {d.src[1] for d in loop if first <= d.src[1] <= last
+                and rtp_payload(d.payload) is not None}
+        shared = re.search(r"softphone side on one shared port pair (\d+)-", node.log_text())
+        assert (shared is not None) == (phone_socket == "shared"), node.log_text()
+        if shared is not None:  # everything toward the softphone left the shared RTP port
+            assert sent == {int(shared.group(1))}, sent
+            # a source no softphone SDP names is dropped and counted
+            before = node.metric("freecall_media_phone_unrouted_total")
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
+                stranger.sendto(bytes(172), ("127.0.0.1", int(shared.group(1))))
+            wait_until(lambda node=node, before=before:  # type: ignore[misc]
+                       node.metric("freecall_media_phone_unrouted_total") == before + 1,
+                       timeout=5)
     # ... and the wire between the nodes ZRTP, then SRTP: never those payloads, never in clear
     media = [d for d in wire if not d.payload.startswith((b"SIP/2.0", b"INVITE", b"ACK", b"BYE"))
              and b"SIP/2.0" not in d.payload]

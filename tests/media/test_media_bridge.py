@@ -1131,3 +1131,74 @@ def test_pooled_streams_carry_media_through_the_relay(run: Run, ports: PortAlloc
             relay.close()
 
     run(scenario())
+
+
+def test_shared_softphone_socket_routes_by_source(run: Run, ports: PortAllocator) -> None:
+    """``phone_socket: shared``: two calls' softphones on one loopback port pair of engine A,
+    each routed by its source address to its own stream (in C where the C reader runs, by
+    the Python router otherwise); a stranger's packets are dropped and counted; a released
+    stream's softphone is no longer routed while the other call goes on."""
+
+    async def scenario() -> None:
+        a = await make_node(ports, phone_socket="shared")
+        b = await make_node(ports)
+        shared = a.engine.shared_phone_port
+        assert shared is not None and shared % 2 == 0
+        sa = [await a.engine.allocate(label=f"A{i}") for i in range(2)]
+        sb = [await b.engine.allocate(label=f"B{i}") for i in range(2)]
+        pa = [await Phone.open(ssrc=0xA0 + i, marker=0xA0 + i) for i in range(2)]
+        pb = [await Phone.open(ssrc=0xB0 + i, marker=0xB0 + i) for i in range(2)]
+        stranger = await udp()
+        try:
+            for i in range(2):
+                pa[i].connect(sa[i])
+                pb[i].connect(sb[i])
+                assert sa[i].local_softphone_rtp == ("127.0.0.1", shared)
+                assert sa[i].local_softphone_rtcp == ("127.0.0.1", shared + 1)
+                sa[i].set_remote(sb[i].local_network_rtp, zrtp_hash=sb[i].zrtp_hash_attribute)
+                sb[i].set_remote(sa[i].local_network_rtp, zrtp_hash=sa[i].zrtp_hash_attribute)
+                sa[i].start()
+                sb[i].start()
+            await wait_for(lambda: all(s.state == SECURE for s in (*sa, *sb)))
+            await stream_packets([*pa, *pb], 10)
+            for i in range(2):
+                await wait_for(lambda i=i: len(pb[i].rtp.received) >= 10  # type: ignore[misc]
+                               and len(pa[i].rtp.received) >= 10)
+                assert {p[0] for p in pb[i].rtp.payloads()} == {0xA0 + i}
+                assert {p[0] for p in pa[i].rtp.payloads()} == {0xB0 + i}
+                # toward the softphone from the shared socket
+                assert {r[2] for r in pa[i].rtp.received} == {("127.0.0.1", shared)}
+                assert sa[i].stats()["native"] == NATIVE.get()
+            router = a.engine._shared.rtp  # type: ignore[union-attr]
+            # in C: each softphone's source looked up to its stream's phone->net hop
+            assert len(router.c_routes) == (2 if NATIVE.get() else 0)
+            assert len(router.routes) == 2
+            report = pa[1].send_rtcp()  # RTCP by its own shared socket and route
+            await wait_for(lambda: bool(pb[1].rtcp.received))
+            assert pb[1].rtcp.received[0][1] == report
+            assert a.engine.stats()["phone_unrouted"] == 0
+
+            # A source no softphone SDP names: dropped and counted, on RTP and RTCP.
+            stranger.sendto(rtp_packet(1, 0x5, pcmu_payload(1, 0x55)), ("127.0.0.1", shared))
+            stranger.sendto(rtcp_receiver_report(0x5), ("127.0.0.1", shared + 1))
+            await wait_for(lambda: a.engine.stats()["phone_unrouted"] == 2)
+            assert a.engine.stats()["phone_socket"] == "shared"
+
+            # Releasing a stream removes its routes; the other call is unaffected.
+            sa[0].release()
+            before = len(pb[1].rtp.received)
+            await stream_packets([pa[0], pa[1]], 5)
+            await wait_for(lambda: len(pb[1].rtp.received) >= before + 5)
+            await wait_for(lambda: a.engine.stats()["phone_unrouted"] == 7)
+            assert {p[0] for p in pb[1].rtp.payloads()} == {0xA1}
+            assert a.engine.stats()["streams"] == 1
+            assert len(router.routes) == 1 and pa[0].rtp.address[:2] not in router.routes
+            assert len(router.c_routes) == (1 if NATIVE.get() else 0)
+        finally:
+            for phone in (*pa, *pb):
+                phone.close()
+            stranger.close()
+            a.engine.close()
+            b.engine.close()
+
+    run(scenario())

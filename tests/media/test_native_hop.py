@@ -289,7 +289,8 @@ def test_a_stream_holding_its_hop_is_collected(out: socket.socket, sink: socket.
 
 
 def test_without_the_extension_the_bridge_runs_python() -> None:
-    """Where no compiler built it, the bridge imports, says so, and keeps the Python path."""
+    """Where no compiler built it, the bridge imports, says so, and keeps the Python path
+    (the shared softphone socket included)."""
     import subprocess
     import sys
 
@@ -303,6 +304,27 @@ async def main():
     engine = bridge.MediaEngine(asyncio.get_running_loop(), address="127.0.0.1",
                                 port_range=(40000, 40003), retained_secrets=RetainedSecrets(None))
     assert engine.stats()["native"] is False
+    engine.close()
+    # media.phone_socket: shared works too, routed by the Python router
+    import socket
+    engine = bridge.MediaEngine(asyncio.get_running_loop(), address="127.0.0.1",
+                                port_range=(40000, 40005), retained_secrets=RetainedSecrets(None),
+                                phone_socket="shared", policy="off")
+    stream = await engine.allocate()
+    phone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    phone.bind(("127.0.0.1", 0))
+    stream.set_softphone_target(phone.getsockname())
+    stream.set_remote(("127.0.0.1", 9))
+    stream.start()
+    stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    packet = bytes([0x80, 0]) + bytes(170)
+    stranger.sendto(packet, stream.local_softphone_rtp)
+    phone.sendto(packet, stream.local_softphone_rtp)
+    for _ in range(200):
+        await asyncio.sleep(0.01)
+        if stream.phone_rtp_in and engine.stats()["phone_unrouted"]:
+            break
+    assert stream.phone_rtp_in == 1 and engine.stats()["phone_unrouted"] == 1, engine.stats()
     engine.close()
 
 assert bridge.NATIVE_AVAILABLE is False

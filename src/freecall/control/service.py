@@ -330,6 +330,10 @@ class ControlService:
                              "auth_failures", "replays", "dropped_insecure", "dropped_other")})
             out.add("freecall_media_port_pairs_free", "gauge", "Media port pairs free.",
                     media["port_pairs_free"])
+            out.add("freecall_media_phone_unrouted_total", "counter",
+                    "Datagrams on the shared softphone port pair (media.phone_socket: shared) "
+                    "from a source no call's softphone SDP names: dropped.",
+                    media.get("phone_unrouted", 0))
         peering = daemon.peering
         out.add("freecall_peers", "gauge", "Nodes in the host cache.",
                 peering.known_nodes() if peering else 0)

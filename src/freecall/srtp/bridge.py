@@ -84,6 +84,17 @@ Decisions, and why:
   on the Reader's buffer with no Python object made; everything else reaches the endpoint as
   ``(bytes, (host, port))`` as before, so nothing below this line knows which transport
   reads.
+* **One softphone socket for all (opt-in).** With ``phone_socket="shared"``
+  (``media.phone_socket: shared``) the engine binds one loopback RTP/RTCP pair at start and
+  every stream's SDP toward its softphone names it (`_SharedPhone`). A stream claims its
+  softphone's RTP and RTCP addresses as ``set_softphone_target`` learns them (the softphone's
+  own SDP, offer or answer) and gives them up when released; a secure stream's phone->net C
+  hop is also entered in the C reader's routes (``_hop.route_key(source)``), so its packets
+  never reach Python. Toward the softphone, packets leave from the shared socket. A source no
+  stream claims is dropped and counted (``phone_unrouted``): softphones must do symmetric RTP
+  (RFC 4961), and what a softphone sends before its SDP arrived is lost. Without the C reader
+  (``native`` off, or no extension) `_PhoneRouter` routes in Python by the same claims. The
+  network side is unchanged (a pair per stream: latching, ZRTP and ICE are per stream).
 * **Cost.** ``bench/media.py`` measures it against bare forwarders (docs/performance.md). Over
   half the time per packet is the kernel's UDP path; per-call keys and destinations (cold libsrtp
   contexts, one socket per phone) cost about 20 % against one key and one sink, sockets per
@@ -160,6 +171,9 @@ _REPLAY = "replay check failed"
 _DSCP_EF: Final = 0xB8  # RFC 4594 "telephony": Expedited Forwarding, DSCP 46
 _WARNINGS_REPORTED: Final = 5  # per stream; later ones are only counted
 _EARLY_KEPT: Final = 16  # datagrams per socket kept while the stream's sockets are set up
+SHARED_BUFFER: Final = 4 << 20
+"""Socket buffers asked for the shared softphone sockets (the kernel caps them)."""
+_UNROUTED_LOGGED: Final = 10  # unclaimed sources on a shared phone socket logged, then 1 in 1000
 POOL_MAX_AGE: Final = 600.0
 """A pre-gathered stream older than this is replaced rather than used: its NAT mappings and the
 relays it chose may have changed (keepalives hold them, but a router reboot does not ask)."""
@@ -342,6 +356,118 @@ def _next_port(addr: Addr) -> Addr:
     return (addr[0], addr[1] + 1, *addr[2:])
 
 
+class _PhoneRouter(asyncio.DatagramProtocol):
+    """One shared loopback socket (``media.phone_socket: shared``): each datagram goes to the
+    stream whose softphone's SDP names its source address, which needs softphones doing
+    symmetric RTP (RFC 4961 section 3: sending from the port they receive on). Read in C, a
+    secure stream's hop is looked up by ``_hop.route_key(source)`` in ``c_routes`` without a
+    Python object; everything else comes here and is routed by ``routes``. A source no stream
+    claims is dropped and counted (`unrouted`)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.routes: dict[Addr, _Endpoint] = {}
+        self.c_routes: dict[int, _hop.Hop] = {}
+        """What the C `Reader` looks up first (only when the socket is read in C)."""
+        self.transport: asyncio.DatagramTransport | None = None
+        self.unrouted = 0
+        self.send_errors = 0
+
+    def datagram_received(self, data: bytes, addr: Addr) -> None:
+        ep = self.routes.get(addr)
+        if ep is None:
+            self.unrouted += 1
+            if self.unrouted <= _UNROUTED_LOGGED or self.unrouted % 1000 == 0:
+                log.debug("shared softphone %s socket: dropped a datagram from %s, which no "
+                          "stream's softphone SDP names (%d so far; shared mode needs "
+                          "symmetric RTP, RFC 4961)", self.name, addr[:2], self.unrouted)
+            return
+        ep.datagram_received(data, addr)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def error_received(self, exc: Exception) -> None:
+        self.send_errors += 1  # ICMP port unreachable: a softphone gone; nothing to do
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+    def claim(self, addr: Addr | None, ep: _Endpoint) -> None:
+        """``addr`` is ``ep``'s softphone from now on (a later claim of the same source wins:
+        one softphone address cannot be in two live calls); its C hop, if it has one now."""
+        if addr is None:
+            return
+        self.routes[addr] = ep
+        key = _route_key(addr)
+        if key is None or _hop is None:
+            return
+        handler = ep.datagram_received
+        if type(handler) is _hop.Hop:
+            self.c_routes[key] = handler
+        else:
+            self.c_routes.pop(key, None)
+
+    def unclaim(self, addr: Addr | None, ep: _Endpoint) -> None:
+        if addr is None or self.routes.get(addr) is not ep:
+            return
+        del self.routes[addr]
+        key = _route_key(addr)
+        if key is not None:
+            self.c_routes.pop(key, None)
+
+
+def _router_factory(router: _PhoneRouter) -> Callable[[], _PhoneRouter]:
+    return lambda: router
+
+
+def _route_key(addr: Addr) -> int | None:
+    if _hop is None or len(addr) != 2:
+        return None
+    try:
+        return _hop.route_key(addr)
+    except ValueError:
+        return None
+
+
+class _SharedPhone:
+    """The engine's shared loopback RTP/RTCP socket pair and the claims on it."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.rtp = _PhoneRouter("RTP")
+        self.rtcp = _PhoneRouter("RTCP")
+        self.opening: asyncio.Task[None] | None = None
+        self.claims: dict[int, tuple[Addr | None, Addr | None]] = {}
+        """Stream id to the (RTP, RTCP) softphone addresses it claims."""
+
+    def sync(self, stream: MediaStream) -> None:
+        """Claim the stream's softphone addresses (and its C hop) as they are now."""
+        live = stream.state != CLOSED
+        rtp = stream._phone_rtp if live else None
+        rtcp = stream._phone_rtcp if live else None
+        old_rtp, old_rtcp = self.claims.get(stream.id, (None, None))
+        if old_rtp != rtp:
+            self.rtp.unclaim(old_rtp, stream._phone_rtp_ep)
+        if old_rtcp != rtcp:
+            self.rtcp.unclaim(old_rtcp, stream._phone_rtcp_ep)
+        if rtp is None and rtcp is None:
+            self.claims.pop(stream.id, None)
+            return
+        self.claims[stream.id] = (rtp, rtcp)
+        self.rtp.claim(rtp, stream._phone_rtp_ep)
+        self.rtcp.claim(rtcp, stream._phone_rtcp_ep)
+
+    def close(self) -> None:
+        if self.opening is not None:
+            self.opening.cancel()
+        for router in (self.rtp, self.rtcp):
+            if router.transport is not None:
+                router.transport.close()
+            router.routes.clear()
+            router.c_routes.clear()
+
+
 # ---------------------------------------------------------------------------------------------
 # The engine
 # ---------------------------------------------------------------------------------------------
@@ -372,6 +498,7 @@ class MediaEngine:
         nat_view: NatView | None = None,
         native: bool = True,
         native_reader: bool = True,
+        phone_socket: Literal["per-stream", "shared"] = "per-stream",
     ) -> None:
         """``address`` goes into SDP toward the far end; sockets bind to ``bind_host``
         (default: ``address``; give ``0.0.0.0`` behind NAT where the public address is not
@@ -389,11 +516,18 @@ class MediaEngine:
         (``media.native: off``). Takes effect at each stream's next change of state. With
         ``native`` (and ``native_reader``, there for the benchmark to compare) each new
         stream's sockets are also read in C (`NativeDatagramTransport`), not by the loop's
-        own datagram transports."""
+        own datagram transports.
+
+        ``phone_socket``: ``shared`` binds one loopback RTP/RTCP port pair for every stream's
+        softphone side (`_SharedPhone`), each datagram routed by its source address to the
+        stream whose softphone SDP names it (symmetric RTP needed, RFC 4961); ``per-stream``
+        gives each stream a pair of its own."""
         if policy not in ("require", "prefer", "off"):
             raise ValueError(f"bad security policy {policy!r}")
         if zrtp_timeout <= 0:
             raise ValueError("zrtp_timeout must be positive")
+        if phone_socket not in ("per-stream", "shared"):
+            raise ValueError(f"bad phone_socket {phone_socket!r}")
         first, last = (
             port_range if isinstance(port_range, tuple) else (port_range.first, port_range.last)
         )
@@ -409,7 +543,15 @@ class MediaEngine:
         self.on_event = on_event
         self.urandom = urandom
         self._ports = PortPairPool(first, last)
-        cap = self._ports.capacity // 2  # two pairs per stream
+        self.native = native
+        self.native_reader = native_reader
+        self._shared: _SharedPhone | None = None
+        self.allocations_failed = 0
+        if phone_socket == "shared":
+            self._shared = self._open_shared(loopback_host)
+            cap = self._ports.capacity - 1  # one pair per stream, the shared one aside
+        else:
+            cap = self._ports.capacity // 2  # two pairs per stream
         self.max_streams = min(max_streams, cap) if max_streams is not None else cap
         self._streams: dict[int, MediaStream] = {}
         self._ids = itertools.count(1)
@@ -423,8 +565,6 @@ class MediaEngine:
         self.ice = ice
         self.ice_servers = ice_servers
         self.ice_pool = max(0, ice_pool)
-        self.native = native
-        self.native_reader = native_reader
         self._pool: list[MediaStream] = []
         """Streams made and gathered before any call asked (oldest first)."""
         self._pool_handle: asyncio.TimerHandle | None = None
@@ -437,6 +577,11 @@ class MediaEngine:
         it has an answer, else what the last gathering showed (a server-reflexive address
         other than our own: True; the same: False), None while neither knows."""
         return self.nat.behind_nat
+
+    @property
+    def shared_phone_port(self) -> int | None:
+        """The shared softphone RTP port (RTCP: the next), None with a pair per stream."""
+        return self._shared.port if self._shared is not None else None
 
     # -- streams -------------------------------------------------------------------------------
 
@@ -486,12 +631,19 @@ class MediaEngine:
         return stream
 
     def _new_stream(self, label: str, first: MediaStream | None) -> MediaStream:
-        phone = self._bind_pair(self.loopback_host, dscp=False)
-        try:
+        shared = self._shared
+        phone: tuple[int, socket.socket | None, socket.socket | None]
+        if shared is None:
+            own = self._bind_pair(self.loopback_host, dscp=False)
+            try:
+                net = self._bind_pair(self.bind_host, dscp=True)
+            except MediaCapacityError:
+                self._close_pair(own)
+                raise
+            phone = own
+        else:
             net = self._bind_pair(self.bind_host, dscp=True)
-        except MediaCapacityError:
-            self._close_pair(phone)
-            raise
+            phone = (shared.port, None, None)
         stream = MediaStream(self, next(self._ids), label, first, phone[0], net[0])
         self._streams[stream.id] = stream
         if first is not None:
@@ -502,8 +654,40 @@ class MediaEngine:
                 controlling=True, host_addresses=[(self.address, net[0])],
                 stun_servers=servers.stun, turn_servers=servers.turn, urandom=self.urandom)
             stream._ice.gather(self.loop.time())  # sent once the sockets are with the loop
-        stream._opening = self.loop.create_task(stream._open(phone[1:], net[1:]))
+        stream._opening = self.loop.create_task(stream._open(phone[1], phone[2], net[1:]))
         return stream
+
+    def _open_shared(self, host: str) -> _SharedPhone:
+        """Bind the shared softphone port pair now (its port goes into every SDP toward a
+        softphone) and give it to the loop: read in C with routes where the C reader is used,
+        else by the loop's own transport and the Python router."""
+        port, rtp_sock, rtcp_sock = self._bind_pair(host, dscp=False)
+        shared = _SharedPhone(port)
+        pairs = ((shared.rtp, rtp_sock), (shared.rtcp, rtcp_sock))
+        for sock in (rtp_sock, rtcp_sock):
+            # Every call's packets queue here: a default buffer (about 200 datagrams) overflows
+            # when the loop stalls a few ms at hundreds of calls (bench/media.py lost 2.7 % at
+            # 350). The kernel caps it at net.core.rmem_max / wmem_max.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SHARED_BUFFER)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SHARED_BUFFER)
+        if self.native and self.native_reader and NativeDatagramTransport is not None:
+            try:
+                for router, sock in pairs:
+                    # bigger batches than a stream's own socket: many sources queue here
+                    NativeDatagramTransport(self.loop, sock, router, batch=32, limit=256,
+                                            routes=router.c_routes)
+                return shared
+            except NotImplementedError:  # no add_reader (not on Linux loops)
+                pass
+
+        async def open_by_loop() -> None:
+            for router, sock in pairs:
+                if router.transport is None:
+                    await self.loop.create_datagram_endpoint(_router_factory(router), sock=sock)
+
+        shared.opening = self.loop.create_task(open_by_loop())
+        return shared
 
     # -- the pool of pre-gathered streams (ICE) ---------------------------------------------------
 
@@ -645,7 +829,8 @@ class MediaEngine:
             for name in _COUNTERS:
                 retired[name] += getattr(stream, name)
             retired["lost"] += max(0, stream.reception.lost)
-            self._ports.give_back(stream._phone_port)
+            if self._shared is None:
+                self._ports.give_back(stream._phone_port)
             self._ports.give_back(stream._net_port)
 
     def close(self) -> None:
@@ -655,6 +840,8 @@ class MediaEngine:
             self._pool_handle.cancel()
         for stream in list(self._streams.values()):
             stream.release()
+        if self._shared is not None:
+            self._shared.close()
         self._timer.cancel()
         self._heap.clear()
 
@@ -721,6 +908,11 @@ class MediaEngine:
             "allocations_failed": self.allocations_failed,
             "policy": self.policy,
             "native": self.native and NATIVE_AVAILABLE,
+            "phone_socket": "per-stream" if self._shared is None else "shared",
+            "phone_unrouted": (
+                0 if self._shared is None
+                else self._shared.rtp.unrouted + self._shared.rtcp.unrouted
+            ),
             "totals": totals,
         }
 
@@ -982,18 +1174,27 @@ class MediaStream:
         return f"MediaStream(id={self.id}, label={self.label!r}, state={self.state})"
 
     async def _open(
-        self, phone: tuple[socket.socket, socket.socket], net: tuple[socket.socket, socket.socket]
+        self,
+        phone_rtp: socket.socket | None,
+        phone_rtcp: socket.socket | None,
+        net: tuple[socket.socket, socket.socket],
     ) -> None:
+        """Give the stream's sockets to the loop; with the shared softphone socket (None for
+        both phone sockets), its phone endpoints send on that one's transport."""
         loop = self._loop
-        pairs = (
-            (self._phone_rtp_ep, phone[0]),
-            (self._phone_rtcp_ep, phone[1]),
-            (self._net_rtp_ep, net[0]),
-            (self._net_rtcp_ep, net[1]),
-        )
+        pairs: list[tuple[_Endpoint, socket.socket]] = [
+            (self._net_rtp_ep, net[0]), (self._net_rtcp_ep, net[1])]
+        if phone_rtp is not None and phone_rtcp is not None:
+            pairs[:0] = [(self._phone_rtp_ep, phone_rtp), (self._phone_rtcp_ep, phone_rtcp)]
         engine = self._engine
         native = engine.native and engine.native_reader and NativeDatagramTransport is not None
+        shared = engine._shared
         try:
+            if shared is not None:
+                if shared.opening is not None:
+                    await asyncio.shield(shared.opening)
+                self._phone_rtp_ep.transport = shared.rtp.transport
+                self._phone_rtcp_ep.transport = shared.rtcp.transport
             for ep, sock in pairs:
                 if native:
                     try:  # read in C (`NativeDatagramTransport`): where the loop can
@@ -1354,6 +1555,10 @@ class MediaStream:
         self._engine._forget(self)
 
     def _close_transports(self) -> None:
+        shared = self._engine._shared
+        if shared is not None:  # the shared socket stays; this stream's claims on it go
+            shared.sync(self)
+            self._phone_rtp_ep.transport = self._phone_rtcp_ep.transport = None
         for ep in (self._phone_rtp_ep, self._phone_rtcp_ep, self._net_rtp_ep, self._net_rtcp_ep):
             if ep.transport is not None:
                 ep.transport.close()
@@ -1477,7 +1682,14 @@ class MediaStream:
     # -- handlers: which function each socket calls ----------------------------------------------
 
     def _update_handlers(self) -> None:
-        """Point each socket at the path for the current state (fast paths need both targets)."""
+        """Point each socket at the path for the current state (fast paths need both targets);
+        with the shared softphone socket, claim the softphone's addresses (and C hop) there."""
+        self._set_handlers()
+        shared = self._engine._shared
+        if shared is not None:
+            shared.sync(self)
+
+    def _set_handlers(self) -> None:
         st = self.state
         if self._opening is not None and st != CLOSED:
             return  # the endpoints keep datagrams until _open hands them over
