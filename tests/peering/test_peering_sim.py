@@ -12,7 +12,7 @@ from contextlib import redirect_stdout
 from dataclasses import replace
 from typing import Any
 
-from freecall.peering.gossip import GossipConfig, PeerRemoved
+from freecall.peering.gossip import GossipConfig
 from freecall.peering.records import Address, AddrKind
 from freecall.peering.simulate import (
     LinkModel,
@@ -21,6 +21,7 @@ from freecall.peering.simulate import (
     main,
     scenario_churn,
     scenario_partition,
+    scenario_small,
     scenario_spread,
 )
 
@@ -106,18 +107,8 @@ def test_a_mesh_smaller_than_its_groups_stays_quiet_and_declares_nobody_dead() -
     to them and looking for their members every round used to spend every node's send
     budget (about 1,500 B per node and round) so that answers were dropped and live nodes
     declared dead; retries and lookups for empty groups now back off."""
-    sim = Simulation(SimConfig(nodes=0, seed=3, gossip=GossipConfig(), fast_crypto=False,
-                               keep_events=True, link=LinkModel(loss=0.0)))
-    sim.add_node(settled=False, routes=("a.test", "caller@a.test"))
-    sim.add_node(settled=False, seeds=[0], routes=(
-        "b.test", "bench@b.test", *(f"dev{i}@b.test" for i in range(10))))
-    for i in range(2, 5):
-        sim.add_node(settled=False, seeds=[0], routes=(f"n{i}.test", f"root@n{i}.test"))
-    sim.nodes[0].gossip.add_seed(sim.nodes[1].addr)
-    sim.run_rounds(900)
-    assert all(len(n.gossip.cache) == 5 for n in sim.nodes)
-    assert sim.events is not None
-    removed = [(i, ev) for i, ev in sim.events if isinstance(ev, PeerRemoved)]
-    assert removed == []
-    steady = sim.traffic_summary(sim.traffic[300:])
-    assert steady["wire_sent_mean"] < 800, steady
+    out = scenario_small(SimConfig(nodes=0, seed=3, gossip=GossipConfig(),
+                                   link=LinkModel(loss=0.0)), rounds=900)
+    assert out["caches"] == [5] * 5
+    assert out["declared_dead"] == 0
+    assert out["traffic"]["wire_sent_mean"] < 800, out["traffic"]

@@ -37,6 +37,7 @@ from freecall.peering.gossip import (
     KeyAgreement,
     LookupCompleted,
     PairKeys,
+    PeerRemoved,
     SimPairKeys,
 )
 from freecall.peering.hostcache import HostCache, Prepared
@@ -674,6 +675,37 @@ def scenario_churn(
         "live_end": len(sim.live()),
         "setup_s": round(setup, 1),
         "run_s": round(time.perf_counter() - t0 - setup, 1),
+    }
+
+
+def scenario_small(cfg: SimConfig, rounds: int = 3600, steady_after: int = 300,
+                   keep: list[Simulation] | None = None) -> dict[str, Any]:
+    """The one-hour soak's mesh (bench/soak.py) on virtual time: five nodes, four seeded to the
+    first and the first to the second, the second serving eleven routes; ``cfg.nodes`` is
+    ignored, ``cfg.keep_events`` is forced on. Counts live peers declared dead (the soak's
+    nodes did so before publish retries and member lookups backed off in a mesh smaller than
+    its groups, docs/peering.md 5.3) and the steady traffic per node and round."""
+    sim = Simulation(replace(cfg, nodes=0, keep_events=True))
+    sim.add_node(settled=False, routes=("a.test", "caller@a.test"))
+    sim.add_node(settled=False, seeds=[0], routes=(
+        "b.test", "bench@b.test", *(f"dev{i}@b.test" for i in range(10))))
+    for i in range(2, 5):
+        sim.add_node(settled=False, seeds=[0], routes=(f"n{i}.test", f"root@n{i}.test"))
+    sim.nodes[0].gossip.add_seed(sim.nodes[1].addr)
+    if keep is not None:
+        keep.append(sim)
+    sim.run_rounds(rounds)
+    removed = [ev for _, ev in sim.events or [] if isinstance(ev, PeerRemoved)]
+    return {
+        "scenario": "small",
+        "nodes": len(sim.nodes),
+        "rounds": rounds,
+        "group_bits": cfg.gossip.group_bits,
+        "loss": cfg.link.loss,
+        "caches": [len(n.gossip.cache) for n in sim.nodes],
+        "declared_dead": len(removed),
+        "drop_budget": sum(n.gossip.stats.get("drop_budget", 0) for n in sim.nodes),
+        "traffic": sim.traffic_summary(sim.traffic[steady_after:]),
     }
 
 
