@@ -128,7 +128,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, Protocol, cast
+from typing import Any, Final, Literal, Protocol, TypeVar, cast
 
 import pylibsrtp
 
@@ -334,8 +334,12 @@ class _Endpoint(asyncio.DatagramProtocol):
             stream._update_handlers()  # the C hops send on raw fds: not past a lost socket
 
 
-def _factory(ep: _Endpoint) -> Callable[[], _Endpoint]:
-    return lambda: ep
+_P = TypeVar("_P", bound=asyncio.DatagramProtocol)
+
+
+def _factory(protocol: _P) -> Callable[[], _P]:
+    """The protocol factory ``create_datagram_endpoint`` wants, for a protocol made already."""
+    return lambda: protocol
 
 
 def _normalise(host: str, port: int, family: socket.AddressFamily) -> Addr:
@@ -415,10 +419,6 @@ class _PhoneRouter(asyncio.DatagramProtocol):
         key = _route_key(addr)
         if key is not None:
             self.c_routes.pop(key, None)
-
-
-def _router_factory(router: _PhoneRouter) -> Callable[[], _PhoneRouter]:
-    return lambda: router
 
 
 def _route_key(addr: Addr) -> int | None:
@@ -684,7 +684,7 @@ class MediaEngine:
         async def open_by_loop() -> None:
             for router, sock in pairs:
                 if router.transport is None:
-                    await self.loop.create_datagram_endpoint(_router_factory(router), sock=sock)
+                    await self.loop.create_datagram_endpoint(_factory(router), sock=sock)
 
         shared.opening = self.loop.create_task(open_by_loop())
         return shared
